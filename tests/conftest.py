@@ -1,0 +1,95 @@
+"""Shared test fixtures: the real third-party files and a tiny DICOM series writer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REAL = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "real").resolve()
+
+
+@pytest.fixture(scope="session")
+def real() -> Path:
+    """The folder of real third-party CT files; tests using it skip when it is absent."""
+    if not (REAL / "MANIFEST.md").exists():
+        pytest.skip(f"real CT files not found at {REAL} (../shared/data/real beside the repository)")
+    return REAL
+
+
+def write_slice(
+    path: Path,
+    hu: np.ndarray,
+    position: tuple[float, float, float],
+    instance: int,
+    *,
+    series_uid: str = "1.2.826.0.1.3680043.8.498.1",
+    study_uid: str = "1.2.826.0.1.3680043.8.498.2",
+    orientation: tuple[float, ...] = (1, 0, 0, 0, 1, 0),
+    spacing: tuple[float, float] = (0.5, 0.5),
+    intercept: int = -1024,
+    syntax: str = "1.2.840.10008.1.2.1",
+) -> Path:
+    """Write one CT slice (HU array) as a minimal valid DICOM file, optionally compressed."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    sop = generate_uid(entropy_srcs=[series_uid, str(instance), str(position)])
+    meta.MediaStorageSOPInstanceUID = sop
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = sop
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.Modality = "CT"
+    ds.PatientName = "TEST^SYNTHETIC"
+    ds.PatientID = "TEST"
+    ds.InstanceNumber = instance
+    ds.ImagePositionPatient = [float(v) for v in position]
+    ds.ImageOrientationPatient = [float(v) for v in orientation]
+    ds.PixelSpacing = [float(v) for v in spacing]
+    ds.SliceThickness = 1.0
+    ds.Rows, ds.Columns = hu.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.RescaleIntercept = intercept
+    ds.RescaleSlope = 1
+    ds.PixelData = (hu.astype(np.int32) - intercept).astype(np.uint16).tobytes()
+    if syntax != ExplicitVRLittleEndian:
+        ds.compress(syntax)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture
+def make_series() -> Callable[..., tuple[Path, np.ndarray]]:
+    """Write a small axial series; returns (folder, HU array in ascending-z order)."""
+
+    def make(
+        folder: Path,
+        n: int = 6,
+        shape: tuple[int, int] = (16, 12),
+        step: float = 1.0,
+        top_first: bool = True,
+        seed: int = 0,
+        **kw: object,
+    ) -> tuple[Path, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        vol = rng.integers(-1024, 2000, size=(n, *shape)).astype(np.int16)
+        for z in range(n):
+            instance = n - z if top_first else z + 1
+            write_slice(folder / f"{instance}.dcm", vol[z], (-10.0, -20.0, 100.0 + z * step), instance, **kw)
+        return folder, vol
+
+    return make
