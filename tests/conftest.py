@@ -64,7 +64,7 @@ def write_slice(
     ds.PixelRepresentation = 0
     ds.RescaleIntercept = intercept
     ds.RescaleSlope = 1
-    ds.PixelData = (hu.astype(np.int32) - intercept).astype(np.uint16).tobytes()
+    ds.PixelData = np.clip(hu.astype(np.int32) - intercept, 0, 65535).astype(np.uint16).tobytes()
     if syntax != ExplicitVRLittleEndian:
         ds.compress(syntax)
     path.parent.mkdir(parents=True, exist_ok=True)

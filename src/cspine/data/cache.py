@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -31,6 +30,7 @@ from cspine.data.rsna import RsnaDataset
 from cspine.io import load_segmentation, load_series
 from cspine.io.nifti import read_nifti, save_nifti
 from cspine.io.volume import Volume
+from cspine.runtime import versions, write_json
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +63,6 @@ class PreparedStudy:
     boxes: list[dict[str, float]] = field(default_factory=list)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON so that a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def save_prepared(
     dest: Path,
     vol: Volume,
@@ -94,7 +86,7 @@ def save_prepared(
         "dicom": vol.meta,
         **(extra or {}),
     }
-    write_json_atomic(tmp / META_FILE, meta)
+    write_json(tmp / META_FILE, meta)
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)
@@ -213,7 +205,7 @@ def prepare_dataset(cfg: PrepareConfig, progress: bool = False) -> dict[str, Any
             failed_now += 1
             log.warning("prepare %s failed: %s", key, err)
             failures[key] = {"split": split, "uid": uid, "error": err}
-            write_json_atomic(failures_path, sorted(failures.values(), key=lambda r: (r["split"], r["uid"])))
+            write_json(failures_path, sorted(failures.values(), key=lambda r: (r["split"], r["uid"])))
         bar.update(1)
 
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -225,7 +217,7 @@ def prepare_dataset(cfg: PrepareConfig, progress: bool = False) -> dict[str, Any
             for fut in as_completed([ex.submit(_prepare_one, j) for j in full_jobs]):
                 record(fut.result())
     bar.close()
-    write_json_atomic(failures_path, sorted(failures.values(), key=lambda r: (r["split"], r["uid"])))
+    write_json(failures_path, sorted(failures.values(), key=lambda r: (r["split"], r["uid"])))
     report = {
         "prepared": done,
         "skipped_existing": skipped,
@@ -234,31 +226,15 @@ def prepare_dataset(cfg: PrepareConfig, progress: bool = False) -> dict[str, Any
         "seconds_total": round(time.perf_counter() - t0, 2),
         "seconds_per_study_mean": round(float(np.mean(seconds)), 3) if seconds else None,
     }
-    write_json_atomic(
+    write_json(
         cfg.out / "prepare.json",
         {
             "config": {**asdict(cfg), "data": str(cfg.data), "out": str(cfg.out)},
-            "versions": _versions(),
+            "versions": versions(),
             **report,
         },
     )
     return report
-
-
-def _versions() -> dict[str, str]:
-    """Versions of what shaped the cache, for the run record."""
-    import nibabel
-    import pydicom
-
-    from cspine import __version__
-
-    return {
-        "cspine": __version__,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "pydicom": pydicom.__version__,
-        "nibabel": nibabel.__version__,
-    }
 
 
 __all__ = [

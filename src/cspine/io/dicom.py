@@ -7,7 +7,7 @@ measured from positions, every transfer syntax is decoded by pydicom's backends
 (GDCM, OpenJPEG, RLE; no GPL decoders) and each problem is reported as one
 :class:`DicomError` naming the file and what is wrong with it.
 
-Decoding runs in a process pool that writes straight into shared memory, so a
+Decoding runs in a process pool that writes straight into a shared RAM-backed buffer, so a
 300-slice JPEG-Lossless study costs one header pass plus a parallel decode.
 """
 
@@ -22,9 +22,8 @@ import zipfile
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from multiprocessing import shared_memory
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -321,6 +320,8 @@ def _to_hu(ds: Any, stored: np.ndarray, path: str) -> np.ndarray:
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
         if slope == 1.0 and intercept.is_integer():
             hu = stored.astype(np.int32) + int(intercept)
+            if stored.dtype.itemsize <= 2 and -32768 <= hu.min() and hu.max() <= 32767:
+                return hu.astype(np.int16)
         else:
             hu = np.rint(stored.astype(np.float64) * slope + intercept)
     lo, hi = np.iinfo(np.int16).min, np.iinfo(np.int16).max
@@ -330,20 +331,30 @@ def _to_hu(ds: Any, stored: np.ndarray, path: str) -> np.ndarray:
 
 
 def _decode_into(args: tuple[str, tuple[int, int, int], list[tuple[int, str]]]) -> str | None:
-    """Worker: decode slices and write them into the shared volume at their sorted index."""
-    shm_name, shape, jobs = args
-    shm = shared_memory.SharedMemory(name=shm_name)
+    """Worker: decode slices and write them into the shared volume file at their sorted index."""
+    buf_path, shape, jobs = args
+    out = np.memmap(buf_path, dtype=np.int16, mode="r+", shape=shape)
     try:
-        out = np.ndarray(shape, dtype=np.int16, buffer=shm.buf)
         for z, path in jobs:
             try:
                 out[z] = read_hu(path)
             except DicomError as exc:
                 return str(exc)
+        out.flush()
         return None
     finally:
         del out
-        shm.close()
+
+
+def _shared_dir() -> str | None:
+    """A RAM-backed folder for the decode buffer where there is one (Linux), else the default temp folder."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+def _warm_decoders() -> None:
+    """Import the pixel decoders once in the parent so forked workers do not each pay for it."""
+    import pydicom.pixels.decoders.gdcm  # noqa: F401
+    import pydicom.pixels.decoders.pylibjpeg  # noqa: F401
 
 
 def default_workers() -> int:
@@ -355,16 +366,17 @@ def default_workers() -> int:
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:
+    _warm_decoders()
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method))
 
 
-def _map(fn: Any, items: Sequence[Any], workers: int, chunks: int) -> list[Any]:
-    """Map in a process pool when it pays (several items and workers), else in this process."""
-    if workers <= 1 or len(items) < 2 * workers:
+def _map(fn: Any, items: Sequence[Any], pool: ProcessPoolExecutor | None, chunks: int) -> list[Any]:
+    """Map in the pool when there is one, else in this process."""
+    if pool is None:
         return [fn(x) for x in items]
-    with _pool(workers) as ex:
-        return list(ex.map(fn, items, chunksize=max(1, math.ceil(len(items) / (workers * chunks)))))
+    n = pool._max_workers
+    return list(pool.map(fn, items, chunksize=max(1, math.ceil(len(items) / (n * chunks)))))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -526,10 +538,12 @@ def load_series(path: str | os.PathLike[str], series_uid: str | None = None, wor
     """
     src = Path(path)
     workers = default_workers() if workers is None else max(1, int(workers))
-    with _input_files(src) as files:
+    with _input_files(src) as files, (
+        _pool(workers) if workers > 1 and len(files) >= 4 * workers else nullcontext()
+    ) as pool:
         if not files:
             raise DicomError(f"{src}: empty input (no files)")
-        results = _map(_read_header, [str(f) for f in files], workers, chunks=2)
+        results = _map(_read_header, [str(f) for f in files], pool, chunks=2)
         errors = [r for r in results if isinstance(r, str)]
         headers = [r for r in results if isinstance(r, _Header)]
         if not headers:
@@ -546,7 +560,7 @@ def load_series(path: str | os.PathLike[str], series_uid: str | None = None, wor
                 )
         _check_consistent(series)
         geo = _geometry(series)
-        array = _decode(series, geo, workers)
+        array = _decode(series, geo, pool)
     if geo.tilt_deg > _TILT_TOLERANCE_DEG:
         log.warning("%s: gantry tilt %.1f deg corrected by in-plane shift per slice", src, geo.tilt_deg)
         array = _correct_tilt(array, geo.shear_px, fill=float(array.min()))
@@ -561,28 +575,24 @@ def load_series(path: str | os.PathLike[str], series_uid: str | None = None, wor
     )
 
 
-def _decode(series: list[_Header], geo: _Geometry, workers: int) -> np.ndarray:
-    """Decode the kept slices (in parallel, into shared memory) and vet dropped duplicates."""
+def _decode(series: list[_Header], geo: _Geometry, pool: ProcessPoolExecutor | None) -> np.ndarray:
+    """Decode the kept slices (in the pool, straight into a shared RAM-backed buffer) and vet dropped duplicates."""
     first = series[0]
     shape = (len(geo.order), first.rows, first.columns)
     jobs = [(z, series[i].path) for z, i in enumerate(geo.order)]
-    if workers <= 1 or len(jobs) < 4 * workers:
+    if pool is None:
         array = np.empty(shape, dtype=np.int16)
         for z, p in jobs:
             array[z] = read_hu(p)
     else:
-        shm = shared_memory.SharedMemory(create=True, size=max(1, int(np.prod(shape)) * 2))
-        try:
-            n_chunks = workers * 4
+        with tempfile.NamedTemporaryFile(prefix="cspine-decode-", suffix=".i16", dir=_shared_dir()) as tmp:
+            tmp.truncate(max(1, int(np.prod(shape)) * 2))
+            n_chunks = pool._max_workers * 4
             chunks = [jobs[k::n_chunks] for k in range(n_chunks)]
-            with _pool(workers) as ex:
-                errs = [e for e in ex.map(_decode_into, [(shm.name, shape, c) for c in chunks if c]) if e]
+            errs = [e for e in pool.map(_decode_into, [(tmp.name, shape, c) for c in chunks if c]) if e]
             if errs:
                 raise DicomError(errs[0])
-            array = np.ndarray(shape, dtype=np.int16, buffer=shm.buf).copy()
-        finally:
-            shm.close()
-            shm.unlink()
+            array = np.array(np.memmap(tmp.name, dtype=np.int16, mode="r", shape=shape))
     _check_duplicates(series, geo, array)
     return array
 
