@@ -105,6 +105,48 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 1 if report["failed"] else 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    """One study -> probabilities, mask, report."""
+    from cspine.predict import PredictConfig, format_table, predict_study
+
+    if not 0.0 < args.threshold < 1.0:
+        raise UsageError("--threshold must be between 0 and 1")
+    cfg = PredictConfig(
+        study=_existing(args.study),
+        model=_existing(args.model),
+        out=Path(args.out),
+        device=args.device,
+        threshold=args.threshold,
+        series_uid=args.series_uid,
+        report=not args.no_report,
+    )
+    result = predict_study(cfg)
+    print(format_table(result))
+    for w in result["warnings"]:
+        print(f"warning: {w}")
+    print(f"outputs in {cfg.out} (result.json, mask.nii.gz{', report.png, report.html' if cfg.report else ''})")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """test.csv + test_images/ -> submission.csv."""
+    from cspine.submit import SubmitConfig, submit
+
+    cfg = SubmitConfig(data=_existing(args.data), model=_existing(args.model), out=Path(args.out), device=args.device)
+    summary = submit(cfg, progress=not args.no_progress)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    """Assemble a model bundle from a segmentation and a classification model directory."""
+    from cspine.bundle import make_bundle
+
+    out = make_bundle(_existing(args.seg), _existing(args.cls), Path(args.out))
+    print(out)
+    return 0
+
+
 def _parse_shard(text: str | None) -> tuple[int, int]:
     if not text:
         return (0, 1)
@@ -166,6 +208,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", default=None, help="i/n: prepare only every n-th study starting at i")
     _add_progress(p)
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("predict", help="one CT study -> fracture probabilities, vertebra masks and a report")
+    p.add_argument("study", help="DICOM folder, .zip or file")
+    p.add_argument("--model", required=True, help="model bundle directory")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--threshold", type=float, default=0.5, help="probability marked as positive in the report")
+    p.add_argument("--series-uid", default=None)
+    p.add_argument("--no-report", action="store_true", help="skip report.png / report.html")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("submit", help="RSNA test set -> Kaggle submission.csv (resumable)")
+    p.add_argument("--data", required=True, help="RSNA-layout folder with test.csv and test_images/")
+    p.add_argument("--model", required=True, help="model bundle directory")
+    p.add_argument("--out", default="submission.csv")
+    p.add_argument("--device", default="auto")
+    _add_progress(p)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("bundle", help="assemble a model bundle from seg and cls model directories")
+    p.add_argument("--seg", required=True, help="segmentation model directory (cspine train-seg --out)")
+    p.add_argument("--cls", required=True, help="classification model directory (cspine train-cls --out)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_bundle)
     return parser
 
 

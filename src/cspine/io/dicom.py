@@ -320,8 +320,6 @@ def _to_hu(ds: Any, stored: np.ndarray, path: str) -> np.ndarray:
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
         if slope == 1.0 and intercept.is_integer():
             hu = stored.astype(np.int32) + int(intercept)
-            if stored.dtype.itemsize <= 2 and -32768 <= hu.min() and hu.max() <= 32767:
-                return hu.astype(np.int16)
         else:
             hu = np.rint(stored.astype(np.float64) * slope + intercept)
     lo, hi = np.iinfo(np.int16).min, np.iinfo(np.int16).max
@@ -353,7 +351,7 @@ def _shared_dir() -> str | None:
 
 def _warm_decoders() -> None:
     """Import the pixel decoders once in the parent so forked workers do not each pay for it."""
-    import pydicom.pixels.decoders.gdcm  # noqa: F401
+    import pydicom.pixels.decoders.gdcm
     import pydicom.pixels.decoders.pylibjpeg  # noqa: F401
 
 
