@@ -292,3 +292,19 @@ def test_several_series_take_largest_or_selected(tmp_path: Path, make_series) ->
     np.testing.assert_array_equal(load_series(tmp_path / "s", series_uid="1.2.3.4.2").array, small)
     with pytest.raises(DicomError, match=r"series 9\.9 not found"):
         load_series(tmp_path / "s", series_uid="9.9")
+
+
+def test_scout_of_another_size_first_in_folder(tmp_path: Path, make_series) -> None:
+    """The one-pass decode sizes its slots from the first image; a differently sized series must still load."""
+    _, vol = make_series(tmp_path / "s", n=10)
+    for k in range(2):
+        write_slice(
+            tmp_path / "s" / f"0scout{k}.dcm",
+            np.zeros((8, 8), np.int16),
+            (0.0, 0.0, float(k)),
+            k + 1,
+            series_uid="1.2.3.9",
+        )
+    got = load_series(tmp_path / "s", workers=2)
+    np.testing.assert_array_equal(got.array, vol)
+    assert got.meta["skipped_series"] == ["1.2.3.9 (2 files)"]

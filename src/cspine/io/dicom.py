@@ -17,6 +17,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import shutil
 import tempfile
 import zipfile
 from collections import defaultdict
@@ -173,6 +174,11 @@ def _read_header(path: str) -> _Header | str | None:
         return None  # not DICOM at all (text file, thumbnail, ...): ignore
     except Exception as exc:  # truncated header, bad VR ...
         return f"{path}: corrupt DICOM header ({type(exc).__name__}: {exc})"
+    return _header_from(ds, path)
+
+
+def _header_from(ds: Any, path: str) -> _Header | str | None:
+    """The geometry and encoding facts of a parsed dataset (see :func:`_read_header`)."""
     meta = getattr(ds, "file_meta", None)
     sop_class = str(getattr(meta, "MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", ""))
     if sop_class == _DICOMDIR_CLASS or "Rows" not in ds:
@@ -250,6 +256,11 @@ def read_hu(path: str) -> np.ndarray:
         ds = pydicom.dcmread(path)
     except Exception as exc:
         raise DicomError(f"{path}: corrupt DICOM file ({type(exc).__name__}: {exc})") from exc
+    return _decode_ds(ds, path)
+
+
+def _decode_ds(ds: Any, path: str) -> np.ndarray:
+    """Pixels of a parsed single-frame dataset as int16 HU (see :func:`read_hu`)."""
     ts = str(ds.file_meta.TransferSyntaxUID) if "TransferSyntaxUID" in ds.file_meta else "1.2.840.10008.1.2"
     if ts in UNSUPPORTED_SYNTAXES:
         raise DicomError(
@@ -328,25 +339,60 @@ def _to_hu(ds: Any, stored: np.ndarray, path: str) -> np.ndarray:
     return hu.astype(np.int16)
 
 
-def _decode_into(args: tuple[str, tuple[int, int, int], list[tuple[int, str]]]) -> str | None:
-    """Worker: decode slices and write them into the shared volume file at their sorted index."""
+_ScanResult = tuple[_Header | str | None, str | None]
+
+
+def _scan(args: tuple[str | None, tuple[int, int, int], list[tuple[int, str]]]) -> list[tuple[int, _ScanResult]]:
+    """Worker: read each file once, keep its header and, when it has the expected size, decode it into its slot.
+
+    Returns per file (slot, (header or error or None, decode error or None)); a header whose size differs from the
+    slot shape is left undecoded (decoded later if its series is chosen).
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
     buf_path, shape, jobs = args
-    out = np.memmap(buf_path, dtype=np.int16, mode="r+", shape=shape)
+    out = np.memmap(buf_path, dtype=np.int16, mode="r+", shape=shape) if buf_path else None
+    results: list[tuple[int, _ScanResult]] = []
     try:
-        for z, path in jobs:
+        for slot, path in jobs:
             try:
-                out[z] = read_hu(path)
-            except DicomError as exc:
-                return str(exc)
-        out.flush()
-        return None
+                ds = pydicom.dcmread(path)
+            except InvalidDicomError:
+                results.append((slot, (None, None)))
+                continue
+            except Exception as exc:
+                results.append((slot, (f"{path}: corrupt DICOM file ({type(exc).__name__}: {exc})", None)))
+                continue
+            header = _header_from(ds, path)
+            err = None
+            if isinstance(header, _Header) and out is not None and (header.rows, header.columns) == shape[1:]:
+                try:
+                    out[slot] = _decode_ds(ds, path)
+                except DicomError as exc:
+                    err = str(exc)
+            elif isinstance(header, _Header):
+                err = ""  # not decoded here (other size): decode on demand
+            results.append((slot, (header, err)))
+        if out is not None:
+            out.flush()
+        return results
     finally:
         del out
 
 
-def _shared_dir() -> str | None:
-    """A RAM-backed folder for the decode buffer where there is one (Linux), else the default temp folder."""
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+def _shared_dir(nbytes: int) -> str | None:
+    """A RAM-backed folder for the decode buffer when it has room (Linux /dev/shm), else the temp folder.
+
+    A container's /dev/shm is often only 64 MB, and writing past its end kills the process, so check first.
+    """
+    shm = "/dev/shm"
+    try:
+        if os.path.isdir(shm) and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 2 * nbytes:
+            return shm
+    except OSError:
+        pass
+    return None
 
 
 def _warm_decoders() -> None:
@@ -367,14 +413,6 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     _warm_decoders()
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method))
-
-
-def _map(fn: Any, items: Sequence[Any], pool: ProcessPoolExecutor | None, chunks: int) -> list[Any]:
-    """Map in the pool when there is one, else in this process."""
-    if pool is None:
-        return [fn(x) for x in items]
-    n = pool._max_workers
-    return list(pool.map(fn, items, chunksize=max(1, math.ceil(len(items) / (n * chunks)))))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -536,29 +574,47 @@ def load_series(path: str | os.PathLike[str], series_uid: str | None = None, wor
     """
     src = Path(path)
     workers = default_workers() if workers is None else max(1, int(workers))
-    with _input_files(src) as files, (
-        _pool(workers) if workers > 1 and len(files) >= 4 * workers else nullcontext()
-    ) as pool:
+    with _input_files(src) as files:
         if not files:
             raise DicomError(f"{src}: empty input (no files)")
-        results = _map(_read_header, [str(f) for f in files], pool, chunks=2)
-        errors = [r for r in results if isinstance(r, str)]
-        headers = [r for r in results if isinstance(r, _Header)]
-        if not headers:
-            detail = f"; {len(errors)} corrupt: {errors[0]}" if errors else ""
-            raise DicomError(f"{src}: no DICOM image found among {len(files)} file(s){detail}")
-        if errors:
-            raise DicomError(errors[0] + (f" (and {len(errors) - 1} more corrupt files)" if len(errors) > 1 else ""))
-        series, skipped = _choose_series(headers, series_uid, src)
-        for h in series:
-            if h.transfer_syntax in UNSUPPORTED_SYNTAXES:
-                raise DicomError(
-                    f"{h.path}: unsupported transfer syntax {h.transfer_syntax} "
-                    f"({UNSUPPORTED_SYNTAXES[h.transfer_syntax]}); not a CT slice encoding"
-                )
-        _check_consistent(series)
-        geo = _geometry(series)
-        array = _decode(series, geo, pool)
+        size = _probe_size(files)
+        shape = (len(files), *size) if size else (0, 0, 0)
+        nbytes = max(1, int(np.prod(shape)) * 2)
+        use_pool = workers > 1 and len(files) >= 4 * workers
+        with (
+            tempfile.NamedTemporaryFile(prefix="cspine-decode-", suffix=".i16", dir=_shared_dir(nbytes)) as buf,
+            _pool(workers) if use_pool else nullcontext() as pool,
+        ):
+            buf.truncate(nbytes)
+            jobs = [(slot, str(f)) for slot, f in enumerate(files)]
+            buf_name = buf.name if size else None
+            if pool is None:
+                scanned = _scan((buf_name, shape, jobs))
+            else:
+                n_chunks = workers * 4
+                chunks = [(buf_name, shape, jobs[k::n_chunks]) for k in range(n_chunks) if jobs[k::n_chunks]]
+                scanned = [r for part in pool.map(_scan, chunks) for r in part]
+            scanned.sort(key=lambda t: t[0])
+            errors = [h for _, (h, _) in scanned if isinstance(h, str)]
+            headers = [h for _, (h, _) in scanned if isinstance(h, _Header)]
+            if not headers:
+                detail = f"; {len(errors)} corrupt: {errors[0]}" if errors else ""
+                raise DicomError(f"{src}: no DICOM image found among {len(files)} file(s){detail}")
+            if errors:
+                more = f" (and {len(errors) - 1} more corrupt files)" if len(errors) > 1 else ""
+                raise DicomError(errors[0] + more)
+            series, skipped = _choose_series(headers, series_uid, src)
+            for h in series:
+                if h.transfer_syntax in UNSUPPORTED_SYNTAXES:
+                    raise DicomError(
+                        f"{h.path}: unsupported transfer syntax {h.transfer_syntax} "
+                        f"({UNSUPPORTED_SYNTAXES[h.transfer_syntax]}); not a CT slice encoding"
+                    )
+            _check_consistent(series)
+            geo = _geometry(series)
+            decode_error = {h.path: err for _, (h, err) in scanned if isinstance(h, _Header)}
+            slot_of = {h.path: slot for slot, (h, _) in scanned if isinstance(h, _Header)}
+            array = _assemble(series, geo, buf_name, shape, slot_of, decode_error)
     if geo.tilt_deg > _TILT_TOLERANCE_DEG:
         log.warning("%s: gantry tilt %.1f deg corrected by in-plane shift per slice", src, geo.tilt_deg)
         array = _correct_tilt(array, geo.shear_px, fill=float(array.min()))
@@ -573,24 +629,39 @@ def load_series(path: str | os.PathLike[str], series_uid: str | None = None, wor
     )
 
 
-def _decode(series: list[_Header], geo: _Geometry, pool: ProcessPoolExecutor | None) -> np.ndarray:
-    """Decode the kept slices (in the pool, straight into a shared RAM-backed buffer) and vet dropped duplicates."""
+def _probe_size(files: Sequence[Path]) -> tuple[int, int] | None:
+    """Rows and columns of the first image among the files: the slot size of the one-pass decode."""
+    for f in files[:32]:
+        h = _read_header(str(f))
+        if isinstance(h, _Header):
+            return (h.rows, h.columns)
+    return None
+
+
+def _assemble(
+    series: list[_Header],
+    geo: _Geometry,
+    buf_name: str | None,
+    shape: tuple[int, int, int],
+    slot_of: dict[str, int],
+    decode_error: dict[str, str | None],
+) -> np.ndarray:
+    """Gather the chosen series' decoded slices in sorted order; decode any the scan left out; vet duplicates."""
+    paths = [series[i].path for i in geo.order]
+    for p in paths:
+        err = decode_error[p]
+        if err:
+            raise DicomError(err)
+    done = [decode_error[p] is None for p in paths]
     first = series[0]
-    shape = (len(geo.order), first.rows, first.columns)
-    jobs = [(z, series[i].path) for z, i in enumerate(geo.order)]
-    if pool is None:
-        array = np.empty(shape, dtype=np.int16)
-        for z, p in jobs:
+    if buf_name and all(done):
+        mm = np.memmap(buf_name, dtype=np.int16, mode="r", shape=shape)
+        array = np.asarray(mm[[slot_of[p] for p in paths]])
+        del mm
+    else:  # the series differs in size from the probed file (e.g. a scout came first): decode it here
+        array = np.empty((len(paths), first.rows, first.columns), dtype=np.int16)
+        for z, p in enumerate(paths):
             array[z] = read_hu(p)
-    else:
-        with tempfile.NamedTemporaryFile(prefix="cspine-decode-", suffix=".i16", dir=_shared_dir()) as tmp:
-            tmp.truncate(max(1, int(np.prod(shape)) * 2))
-            n_chunks = pool._max_workers * 4
-            chunks = [jobs[k::n_chunks] for k in range(n_chunks)]
-            errs = [e for e in pool.map(_decode_into, [(tmp.name, shape, c) for c in chunks if c]) if e]
-            if errs:
-                raise DicomError(errs[0])
-            array = np.array(np.memmap(tmp.name, dtype=np.int16, mode="r", shape=shape))
     _check_duplicates(series, geo, array)
     return array
 
