@@ -1,0 +1,162 @@
+"""A model bundle: one directory that is enough to predict.
+
+Layout::
+
+    MODEL/bundle.json   cspine version, creation time, components, metrics summary
+    MODEL/seg/          vertebra segmentation model directory (weights, config, label map, preprocessing)
+    MODEL/cls/          fracture classifier directory (weights per fold, config, crops, calibration)
+
+Loading checks the format and the cspine version and says precisely what is missing or
+mismatched, so a partial copy or a bundle from an incompatible release fails at load,
+not halfway through a 1,500-study submission.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cspine import __version__
+from cspine.labels import PREDICTION_TYPES
+from cspine.runtime import versions, write_json
+
+log = logging.getLogger(__name__)
+
+BUNDLE_FILE = "bundle.json"
+BUNDLE_FORMAT = 1
+#: Files that must exist in each component directory of a bundle.
+REQUIRED = {"seg": ("config.json",), "cls": ("config.json",)}
+
+
+class BundleError(ValueError):
+    """A model directory that cannot be used; the message says what is wrong and where."""
+
+
+@dataclass
+class Prediction:
+    """What the bundle returns for one study (all on the study's own grid)."""
+
+    probabilities: dict[str, float]
+    mask: np.ndarray
+    vertebrae: dict[str, dict[str, Any]]
+    slice_scores: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _major(version: str) -> int:
+    return int(version.split(".")[0] or 0)
+
+
+def check_bundle(root: Path) -> dict[str, Any]:
+    """Validate a bundle directory; return its bundle.json. Raises BundleError naming what is wrong."""
+    if not root.exists():
+        raise BundleError(f"{root}: model directory not found")
+    info_path = root / BUNDLE_FILE
+    if not info_path.exists():
+        hint = (
+            " (it looks like a single-stage model directory; build a bundle with cspine bundle)"
+            if (root / "config.json").exists()
+            else ""
+        )
+        raise BundleError(f"{root}: not a cspine model bundle, {BUNDLE_FILE} is missing{hint}")
+    try:
+        info = json.loads(info_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{info_path}: unreadable ({exc})") from exc
+    if info.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{info_path}: bundle format {info.get('format')!r}, this cspine reads {BUNDLE_FORMAT}")
+    made_with = str(info.get("cspine", "0.0"))
+    if _major(made_with) != _major(__version__):
+        raise BundleError(f"{root}: made with cspine {made_with}, incompatible with this cspine {__version__}")
+    missing = [f"{c}/{f}" for c, files in REQUIRED.items() for f in files if not (root / c / f).exists()]
+    if missing:
+        raise BundleError(f"{root}: incomplete bundle, missing {', '.join(missing)}")
+    return info
+
+
+def make_bundle(seg_dir: Path, cls_dir: Path, out: Path, metrics: dict[str, Any] | None = None) -> Path:
+    """Assemble a bundle from a segmentation and a classification model directory (copied)."""
+    for name, d in (("segmentation", seg_dir), ("classification", cls_dir)):
+        if not (d / "config.json").exists():
+            raise BundleError(f"{d}: not a {name} model directory (no config.json)")
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copytree(seg_dir, tmp / "seg")
+    shutil.copytree(cls_dir, tmp / "cls")
+    write_json(
+        tmp / BUNDLE_FILE,
+        {
+            "format": BUNDLE_FORMAT,
+            "cspine": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": versions(),
+            "components": {"seg": "seg/", "cls": "cls/"},
+            "metrics": metrics or {},
+        },
+    )
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+class Bundle:
+    """A loaded bundle: segmenter and classifier in memory, ready for many studies."""
+
+    def __init__(self, root: Path, info: dict[str, Any], segmenter: Any, classifier: Any) -> None:
+        self.root = root
+        self.info = info
+        self.segmenter = segmenter
+        self.classifier = classifier
+
+    def summary(self) -> dict[str, Any]:
+        """What made these predictions (for result.json)."""
+        return {"path": str(self.root), "cspine": self.info.get("cspine"), "created": self.info.get("created")}
+
+    def predict(self, vol: Any, timings: dict[str, float] | None = None) -> Prediction:
+        """Segment, then classify one Volume."""
+        from cspine.cls.infer import classify_volume
+        from cspine.seg.infer import segment_volume
+
+        timings = {} if timings is None else timings
+        t = time.perf_counter()
+        seg = segment_volume(vol, self.segmenter)
+        timings["segment"] = timings.get("segment", 0.0) + time.perf_counter() - t
+        t = time.perf_counter()
+        cls = classify_volume(vol, seg.mask, self.classifier)
+        timings["classify"] = timings.get("classify", 0.0) + time.perf_counter() - t
+        probs = {k: float(cls.probabilities[k]) for k in PREDICTION_TYPES}
+        return Prediction(
+            probabilities=probs,
+            mask=seg.mask,
+            vertebrae=seg.vertebrae,
+            slice_scores=getattr(cls, "slice_scores", {}) or {},
+            warnings=list(seg.warnings) + list(getattr(cls, "warnings", [])),
+        )
+
+    def predict_probabilities(self, vol: Any) -> dict[str, float]:
+        """Only the numbers (for submissions)."""
+        return self.predict(vol).probabilities
+
+
+def load_bundle(root: str | Path, device: str = "auto") -> Bundle:
+    """Check and load a bundle (a single-stage segmentation directory is not enough: both stages are needed)."""
+    from cspine.cls.infer import load_classifier
+    from cspine.seg.infer import load_segmenter
+
+    path = Path(root)
+    info = check_bundle(path)
+    try:
+        segmenter = load_segmenter(path / "seg", device=device)
+        classifier = load_classifier(path / "cls", device=device)
+    except (FileNotFoundError, KeyError, RuntimeError) as exc:
+        raise BundleError(f"{path}: broken model bundle ({type(exc).__name__}: {exc})") from exc
+    return Bundle(path, info, segmenter, classifier)
