@@ -308,3 +308,13 @@ def test_scout_of_another_size_first_in_folder(tmp_path: Path, make_series) -> N
     got = load_series(tmp_path / "s", workers=2)
     np.testing.assert_array_equal(got.array, vol)
     assert got.meta["skipped_series"] == ["1.2.3.9 (2 files)"]
+
+
+def test_truncated_compressed_edge_slice_is_not_skipped(tmp_path: Path, make_series) -> None:
+    """A compressed slice cut short parses without PixelData (pydicom only warns): it must be an error,
+    not a silently dropped edge slice that no gap check would notice."""
+    folder, _ = make_series(tmp_path / "s", n=6, syntax="1.2.840.10008.1.2.5")
+    data = (folder / "1.dcm").read_bytes()
+    (folder / "1.dcm").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DicomError, match=r"1\.dcm: (corrupt DICOM file|truncated or corrupt CT image)"):
+        load_series(folder)

@@ -89,6 +89,9 @@ _HEADER_TAGS = [
     "ConvolutionKernel",
     "KVP",
 ]
+#: CT image storage classes (CT, enhanced CT, legacy converted enhanced CT): such a file without Rows or pixel
+#: data is a truncated slice, not a file to skip.
+_CT_IMAGE_CLASSES = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"}
 #: Angle (degrees) between the slice normal and the slice-to-slice direction above which a series is tilted.
 _TILT_TOLERANCE_DEG = 0.5
 #: A position step larger than this multiple of the median step means a slice is missing.
@@ -170,6 +173,7 @@ def _read_header(path: str) -> _Header | str | None:
 
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        ds._cspine_header_only = True
     except InvalidDicomError:
         return None  # not DICOM at all (text file, thumbnail, ...): ignore
     except Exception as exc:  # truncated header, bad VR ...
@@ -181,6 +185,8 @@ def _header_from(ds: Any, path: str) -> _Header | str | None:
     """The geometry and encoding facts of a parsed dataset (see :func:`_read_header`)."""
     meta = getattr(ds, "file_meta", None)
     sop_class = str(getattr(meta, "MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", ""))
+    if sop_class in _CT_IMAGE_CLASSES and ("Rows" not in ds or ("PixelData" not in ds and not _header_only(ds))):
+        return f"{path}: truncated or corrupt CT image (no {'Rows' if 'Rows' not in ds else 'pixel data'} element)"
     if sop_class == _DICOMDIR_CLASS or "Rows" not in ds:
         return None  # DICOMDIR, structured report, ...: not an image
     try:
@@ -224,6 +230,27 @@ def _header_from(ds: Any, path: str) -> _Header | str | None:
         return f"{path}: unreadable geometry in DICOM header ({type(exc).__name__}: {exc})"
 
 
+def _header_only(ds: Any) -> bool:
+    """True for a dataset read with stop_before_pixels (the header pass), where no PixelData is expected."""
+    return bool(getattr(ds, "_cspine_header_only", False))
+
+
+def _read_dataset(path: str) -> Any:
+    """Read a whole file; a file that ends before its last element (pydicom only warns) is corrupt."""
+    import warnings
+
+    import pydicom
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = pydicom.dcmread(path)
+    for w in caught:
+        text = str(w.message)
+        if "End of file" in text or "truncat" in text.lower():
+            raise ValueError(f"file ends early: {text}")
+    return ds
+
+
 def _plain(value: Any) -> Any:
     """DICOM values (DS, IS, MultiValue, PersonName ...) -> JSON-friendly Python values."""
     if value is None:
@@ -250,10 +277,9 @@ def read_hu(path: str) -> np.ndarray:
 
     Raises DicomError naming the file and transfer syntax when the pixels cannot be decoded.
     """
-    import pydicom
 
     try:
-        ds = pydicom.dcmread(path)
+        ds = _read_dataset(path)
     except Exception as exc:
         raise DicomError(f"{path}: corrupt DICOM file ({type(exc).__name__}: {exc})") from exc
     return _decode_ds(ds, path)
@@ -348,7 +374,6 @@ def _scan(args: tuple[str | None, tuple[int, int, int], list[tuple[int, str]]]) 
     Returns per file (slot, (header or error or None, decode error or None)); a header whose size differs from the
     slot shape is left undecoded (decoded later if its series is chosen).
     """
-    import pydicom
     from pydicom.errors import InvalidDicomError
 
     buf_path, shape, jobs = args
@@ -357,7 +382,7 @@ def _scan(args: tuple[str | None, tuple[int, int, int], list[tuple[int, str]]]) 
     try:
         for slot, path in jobs:
             try:
-                ds = pydicom.dcmread(path)
+                ds = _read_dataset(path)
             except InvalidDicomError:
                 results.append((slot, (None, None)))
                 continue
