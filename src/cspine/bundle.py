@@ -122,8 +122,7 @@ class Bundle:
         return {"path": str(self.root), "cspine": self.info.get("cspine"), "created": self.info.get("created")}
 
     def predict(self, vol: Any, timings: dict[str, float] | None = None) -> Prediction:
-        """Segment, then classify one Volume."""
-        from cspine.cls.infer import classify_volume
+        """Segment, then classify one Volume; the returned mask holds C1..C7 only."""
         from cspine.seg.infer import segment_volume
 
         timings = {} if timings is None else timings
@@ -131,15 +130,18 @@ class Bundle:
         seg = segment_volume(vol, self.segmenter)
         timings["segment"] = timings.get("segment", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
-        cls = classify_volume(vol, seg.mask, self.classifier)
+        cls = self.classifier.predict(vol, seg.mask)
         timings["classify"] = timings.get("classify", 0.0) + time.perf_counter() - t
-        probs = {k: float(cls.probabilities[k]) for k in PREDICTION_TYPES}
+        mask = np.where(seg.mask <= 7, seg.mask, 0).astype(np.uint8)
+        scores = {
+            name: [(int(s["z"]), float(s["score"])) for s in items] for name, items in cls.slice_scores.items()
+        }
         return Prediction(
-            probabilities=probs,
-            mask=seg.mask,
+            probabilities={k: float(cls.probabilities[k]) for k in PREDICTION_TYPES},
+            mask=mask,
             vertebrae=seg.vertebrae,
-            slice_scores=getattr(cls, "slice_scores", {}) or {},
-            warnings=list(seg.warnings) + list(getattr(cls, "warnings", [])),
+            slice_scores=scores,
+            warnings=list(seg.warnings),
         )
 
     def predict_probabilities(self, vol: Any) -> dict[str, float]:
@@ -150,12 +152,12 @@ class Bundle:
 def load_bundle(root: str | Path, device: str = "auto") -> Bundle:
     """Check and load a bundle (a single-stage segmentation directory is not enough: both stages are needed)."""
     from cspine.cls.infer import load_classifier
-    from cspine.seg.infer import load_segmenter
+    from cspine.seg.infer import load_model
 
     path = Path(root)
     info = check_bundle(path)
     try:
-        segmenter = load_segmenter(path / "seg", device=device)
+        segmenter = load_model(path / "seg", device=device)
         classifier = load_classifier(path / "cls", device=device)
     except (FileNotFoundError, KeyError, RuntimeError) as exc:
         raise BundleError(f"{path}: broken model bundle ({type(exc).__name__}: {exc})") from exc

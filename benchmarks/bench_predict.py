@@ -1,0 +1,108 @@
+"""Study -> result speed and memory: one full-size generated study through `cspine predict`.
+
+Writes a 512x512x400 synthetic study (JPEG Lossless SV1 when GDCM is installed, else uncompressed),
+loads a model bundle once, then runs predict_study twice (the first run warms caches and CUDA kernels)
+and prints the second run's split: decode / segment / crop / classify / write, the wall time, and the
+peak resident memory of this process and its decode workers.
+
+    .venv/bin/cspine demo --out cspine-demo          # makes a bundle in cspine-demo/model
+    .venv/bin/python benchmarks/bench_predict.py --model cspine-demo/model [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cspine.bundle import load_bundle
+from cspine.data.dicom_writer import write_series
+from cspine.data.synth import generate_study
+from cspine.io.volume import crop
+from cspine.predict import PredictConfig, predict_study
+
+
+def make_study(folder: Path, slices: int) -> str:
+    """A full-size synthetic study with at least ``slices`` slices, cut to that many; returns its syntax."""
+    try:
+        import gdcm  # noqa: F401
+
+        syntax = "1.2.840.10008.1.2.4.70"
+    except ImportError:
+        syntax = "1.2.840.10008.1.2.1"
+    seed = 0
+    while True:
+        study = generate_study(seed, size="full", index=seed)
+        if study.volume.shape[0] >= slices:
+            break
+        seed += 1
+    n = study.volume.shape[0]
+    top = (n - slices) // 2  # keep the middle: the cervical spine
+    vol = crop(study.volume, (top, 0, 0), (top + slices, *study.volume.shape[1:]))
+    study = dataclasses.replace(study, volume=vol, mask=study.mask[top : top + slices], transfer_syntax=syntax)
+    write_series(study, folder, patient_number=0)
+    return syntax
+
+
+def peak_rss_mb() -> tuple[float, float]:
+    """Peak resident set of this process and of its (largest) finished child, in MB (Linux reports kB)."""
+    scale = 1 / 1024 if sys.platform.startswith("linux") else 1 / 2**20
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale
+    return own, child
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, required=True, help="model bundle (e.g. cspine-demo/model)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--slices", type=int, default=400)
+    ap.add_argument("--keep", type=Path, default=None, help="write/reuse the study here")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        study = args.keep or Path(tmp) / "study"
+        syntax = "existing"
+        if not study.exists():
+            t = time.perf_counter()
+            syntax = make_study(study, args.slices)
+            print(f"generated {args.slices} slices ({syntax}) in {time.perf_counter() - t:.1f} s")
+        t = time.perf_counter()
+        bundle = load_bundle(args.model, device=args.device)
+        load_s = time.perf_counter() - t
+        runs = []
+        for _ in range(2):
+            cfg = PredictConfig(study=study, model=args.model, out=Path(tmp) / "out", device=args.device)
+            t = time.perf_counter()
+            result = predict_study(cfg, bundle=bundle)
+            runs.append((time.perf_counter() - t, result["timings_s"]))
+        wall, split = runs[-1]
+        own, child = peak_rss_mb()
+        model_s = sum(split.get(k, 0.0) for k in ("segment", "crop", "classify"))
+        figures = {
+            "device": args.device,
+            "shape": [args.slices, 512, 512],
+            "bundle_load_s": round(load_s, 2),
+            "first_run_wall_s": round(runs[0][0], 2),
+            "wall_s": round(wall, 2),
+            "split_s": split,
+            "model_s_excluding_disk": round(model_s, 3),
+            "peak_rss_mb": round(own),
+            "peak_rss_decode_worker_mb": round(child),
+        }
+        print(json.dumps(figures, indent=2))
+        print(
+            f"study -> result {wall:.2f} s (target <= 20 s on 2 CPU cores, <= 1 s excluding disk on a GPU); "
+            f"segment+crop+classify {model_s:.2f} s; peak RSS {own:.0f} MB (target <= 3 GB)"
+        )
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""`cspine demo`: the whole pipeline on generated data, in minutes, on a laptop CPU.
+
+Generate a small RSNA-layout dataset -> prepare -> train the segmenter on the studies with
+masks -> pseudo-label the rest -> train the `sequence` classifier -> bundle -> submit on the
+generated test studies -> evaluate against their hidden labels -> predict one study with a
+report. Every stage is the same library call the CLI makes, so the demo is also the
+end-to-end check of the tool. The bundle it leaves in OUT/model works with predict, submit
+and segment.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cspine.labels import PREDICTION_TYPES
+from cspine.runtime import run_record, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes chosen so the demo finishes in a few minutes on 2 CPU cores; scale them up for a real look."""
+
+    out: Path = Path("cspine-demo")
+    train_studies: int = 40
+    test_studies: int = 12
+    segmented: float = 0.5
+    seed: int = 0
+    device: str = "auto"
+    seg_epochs: int = 6
+    seg_iters: int = 20
+    cls_epochs: int = 8
+    cls_folds: int = 3
+
+
+def _stage(name: str, timings: dict[str, float], fn: Callable[[], Any]) -> Any:
+    log.info("demo: %s ...", name)
+    t = time.perf_counter()
+    result = fn()
+    timings[name] = time.perf_counter() - t
+    log.info("demo: %s done in %.1f s", name, timings[name])
+    return result
+
+
+def _write_test_labels(data: Path, out: Path) -> Path:
+    """The generator's hidden test labels (synth.json) as a train.csv-style file, for evaluation."""
+    info = json.loads((data / "synth.json").read_text())
+    rows = [s for s in info["studies"] if s["split"] == "test"]
+    with open(out, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["StudyInstanceUID", *PREDICTION_TYPES])
+        for s in rows:
+            w.writerow([s["uid"], *(int(s["labels"][k]) for k in PREDICTION_TYPES)])
+    return out
+
+
+def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
+    """Run every stage; return a summary (paths, metric table, timings) and write OUT/demo.json."""
+    from cspine.bundle import make_bundle
+    from cspine.cls.config import resolve_train_config
+    from cspine.cls.evaluate import EvaluateConfig, evaluate
+    from cspine.cls.train import train_cls
+    from cspine.data.cache import PrepareConfig, prepare_dataset
+    from cspine.data.synth import SynthConfig, generate_dataset
+    from cspine.predict import PredictConfig, predict_study
+    from cspine.seg.pseudo import PseudoLabelConfig, pseudo_label
+    from cspine.seg.train import train_config, train_segmentation
+    from cspine.submit import SubmitConfig, submit
+
+    out = cfg.out
+    data, cache, work = out / "data", out / "cache", out / "work"
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    _stage(
+        "synth",
+        timings,
+        lambda: generate_dataset(
+            SynthConfig(
+                out=data,
+                studies=cfg.train_studies,
+                seed=cfg.seed,
+                size="small",
+                segmented=cfg.segmented,
+                test_studies=cfg.test_studies,
+            ),
+            progress=progress,
+        ),
+    )
+    _stage("prepare", timings, lambda: prepare_dataset(PrepareConfig(data=data, out=cache), progress=progress))
+    seg_cfg = train_config(
+        data=cache,
+        out=work / "seg",
+        fold=0,
+        folds=5,
+        epochs=cfg.seg_epochs,
+        iters_per_epoch=cfg.seg_iters,
+        device=cfg.device,
+        patience=0,
+    )
+    seg_summary = _stage("train-seg", timings, lambda: train_segmentation(seg_cfg, resume=True, progress=progress))
+    _stage(
+        "pseudo-label",
+        timings,
+        lambda: pseudo_label(
+            PseudoLabelConfig(data=cache, model=work / "seg", out=work / "pseudo", device=cfg.device), progress=progress
+        ),
+    )
+    cls_cfg = resolve_train_config(
+        "sequence",
+        cache,
+        work / "cls",
+        {
+            "folds": cfg.cls_folds,
+            "epochs": cfg.cls_epochs,
+            "device": cfg.device,
+            "masks": str(work / "pseudo"),
+        },
+    )
+    cls_summary = _stage("train-cls", timings, lambda: train_cls(cls_cfg, progress=progress))
+    bundle = _stage(
+        "bundle",
+        timings,
+        lambda: make_bundle(
+            work / "seg",
+            work / "cls",
+            out / "model",
+            metrics={
+                "segmentation": {k: seg_summary.get(k) for k in ("best_dice", "best_epoch") if k in seg_summary},
+                "classification_oof": {k: cls_summary.get(k) for k in ("competition_loss", "mean_vertebra_auc")},
+            },
+        ),
+    )
+    sub = _stage(
+        "submit",
+        timings,
+        lambda: submit(
+            SubmitConfig(data=data, model=bundle, out=out / "submission.csv", device=cfg.device), progress=progress
+        ),
+    )
+    labels = _write_test_labels(data, work / "test_labels.csv")
+    metrics = _stage(
+        "evaluate",
+        timings,
+        lambda: evaluate(EvaluateConfig(pred=out / "submission.csv", labels=labels, out=out / "evaluation")),
+    )
+    first_test = sorted(p for p in (data / "test_images").iterdir() if p.is_dir())[0]
+    result = _stage(
+        "predict",
+        timings,
+        lambda: predict_study(PredictConfig(study=first_test, model=bundle, out=out / "predict", device=cfg.device)),
+    )
+    timings["total"] = time.perf_counter() - t0
+    summary = {
+        "out": str(out),
+        "model": str(bundle),
+        "submission": sub["submission"],
+        "evaluation": str(out / "evaluation" / "report.md"),
+        "predict": str(out / "predict"),
+        "test_studies": sub["studies"],
+        "test_competition_loss": metrics["competition_loss"],
+        "test_prevalence_baseline_loss": metrics["baselines"]["rsna_prevalence"],
+        "test_mean_vertebra_auc": metrics.get("mean_vertebra_auc"),
+        "test_patient_auc": metrics.get("patient_auc"),
+        "cv_competition_loss": cls_summary.get("competition_loss"),
+        "seg_best_dice": seg_summary.get("best_dice"),
+        "predicted_study": result["StudyInstanceUID"],
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+    }
+    write_json(out / "demo.json", run_record(None, asdict(cfg), timings, summary=summary))
+    return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """What the demo prints at the end: where everything is and the metric table."""
+    auc = s.get("test_mean_vertebra_auc")
+    pauc = s.get("test_patient_auc")
+    lines = [
+        "",
+        f"cspine demo finished in {s['timings_s']['total']:.0f} s",
+        "",
+        f"  model bundle   {s['model']}   (cspine predict STUDY --model {s['model']} --out DIR)",
+        f"  submission     {s['submission']}",
+        f"  evaluation     {s['evaluation']}",
+        f"  one study      {s['predict']}/report.html",
+        "",
+        f"  held-out generated test studies: {s['test_studies']}",
+        f"  {'metric':<40}{'value':>10}",
+        f"  {'competition log loss (cspine)':<40}{s['test_competition_loss']:>10.4f}",
+        f"  {'competition log loss (prevalence)':<40}{s['test_prevalence_baseline_loss']:>10.4f}",
+        f"  {'mean vertebra AUC':<40}{'n/a' if auc is None else f'{auc:.3f}':>10}",
+        f"  {'patient_overall AUC':<40}{'n/a' if pauc is None else f'{pauc:.3f}':>10}",
+        f"  {'classifier CV log loss (train studies)':<40}{s['cv_competition_loss'] or float('nan'):>10.4f}",
+        "",
+        "  stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in s["timings_s"].items() if k != "total"),
+    ]
+    return "\n".join(lines)

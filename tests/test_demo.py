@@ -1,0 +1,111 @@
+"""End to end: the demo pipeline with real (tiny) trained models; predict, submit, bundle checks, CLI errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from cspine.labels import PREDICTION_TYPES
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> dict:
+    """A demo run small enough for CI (the real demo trains longer; see test_demo_beats_prevalence)."""
+    from cspine.demo import DemoConfig, run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    cfg = DemoConfig(
+        out=out,
+        train_studies=8,
+        test_studies=3,
+        segmented=1.0,
+        seg_epochs=1,
+        seg_iters=3,
+        cls_epochs=1,
+        cls_folds=2,
+        device="cpu",
+    )
+    return run_demo(cfg, progress=False)
+
+
+def test_demo_outputs(demo: dict) -> None:
+    out = Path(demo["out"])
+    with open(out / "data" / "test.csv", newline="") as f:
+        expected = [r["row_id"] for r in csv.DictReader(f)]
+    with open(demo["submission"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["row_id"] for r in rows] == expected
+    assert all(0.0 <= float(r["fractured"]) <= 1.0 for r in rows)
+    metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
+    assert metrics["n_studies"] == 3 and np.isfinite(metrics["competition_loss"])
+    record = json.loads((out / "demo.json").read_text())
+    assert record["summary"]["test_competition_loss"] == pytest.approx(metrics["competition_loss"])
+
+
+def test_predict_outputs_aligned_mask(demo: dict) -> None:
+    from cspine.io import load_series
+    from cspine.io.nifti import nifti_affine
+
+    out = Path(demo["predict"])
+    result = json.loads((out / "result.json").read_text())
+    study = next(
+        p for p in (Path(demo["out"]) / "data" / "test_images").iterdir() if p.name == result["StudyInstanceUID"]
+    )
+    vol = load_series(study)
+    img = nib.load(out / "mask.nii.gz")
+    assert img.shape == vol.shape[::-1]
+    np.testing.assert_allclose(img.affine, nifti_affine(vol.affine), atol=1e-4)
+    mask = np.asarray(img.dataobj)
+    assert mask.max() <= 7
+    for k in PREDICTION_TYPES:
+        assert 0.0 <= result[k] <= 1.0
+    assert set(result["vertebrae"]) == {f"C{i}" for i in range(1, 8)}
+    assert {"decode", "segment", "classify"} <= set(result["timings_s"])
+    assert 'data-images="ok:' not in (out / "report.html").read_text()  # set by the browser, not written
+    assert (out / "report.png").stat().st_size > 10_000
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cspine.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_predict_and_bad_model_dirs(demo: dict, tmp_path: Path) -> None:
+    study = next((Path(demo["out"]) / "data" / "test_images").iterdir())
+    ok = _cli("predict", str(study), "--model", demo["model"], "--out", str(tmp_path / "p"), "--no-report")
+    assert ok.returncode == 0, ok.stderr
+    assert "patient_overall" in ok.stdout and (tmp_path / "p" / "result.json").exists()
+    # A single-stage directory, a partial copy and a future format: exit 2, one line, no traceback.
+    seg_only = Path(demo["model"]) / "seg"
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "bundle.json").write_text((Path(demo["model"]) / "bundle.json").read_text())
+    future = tmp_path / "future"
+    future.mkdir()
+    (future / "bundle.json").write_text(json.dumps({"format": 99, "cspine": "9.0.0"}))
+    for model, message in (
+        (seg_only, "not a cspine model bundle"),
+        (partial, "incomplete bundle, missing seg/"),
+        (future, "bundle format 99"),
+    ):
+        bad = _cli("predict", str(study), "--model", str(model), "--out", str(tmp_path / "x"))
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr
+        lines = [line for line in bad.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and message in lines[0], bad.stderr
+    nodicom = _cli("predict", str(tmp_path), "--model", demo["model"], "--out", str(tmp_path / "y"))
+    assert nodicom.returncode == 2 and "no DICOM image found" in nodicom.stderr
+
+
+@pytest.mark.slow
+def test_demo_beats_prevalence(tmp_path: Path) -> None:
+    """The real demo (default sizes): held-out competition loss below the per-column prevalence baseline."""
+    from cspine.demo import DemoConfig, run_demo
+
+    s = run_demo(DemoConfig(out=tmp_path / "demo", device="cpu"), progress=False)
+    assert s["test_competition_loss"] < s["test_prevalence_baseline_loss"]
