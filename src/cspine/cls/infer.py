@@ -1,0 +1,191 @@
+"""Inference: a Volume and its vertebra mask (+ a model directory) -> calibrated fracture probabilities.
+
+The model directory alone is enough: ``config.json`` rebuilds the crops and the networks, ``fold*.pt`` are the fold
+ensemble (logits averaged), ``calibration.json`` the temperatures. The mask may be ground truth or predicted by the
+segmentation stage; a vertebra the mask lacks gets the RSNA prevalence as its probability and no slice scores.
+A later model bundle keeps this directory as its ``cls/`` sub-folder and passes that path here.
+
+Example::
+
+    from cspine.cls.infer import load_classifier
+    clf = load_classifier("model_dir")                  # load once
+    pred = clf.predict(volume, mask)                    # per study
+    pred.probabilities["C2"], pred.probabilities["patient_overall"]
+    pred.slice_scores["C2"]                             # [{"z", "instance", "score"}, ...] for the report
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cspine.cls.calibrate import Calibration
+from cspine.cls.config import TrainConfig
+from cspine.cls.crops import vertebra_crops
+from cspine.cls.dataset import StudyArrays, stack_study
+from cspine.cls.models import create_model
+from cspine.cls.train import fold_checkpoints, load_config, noisy_or, sequence_probs
+from cspine.io.volume import Volume
+from cspine.labels import CERVICAL, PREDICTION_TYPES, PREVALENCE
+from cspine.runtime import load_checkpoint, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StudyPrediction:
+    """The classifier's answer for one study.
+
+    Attributes:
+        probabilities: calibrated P(fractured) for patient_overall and C1..C7 (what a submission uses).
+        uncalibrated: the same before temperature scaling.
+        present: whether the mask contained each vertebra (absent ones fall back to the prevalence).
+        slice_scores: per vertebra, per sampled slice: z index, InstanceNumber and the slice score in [0, 1]
+            (the sequence model's box head, the seed baseline's per-image probability).
+    """
+
+    probabilities: dict[str, float]
+    uncalibrated: dict[str, float]
+    present: dict[str, bool]
+    slice_scores: dict[str, list[dict[str, Any]]]
+
+
+class Classifier:
+    """A loaded model directory (all folds), ready to predict many studies."""
+
+    def __init__(self, model_dir: str | Path, device: str = "auto") -> None:
+        self.model_dir = Path(model_dir)
+        self.config: TrainConfig = load_config(self.model_dir)
+        self.device = resolve_device(device)
+        paths = fold_checkpoints(self.model_dir)
+        if not paths:
+            raise FileNotFoundError(f"{self.model_dir}: no fold*.pt weights (training not finished?)")
+        # weights come from the checkpoints: never ask for the pretrained file again
+        model_cfg = replace(self.config.model, pretrained=None)
+        self.models = []
+        for p in paths:
+            m = create_model(self.config.recipe, model_cfg, self.config.crop)
+            state = load_checkpoint(p, map_location="cpu")
+            try:
+                m.load_state_dict(state["state_dict"])
+            except (KeyError, RuntimeError) as exc:
+                cfg_path = self.model_dir / "config.json"
+                raise ValueError(f"{p}: weights do not fit the model of {cfg_path}: {exc}") from exc
+            self.models.append(m.to(self.device).eval())
+        self.calibration = Calibration.load(self.model_dir)
+
+    @property
+    def recipe(self) -> str:
+        return self.config.recipe
+
+    @torch.no_grad()
+    def predict_arrays(self, st: StudyArrays) -> tuple[np.ndarray, np.ndarray]:
+        """Uncalibrated (8,) probabilities (PREDICTION_TYPES order) and (7, K) slice scores of one study's crops."""
+        amp = self.device.type == "cuda"
+        images = torch.from_numpy(st.images).to(self.device)
+        if self.recipe == "seed-baseline":
+            pv = np.array([PREVALENCE[v] for v in CERVICAL], dtype=np.float64)
+            slices = np.zeros(st.slice_labels.shape, np.float64)
+            for i, v in enumerate(CERVICAL):
+                if not st.present[i]:
+                    continue
+                runs = []
+                for m in self.models:
+                    with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=amp):
+                        runs.append(torch.sigmoid(m.nets[v](images[i]).float()).cpu().numpy())
+                slices[i] = np.mean(runs, axis=0)
+                pv[i] = slices[i].mean()
+            return np.concatenate([noisy_or(pv[None])[0:1], pv]), slices
+        present = torch.from_numpy(st.present)[None].to(self.device)
+        outs = []
+        for m in self.models:
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=amp):
+                outs.append({k: v.float().cpu().numpy() for k, v in m(images[None], present).items()})
+        mean = {k: np.mean([o[k] for o in outs], axis=0) for k in outs[0]}
+        probs = sequence_probs(mean["patient"], mean["vertebra"], st.present[None], self.config.model.patient_from)
+        return probs[0], 1.0 / (1.0 + np.exp(-mean["slices"][0]))
+
+    def predict(self, volume: Volume, mask: np.ndarray) -> StudyPrediction:
+        """Crop the vertebrae of ``mask`` from ``volume`` and predict (calibrated)."""
+        crops = vertebra_crops(volume, mask, self.config.crop)
+        arrays = {
+            v: {"images": c.images, "slice_labels": c.slice_labels, "z": c.z, "instance": c.instance}
+            for v, c in crops.items()
+        }
+        st = stack_study(str(volume.meta.get("StudyInstanceUID", "study")), arrays, self.config.crop, None, False)
+        raw, slices = self.predict_arrays(st)
+        cal = self.calibration.apply(raw[None])[0]
+        return StudyPrediction(
+            probabilities={t: float(cal[j]) for j, t in enumerate(PREDICTION_TYPES)},
+            uncalibrated={t: float(raw[j]) for j, t in enumerate(PREDICTION_TYPES)},
+            present={v: bool(st.present[i]) for i, v in enumerate(CERVICAL)},
+            slice_scores={
+                v: [
+                    {"z": int(st.z[i, k]), "instance": int(st.instance[i, k]), "score": float(slices[i, k])}
+                    for k in range(st.z.shape[1])
+                ]
+                for i, v in enumerate(CERVICAL)
+                if st.present[i]
+            },
+        )
+
+
+def load_classifier(model_dir: str | Path, device: str = "auto") -> Classifier:
+    """Load a model directory (from ``cspine train-cls``, or a bundle's ``cls/`` folder) once for many studies."""
+    return Classifier(model_dir, device)
+
+
+def predict_study(
+    volume: Volume, mask: np.ndarray, model: str | Path | Classifier, device: str = "auto"
+) -> StudyPrediction:
+    """One study: ``model`` is a model directory or an already loaded :class:`Classifier`."""
+    clf = model if isinstance(model, Classifier) else load_classifier(model, device)
+    return clf.predict(volume, mask)
+
+
+def predict_prepared(
+    model_dir: str | Path,
+    cache: Path,
+    split: str = "test",
+    masks: Path | None = None,
+    out_csv: Path | None = None,
+    device: str = "auto",
+    progress: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Predict every prepared study of a cache split (GT masks from the cache, or ``masks/<uid>.nii[.gz]``).
+
+    Studies without a mask get the RSNA prevalence for every target (and a warning). Optionally writes a wide CSV.
+    """
+    from tqdm import tqdm
+
+    from cspine.data.cache import load_prepared, prepared_studies
+    from cspine.io import load_segmentation
+
+    clf = load_classifier(model_dir, device)
+    out: dict[str, dict[str, float]] = {}
+    for d in tqdm(prepared_studies(Path(cache), split), desc="classify", unit="study", disable=not progress):
+        st = load_prepared(d)
+        mask = st.mask
+        if masks is not None:
+            cand = [Path(masks) / f"{st.uid}{s}" for s in (".nii.gz", ".nii")]
+            path = next((p for p in cand if p.exists()), None)
+            mask = load_segmentation(path, st.volume) if path else None
+        if mask is None:
+            log.warning("%s: no vertebra mask; predicting the prevalence", st.uid)
+            out[st.uid] = dict(PREVALENCE)
+            continue
+        out[st.uid] = clf.predict(st.volume, mask).probabilities
+    if out_csv is not None:
+        from cspine.cls.evaluate import write_wide
+
+        uids = sorted(out)
+        write_wide(out_csv, uids, np.array([[out[u][t] for t in PREDICTION_TYPES] for u in uids]))
+    return out
+
+
+__all__ = ["Classifier", "StudyPrediction", "load_classifier", "predict_prepared", "predict_study"]

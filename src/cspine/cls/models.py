@@ -1,0 +1,263 @@
+"""Fracture classifiers, built only through :func:`create_model` (one registry, names from cspine.cls.config.RECIPES).
+
+- ``seed-baseline``: the seed's recipe kept reproducible: per vertebra a separate ResNet50 -> Flatten -> Dense 256
+  ReLU -> Dense 1 on single crop images. Keras' ``Flatten`` after ``ResNet50(include_top=False)`` flattens the
+  spatial feature map (no global pooling), so the MONAI ResNet's average pool is removed here to match.
+  The sigmoid lives in the loss (``BCEWithLogitsLoss``), which is the same function, computed stably.
+- ``sequence``: what the RSNA 2022 winners converged on: one 2D CNN shared by all slices and vertebrae, a
+  bidirectional GRU across the K slices, an attention + max pool to a vertebra feature and logit, a per-slice head
+  (trained from bounding boxes), a vertebra identity embedding, and a patient head over the seven vertebra features.
+
+Images enter as uint8 (what the crop cache stores) and are scaled inside ``forward``, so data loading moves a
+quarter of the bytes. Pretrained encoder weights load only from a local file (:func:`load_pretrained`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cspine.cls.config import RECIPES, CropConfig, ModelConfig
+from cspine.labels import CERVICAL
+
+log = logging.getLogger(__name__)
+
+NV = len(CERVICAL)
+
+
+def _scale(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float in about [-2, 2] (fixed, so crops need no per-dataset statistics)."""
+    return (x.float() / 255.0 - 0.5) / 0.25
+
+
+def build_encoder(cfg: ModelConfig, in_channels: int, pool: str | None = "avg") -> nn.Module:
+    """A MONAI 2D CNN that maps (N, C, S, S) to a flat feature vector (N, D).
+
+    ``pool``: global "avg", "max" or "avgmax" pooling of the last feature map; None keeps the map (flattened, as
+    Keras' Flatten does for the seed baseline).
+
+    ResNets use MONAI's ``widen_factor`` (``cfg.width``) and an ImageNet-style stride-2 stem by default
+    (``cfg.stem_stride``); MONAI's default stride-1 stem is meant for 3D volumes and costs 4x on 2D crops.
+    """
+    from monai.networks import nets
+
+    name = cfg.encoder
+    if name.startswith("resnet"):
+        factory: Callable[..., nn.Module] = getattr(nets, name)
+        net = factory(
+            spatial_dims=2,
+            n_input_channels=in_channels,
+            conv1_t_stride=cfg.stem_stride,
+            widen_factor=cfg.width,
+            feed_forward=False,
+            num_classes=1,
+        )
+        net.avgpool = _pooling(pool)  # type: ignore[assignment]
+    elif name.startswith("efficientnet"):
+        if pool is None:
+            raise ValueError(f"encoder {name}: the spatial (unpooled) variant exists only for ResNets")
+        net = nets.EfficientNetBN(name, pretrained=False, spatial_dims=2, in_channels=in_channels, num_classes=1)
+        net._avg_pooling = _pooling(pool)  # type: ignore[assignment]
+        net._fc = nn.Identity()  # type: ignore[assignment]
+    else:  # config validation makes this unreachable; kept for a clear message
+        raise ValueError(f"unknown encoder {name!r}")
+    if cfg.pretrained:
+        load_pretrained(net, Path(cfg.pretrained))
+    return net
+
+
+class _AvgMaxPool(nn.Module):
+    """Global average and max pooling, concatenated along channels (N, 2C, 1, 1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.mean(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)], dim=1)
+
+
+def _pooling(pool: str | None) -> nn.Module:
+    if pool is None:
+        return nn.Identity()
+    if pool == "avg":
+        return nn.AdaptiveAvgPool2d(1)
+    if pool == "max":
+        return nn.AdaptiveMaxPool2d(1)
+    if pool == "avgmax":
+        return _AvgMaxPool()
+    raise ValueError(f"unknown pool {pool!r}")
+
+
+def feature_dim(net: nn.Module, in_channels: int, size: int) -> int:
+    """Length of the encoder's output vector for an S x S input (one dummy forward in eval mode)."""
+    was = net.training
+    net.eval()
+    with torch.no_grad():
+        d = int(net(torch.zeros(1, in_channels, size, size)).shape[1])
+    net.train(was)
+    return d
+
+
+def load_pretrained(net: nn.Module, path: Path) -> dict[str, int]:
+    """Load encoder weights from a local file (torchvision/timm/MONAI state dicts), adapting the first conv.
+
+    Names are matched after stripping common prefixes (``module.``, ``encoder.``, ``backbone.``, ``model.``); when
+    fewer than half of the tensors match by name (another library's naming, e.g. an EfficientNet-lite0 package),
+    tensors are matched in order by shape. A 3-channel first convolution is spread over the image channels
+    (mean of RGB), the mask channel starts at zero. Returns counts; raises when nothing matched.
+    """
+    from cspine.runtime import load_checkpoint
+
+    raw = load_checkpoint(path)
+    state = raw.get("state_dict", raw.get("model", raw)) if isinstance(raw, dict) else raw
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict of tensors")
+    prefixes = ("module.", "encoder.", "backbone.", "model.")
+    clean = {}
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        for p in prefixes:
+            if k.startswith(p):
+                k = k[len(p) :]
+        clean[k] = v
+    own = net.state_dict()
+    first_conv = next((k for k, v in own.items() if v.ndim == 4), None)
+    loaded: dict[str, torch.Tensor] = {}
+    for k, v in clean.items():
+        if k in own:
+            fitted = _fit(k, v, own[k], k == first_conv)
+            if fitted is not None:
+                loaded[k] = fitted
+    if len(loaded) < len(own) / 2:
+        own_items = [(k, v) for k, v in own.items() if not _is_counter(v)]
+        src_items = [v for v in clean.values() if not _is_counter(v)]
+        by_order: dict[str, torch.Tensor] = {}
+        for (k, v), s in zip(own_items, src_items, strict=False):
+            fitted = _fit(k, s, v, k == first_conv)
+            if fitted is None:
+                break
+            by_order[k] = fitted
+        if len(by_order) > len(loaded):
+            loaded = by_order
+    if not loaded:
+        raise ValueError(
+            f"{path}: no tensor matches the {type(net).__name__} encoder by name or shape; "
+            "give a state dict of the same architecture (e.g. torchvision resnet50 for --encoder resnet50)"
+        )
+    net.load_state_dict(loaded, strict=False)
+    total = sum(not _is_counter(v) for v in own.values())
+    loaded_n = sum(not _is_counter(v) for v in loaded.values())
+    log.info("pretrained %s: %d of %d encoder tensors loaded", path, loaded_n, total)
+    return {"loaded": loaded_n, "total": total}
+
+
+def _is_counter(t: torch.Tensor) -> bool:
+    """BatchNorm's num_batches_tracked (a 0-d integer), which other libraries may not store at all."""
+    return t.ndim == 0 and not t.is_floating_point()
+
+
+def _fit(name: str, src: torch.Tensor, dst: torch.Tensor, first_conv: bool) -> torch.Tensor | None:
+    if src.shape == dst.shape:
+        return src.to(dst.dtype)
+    if first_conv and src.ndim == 4 and src.shape[0] == dst.shape[0] and src.shape[2:] == dst.shape[2:]:
+        out = torch.zeros_like(dst)
+        n_img = dst.shape[1] - 1 if dst.shape[1] > 1 else 1
+        out[:, :n_img] = src.mean(dim=1, keepdim=True).to(dst.dtype) * (src.shape[1] / n_img)
+        return out
+    return None
+
+
+class SeedNet(nn.Module):
+    """The seed's per-vertebra classifier: ResNet50 (no top) -> Flatten -> Dense(256) ReLU -> Dense(1)."""
+
+    def __init__(self, cfg: ModelConfig, crop: CropConfig) -> None:
+        super().__init__()
+        self.backbone = build_encoder(cfg, crop.channels, pool=None if cfg.encoder.startswith("resnet") else "avg")
+        d = feature_dim(self.backbone, crop.channels, crop.size)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(d, cfg.dense), nn.ReLU(inplace=True), nn.Linear(cfg.dense, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, S, S) uint8 -> (N,) logits."""
+        return self.head(self.backbone(_scale(x))).squeeze(-1)
+
+
+class SeedBaseline(nn.Module):
+    """Seven independent SeedNets, one per vertebra (trained separately, stored in one checkpoint)."""
+
+    def __init__(self, cfg: ModelConfig, crop: CropConfig) -> None:
+        super().__init__()
+        self.nets = nn.ModuleDict({v: SeedNet(cfg, crop) for v in CERVICAL})
+
+    def forward(self, x: torch.Tensor, vertebra: torch.Tensor) -> torch.Tensor:
+        """Images (N, C, S, S) and their vertebra index (N,) 0..6 -> (N,) logits, each from its vertebra's net."""
+        out = torch.zeros(x.shape[0], device=x.device)
+        for i, v in enumerate(CERVICAL):
+            sel = vertebra == i
+            if sel.any():
+                out[sel] = self.nets[v](x[sel]).float()
+        return out
+
+
+class SequenceNet(nn.Module):
+    """Shared slice encoder -> BiGRU over K slices -> vertebra, slice and patient logits.
+
+    Input: images (B, 7, K, C, S, S) uint8 and present (B, 7) bool (vertebrae the mask lacks are skipped by the
+    encoder and masked out of the pools). Output dict: ``vertebra`` (B, 7), ``slices`` (B, 7, K), ``patient`` (B,).
+    """
+
+    def __init__(self, cfg: ModelConfig, crop: CropConfig) -> None:
+        super().__init__()
+        self.encoder = build_encoder(cfg, crop.channels, pool=cfg.pool)
+        d = feature_dim(self.encoder, crop.channels, crop.size)
+        h = cfg.hidden
+        self.embed = nn.Embedding(NV, cfg.embed)
+        self.proj = nn.Sequential(nn.Linear(d + cfg.embed, h), nn.ReLU(inplace=True), nn.Dropout(cfg.dropout))
+        self.gru = nn.GRU(h, h, batch_first=True, bidirectional=True)
+        self.slice_head = nn.Linear(2 * h, 1)
+        self.attn = nn.Linear(2 * h, 1)
+        self.vert_head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(4 * h, 1))
+        self.patient_head = nn.Sequential(
+            nn.Linear(8 * h + 1, h), nn.ReLU(inplace=True), nn.Dropout(cfg.dropout), nn.Linear(h, 1)
+        )
+        self.feat_dim = d
+
+    def forward(self, images: torch.Tensor, present: torch.Tensor) -> dict[str, torch.Tensor]:
+        b, nv, k, c, s, _ = images.shape
+        pres = present.reshape(b * nv).bool()
+        flat = images.reshape(b * nv, k, c, s, s)
+        sel = flat[pres]
+        enc = self.encoder(_scale(sel.reshape(-1, c, s, s))).float().reshape(-1, k, self.feat_dim)
+        feats = enc.new_zeros(b * nv, k, self.feat_dim)
+        feats[pres] = enc
+        ids = torch.arange(nv, device=images.device).repeat(b)
+        emb = self.embed(ids)[:, None, :].expand(-1, k, -1)
+        with torch.autocast(device_type=images.device.type, enabled=False):  # the GRU and heads stay in float32
+            seq, _ = self.gru(self.proj(torch.cat([feats, emb], dim=-1).float()))
+        slice_logits = self.slice_head(seq).squeeze(-1).reshape(b, nv, k)
+        weights = torch.softmax(self.attn(seq), dim=1)
+        pooled = torch.cat([(weights * seq).sum(dim=1), seq.amax(dim=1)], dim=-1)
+        vert_logits = self.vert_head(pooled).squeeze(-1).reshape(b, nv)
+        g = pooled.reshape(b, nv, -1)
+        m = present.reshape(b, nv, 1).float()
+        gmax = g.masked_fill(m == 0, -1e4).amax(dim=1)
+        gmean = (g * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+        vmax = vert_logits.masked_fill(present.reshape(b, nv) == 0, -1e4).amax(dim=1, keepdim=True)
+        patient = self.patient_head(torch.cat([gmax, gmean, vmax], dim=-1)).squeeze(-1)
+        return {"vertebra": vert_logits, "slices": slice_logits, "patient": patient}
+
+
+#: The model registry: recipe name -> builder(ModelConfig, CropConfig).
+MODELS: dict[str, Callable[[ModelConfig, CropConfig], nn.Module]] = {
+    "sequence": SequenceNet,
+    "seed-baseline": SeedBaseline,
+}
+assert set(MODELS) == set(RECIPES), "every recipe needs a model and every model a recipe"
+
+
+def create_model(recipe: str, model: ModelConfig, crop: CropConfig) -> nn.Module:
+    """The only way to build a classifier; an unknown name lists the valid ones."""
+    if recipe not in MODELS:
+        raise ValueError(f"unknown model {recipe!r}; expected one of {', '.join(MODELS)}")
+    return MODELS[recipe](model, crop)

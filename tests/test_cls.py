@@ -1,0 +1,431 @@
+"""Fracture classification stage: crops, folds, models, calibration, evaluation, training with resume, inference.
+
+Everything is tiny (K=4 slices, 32 px crops, quarter-width ResNet10) so the whole file runs in well under two
+minutes on two busy cores; the 60-study benchmark lives in benchmarks/bench_cls.py and the README.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cspine.cls.config import CropConfig, ModelConfig, resolve_train_config
+from cspine.cls.crops import assign_boxes, vertebra_crops
+from cspine.cls.folds import holdout_split, leaky_image_split, make_folds
+from cspine.io.volume import Volume, affine_from_dicom, window
+from cspine.labels import CERVICAL, LABEL_VALUES, PREDICTION_TYPES
+
+TINY_CROP = {"slices": 4, "size": 32}
+TINY_MODEL = {"encoder": "resnet10", "width": 0.25, "hidden": 16, "embed": 4, "dense": 16, "stem_stride": 2}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Crops
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _staircase() -> tuple[Volume, np.ndarray]:
+    """A volume whose every slice has one constant HU (-1000 + 50 z), and a mask of C3 (z 10..19) and C4 (z 20..27)."""
+    nz, ny, nx = 32, 40, 48
+    hu = (-1000 + 50 * np.arange(nz))[:, None, None] * np.ones((nz, ny, nx))
+    affine = affine_from_dicom(
+        np.zeros(3), np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.array([0, 0, 2.0]), (1.0, 1.0)
+    )
+    vol = Volume(hu.astype(np.int16), (2.0, 1.0, 1.0), affine, np.arange(nz, 0, -1))  # top-first numbering
+    mask = np.zeros((nz, ny, nx), np.uint8)
+    mask[10:20, 12:28, 14:34] = LABEL_VALUES["C3"]
+    mask[20:28, 10:30, 12:36] = LABEL_VALUES["C4"]
+    return vol, mask
+
+
+def test_crops_have_the_right_shape_and_come_from_the_vertebra_slices() -> None:
+    vol, mask = _staircase()
+    cfg = CropConfig(slices=4, size=32, context=1)
+    crops = vertebra_crops(vol, mask, cfg)
+    assert set(crops) == {"C3", "C4"}
+    c3 = crops["C3"]
+    assert c3.images.shape == (4, cfg.channels, 32, 32) == (4, 4, 32, 32) and c3.images.dtype == np.uint8
+    assert list(c3.z) == [10, 13, 16, 19]  # evenly over C3's z-extent, ends included
+    assert list(c3.instance) == [32 - z for z in c3.z]
+    for k, z in enumerate(c3.z):
+        for c, dz in enumerate((-1, 0, 1)):  # channels = slices z-1, z, z+1 in the bone window
+            expected = round(float(window(np.array(-1000 + 50 * (z + dz)), "bone")) * 255)
+            assert abs(int(np.median(c3.images[k, c])) - expected) <= 1
+        assert (c3.images[k, -1] == 255).mean() > 0.3  # the mask channel shows C3 itself
+        assert (mask[z] == LABEL_VALUES["C3"]).any()
+    assert list(crops["C4"].z) == [20, 22, 25, 27]
+
+
+def test_boxes_become_slice_labels_of_the_vertebra_they_cover() -> None:
+    vol, mask = _staircase()
+    box = {"x": 20.0, "y": 15.0, "width": 6.0, "height": 5.0, "slice_number": 32 - 16}  # on C3 at z = 16
+    labels = {"patient_overall": 1, **{v: int(v == "C3") for v in CERVICAL}}
+    assigned = assign_boxes(vol, mask, [box], labels)
+    assert [z for z, _ in assigned["C3"]] == [16] and not assigned["C4"]
+    crops = vertebra_crops(vol, mask, CropConfig(slices=4, size=32), [box], labels)
+    assert list(crops["C3"].slice_labels) == [0.0, 0.0, 1.0, 0.0]
+    assert crops["C4"].slice_labels.sum() == 0
+    k, y0, x0, y1, x1 = crops["C3"].box_rects[0]
+    assert k == 2 and 0 <= x0 < x1 <= 32 and 0 <= y0 < y1 <= 32
+
+
+def test_crops_refuse_a_mask_on_another_grid() -> None:
+    vol, mask = _staircase()
+    with pytest.raises(ValueError, match="grid"):
+        vertebra_crops(vol, mask[:-1], CropConfig())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Splits
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _labels(n: int = 60, seed: int = 0) -> np.ndarray:
+    from cspine.data.synth import sample_labels
+
+    return np.array([[sample_labels(seed, i)[t] for t in PREDICTION_TYPES] for i in range(n)], np.float32)
+
+
+def test_folds_partition_studies_and_are_label_stratified() -> None:
+    y = _labels(60)
+    folds = make_folds(y, 5, seed=0)
+    assert folds.shape == (60,) and set(folds.tolist()) == set(range(5))  # one fold per study: never shared
+    assert np.array_equal(folds, make_folds(y, 5, seed=0))
+    sizes = np.bincount(folds)
+    assert sizes.max() - sizes.min() <= 1
+    per_fold = np.stack([y[folds == k].sum(axis=0) for k in range(5)])
+    expected = y.sum(axis=0) / 5
+    assert (np.abs(per_fold - expected) <= np.maximum(1.5, 0.5 * expected)).all(), per_fold
+    assert (per_fold[:, 0] >= 4).all()  # every fold has fractured patients
+    test = holdout_split(y, 0.33, seed=0)
+    assert abs(test.mean() - 0.33) < 0.05
+    assert (np.abs(y[test].sum(axis=0) - 0.33 * y.sum(axis=0)) <= 1.5).all()
+
+
+def test_seed_splits_by_study_do_not_leak_but_image_split_does(tiny_store) -> None:
+    from cspine.cls.dataset import image_index
+    from cspine.cls.train import seed_split
+
+    index = image_index(tiny_store)
+    for split, leaks in (("study", False), ("image", True)):
+        cfg = resolve_train_config("seed-baseline", Path("."), Path("."), {"split": split, "holdout": 0.33})
+        part = seed_split(cfg, tiny_store, index)
+        train_st, test_st = set(index.study[part == 0]), set(index.study[part == 2])
+        assert (len(train_st & test_st) > 0) == leaks
+        assert abs((part == 2).mean() - 0.33) < 0.2
+    assert leaky_image_split(100, 0.33).sum() == 33
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recipe", ["sequence", "seed-baseline"])
+def test_every_registered_model_trains_one_step(recipe: str) -> None:
+    import torch
+
+    from cspine.cls.models import MODELS, create_model
+    from cspine.cls.train import sequence_loss
+
+    assert recipe in MODELS
+    torch.manual_seed(0)
+    crop = CropConfig(**TINY_CROP)
+    model = create_model(recipe, ModelConfig(**TINY_MODEL), crop)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    if recipe == "sequence":
+        images = torch.randint(0, 255, (2, 7, 4, crop.channels, 32, 32), dtype=torch.uint8)
+        present = torch.ones(2, 7, dtype=torch.bool)
+        present[1, 6] = False  # a vertebra the mask lacks
+        out = model(images, present)
+        assert out["vertebra"].shape == (2, 7) and out["slices"].shape == (2, 7, 4) and out["patient"].shape == (2,)
+        batch = {
+            "labels": torch.tensor([[1, 0, 1, 0, 0, 0, 0, 0], [0] * 8], dtype=torch.float32),
+            "present": present,
+            "slice_labels": torch.zeros(2, 7, 4),
+            "slice_valid": torch.ones(2, 7, 4, dtype=torch.bool),
+        }
+        loss = sequence_loss(out, batch, aux_weight=0.3)
+    else:
+        images = torch.randint(0, 255, (6, crop.channels, 32, 32), dtype=torch.uint8)
+        logits = model(images, torch.tensor([0, 0, 3, 3, 6, 6]))  # BatchNorm needs two images per vertebra net
+        assert logits.shape == (6,)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor([1.0, 0, 0, 1, 0, 0]))
+    assert torch.isfinite(loss)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_unknown_model_lists_the_valid_ones() -> None:
+    from cspine.cls.models import create_model
+
+    with pytest.raises(ValueError, match="sequence, seed-baseline"):
+        create_model("resnet-magic", ModelConfig(), CropConfig())
+    with pytest.raises(ValueError, match="unknown recipe"):
+        resolve_train_config("nope", Path("."), Path("."))
+    with pytest.raises(ValueError, match="unknown TrainConfig setting"):
+        resolve_train_config("sequence", Path("."), Path("."), {"epoch": 3})
+
+
+def test_sequence_loss_is_the_competition_metric() -> None:
+    import torch
+
+    from cspine.cls.train import sequence_loss
+    from cspine.metrics import competition_loss
+
+    rng = np.random.default_rng(0)
+    y = (rng.random((5, 8)) < 0.3).astype(np.float32)
+    logits = rng.normal(size=(5, 8)).astype(np.float32)
+    out = {
+        "patient": torch.tensor(logits[:, 0]),
+        "vertebra": torch.tensor(logits[:, 1:]),
+        "slices": torch.zeros(5, 7, 4),
+    }
+    batch = {
+        "labels": torch.tensor(y),
+        "present": torch.ones(5, 7, dtype=torch.bool),
+        "slice_labels": torch.zeros(5, 7, 4),
+        "slice_valid": torch.zeros(5, 7, 4, dtype=torch.bool),
+    }
+    ours = float(sequence_loss(out, batch, aux_weight=0.3))
+    assert ours == pytest.approx(competition_loss(y, 1 / (1 + np.exp(-logits))), rel=1e-5)
+
+
+def test_pretrained_weights_load_from_a_file_with_another_naming(tmp_path: Path) -> None:
+    import torch
+
+    from cspine.cls.models import build_encoder, load_pretrained
+
+    cfg = ModelConfig(**TINY_MODEL)
+    src = build_encoder(cfg, 3)  # an "ImageNet" RGB encoder
+    renamed = {f"backbone.blk{i}": v for i, v in enumerate(src.state_dict().values())}
+    torch.save({"state_dict": renamed}, tmp_path / "w.pt")
+    dst = build_encoder(cfg, 4)  # 3 image channels + mask
+    counts = load_pretrained(dst, tmp_path / "w.pt")
+    assert counts["loaded"] > counts["total"] * 0.9
+    w = dst.state_dict()["conv1.weight"]
+    assert torch.allclose(w[:, 0], w[:, 1]) and float(w[:, 3].abs().sum()) == 0.0
+    torch.save({"x": torch.zeros(3)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="no tensor matches"):
+        load_pretrained(dst, tmp_path / "bad.pt")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Calibration and evaluation
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_temperature_scaling_lowers_log_loss_of_overconfident_predictions() -> None:
+    from cspine.cls.calibrate import Calibration, fit_temperature, sigmoid
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 1.5, size=(400, 8)) - 0.5
+    y = (rng.random((400, 8)) < sigmoid(z)).astype(float)
+    overconfident = sigmoid(3.0 * z)
+    cal = fit_temperature(y, overconfident)
+    assert cal.after["competition_loss"] < cal.before["competition_loss"] - 0.05
+    assert cal.after["mean_log_loss"] < cal.before["mean_log_loss"] - 0.05
+    assert 2.0 < cal.temperatures["C3"] < 4.5 and 2.0 < cal.temperatures["patient_overall"] < 4.5
+    assert np.allclose(Calibration().apply(overconfident), overconfident)
+
+
+def _write(path: Path, header: list[str], rows: list[list[object]]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def test_evaluate_writes_all_files_with_sane_values(tmp_path: Path) -> None:
+    from cspine.cli import main
+    from cspine.cls.evaluate import EvaluateConfig, evaluate
+
+    y = _labels(30, seed=1)
+    rng = np.random.default_rng(0)
+    p = np.clip(0.7 * y + 0.3 * rng.random(y.shape), 0, 1)  # informative, imperfect
+    uids = [f"1.2.3.{i}" for i in range(30)]
+    labels = _write(
+        tmp_path / "train.csv",
+        ["StudyInstanceUID", *PREDICTION_TYPES],
+        [[u, *map(int, y[i])] for i, u in enumerate(uids)],
+    )
+    wide = _write(
+        tmp_path / "wide.csv", ["StudyInstanceUID", *PREDICTION_TYPES], [[u, *p[i]] for i, u in enumerate(uids)]
+    )
+    kaggle = _write(
+        tmp_path / "sub.csv",
+        ["row_id", "fractured"],
+        [[f"{u}_{t}", p[i, j]] for i, u in enumerate(uids) for j, t in enumerate(PREDICTION_TYPES)],
+    )
+    history = tmp_path / "history.json"
+    history.write_text(
+        json.dumps(
+            [
+                {
+                    "run": "fold0",
+                    "epoch": e,
+                    "train_loss": 1 / e,
+                    "val_loss": 1.2 / e,
+                    "train_acc": 0.5 + e / 10,
+                    "val_acc": 0.5 + e / 20,
+                }
+                for e in (1, 2, 3)
+            ]
+        )
+    )
+    m = evaluate(EvaluateConfig(pred=wide, labels=labels, out=tmp_path / "ev", history=history))
+    for name in ("metrics.json", "report.md", "confusion.png", "roc.png", "curves.png"):
+        assert (tmp_path / "ev" / name).stat().st_size > 100, name
+    assert 0 < m["competition_loss"] < m["baselines"]["constant_0.5"]
+    assert 0.8 < m["mean_vertebra_auc"] <= 1.0
+    for t in PREDICTION_TYPES:
+        d = m["targets"][t]
+        assert np.array(d["confusion_0.5"]).sum() == 30
+        assert d["operating_point"]["sensitivity"] is None or d["operating_point"]["sensitivity"] >= 0.9
+    assert "Competition weighted log loss" in (tmp_path / "ev" / "report.md").read_text()
+    assert main(["evaluate", "--pred", str(kaggle), "--labels", str(labels), "--out", str(tmp_path / "ev2")]) == 0
+    m2 = json.loads((tmp_path / "ev2" / "metrics.json").read_text())
+    assert m2["competition_loss"] == pytest.approx(m["competition_loss"])
+    bad = _write(tmp_path / "bad.csv", ["StudyInstanceUID", "p"], [["1.2.3.0", 0.5]])
+    assert main(["evaluate", "--pred", str(bad), "--labels", str(labels), "--out", str(tmp_path / "ev3")]) == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training end to end: crops cache, folds, resume after a kill, OOF, calibration, inference
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Eight small synthetic studies (four fractured, with boxes) prepared as `cspine prepare` would."""
+    from cspine.data.cache import save_prepared
+    from cspine.data.synth import generate_study, sample_labels
+
+    root = tmp_path_factory.mktemp("cls") / "cache"
+    pos = [i for i in range(40) if sample_labels(0, i)["patient_overall"]][:4]
+    neg = [i for i in range(40) if not sample_labels(0, i)["patient_overall"]][:4]
+    for i in pos + neg:
+        s = generate_study(0, "small", i)
+        boxes = [{k: b[k] for k in ("x", "y", "width", "height", "slice_number")} for b in s.boxes]
+        save_prepared(root / "train" / s.uid, s.volume, s.mask, {"split": "train", "labels": s.labels, "boxes": boxes})
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tiny_cache: Path):
+    from cspine.cls.crops import CropsConfig, build_crops
+    from cspine.cls.dataset import StudyStore
+
+    crop = CropConfig(**TINY_CROP)
+    return StudyStore(build_crops(CropsConfig(data=tiny_cache, crop=crop)), crop)
+
+
+def test_train_sequence_resumes_after_a_kill_and_predicts(tiny_cache: Path, tmp_path: Path, monkeypatch) -> None:
+    from cspine.cls import train
+    from cspine.cls.infer import load_classifier
+    from cspine.data.cache import load_prepared, prepared_studies
+
+    out = tmp_path / "model"
+    cfg = resolve_train_config(
+        "sequence",
+        tiny_cache,
+        out,
+        {"crop": TINY_CROP, "model": TINY_MODEL, "folds": 2, "epochs": 2, "batch_size": 2, "threads": 2},
+    )
+
+    def kill(run: str, epoch: int) -> None:
+        if run == "fold1" and epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_after_epoch", kill)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_cls(cfg)
+    assert json.loads((out / "fold0.history.json").read_text())["done"]
+    assert (out / "work" / "fold1.state.pt").exists() and not (out / "oof.csv").exists()
+    fold0_mtime = (out / "fold0.pt").stat().st_mtime_ns
+
+    seen: list[tuple[str, int]] = []
+    monkeypatch.setattr(train, "_after_epoch", lambda run, epoch: seen.append((run, epoch)))
+    summary = train.train_cls(cfg)
+    assert seen == [("fold1", 2)]  # fold 0 not redone, fold 1 continued after its first epoch
+    assert (out / "fold0.pt").stat().st_mtime_ns == fold0_mtime
+    assert [r["epoch"] for r in json.loads((out / "fold1.history.json").read_text())["epochs"]] == [1, 2]
+    for name in (
+        "config.json",
+        "fold0.pt",
+        "fold1.pt",
+        "oof.csv",
+        "oof_calibrated.csv",
+        "calibration.json",
+        "metrics.json",
+        "run.json",
+        "labels.csv",
+        "eval/report.md",
+        "eval/roc.png",
+        "eval/curves.png",
+    ):
+        assert (out / name).exists(), name
+    assert not (out / "work").exists()
+    assert summary["studies"] == 8 and 0 < summary["competition_loss"] < 5
+    with open(out / "oof.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and {r["fold"] for r in rows} == {"0", "1"}
+
+    other = resolve_train_config("sequence", tiny_cache, out, {"crop": {"slices": 5, "size": 32}})
+    with pytest.raises(ValueError, match="other settings"):
+        train.train_cls(other)
+
+    clf = load_classifier(out, device="cpu")
+    st = load_prepared(prepared_studies(tiny_cache)[0])
+    pred = clf.predict(st.volume, st.mask)
+    assert set(pred.probabilities) == set(PREDICTION_TYPES)
+    assert all(0.0 <= v <= 1.0 for v in pred.probabilities.values())
+    assert all(pred.present.values()) and len(pred.slice_scores["C2"]) == 4
+    no_c7 = np.where(st.mask == LABEL_VALUES["C7"], 0, st.mask)
+    assert not clf.predict(st.volume, no_c7).present["C7"]
+
+
+def test_train_cls_cli_seed_baseline_image_split(tiny_cache: Path, tmp_path: Path) -> None:
+    from cspine.cli import main
+
+    out = tmp_path / "seed"
+    rc = main(
+        [
+            "train-cls",
+            "--data",
+            str(tiny_cache),
+            "--out",
+            str(out),
+            "--recipe",
+            "seed-baseline",
+            "--split",
+            "image",
+            "--epochs",
+            "1",
+            "--slices",
+            "4",
+            "--size",
+            "32",
+            "--encoder",
+            "resnet10",
+            "--width",
+            "0.25",
+            "--threads",
+            "2",
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["recipe"] == "seed-baseline" and m["split"] == "image"
+    assert 0.0 <= m["image_level"]["all"]["accuracy"] <= 1.0
+    assert (out / "fold0.pt").exists() and (out / "eval" / "confusion.png").exists()
+    assert main(["train-cls", "--data", str(tmp_path / "missing"), "--out", str(out)]) == 2
