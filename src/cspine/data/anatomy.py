@@ -743,7 +743,8 @@ def make_fracture(rng: np.random.Generator, vertebra: str, kind: str, subtle: bo
     ``h`` is the finest voxel size the study may be sampled at; a subtle line is as wide as that (1 pixel), an
     obvious one 1.5-3 mm, so both remain visible after sampling.
     """
-    width = max(h, 0.45) if subtle else float(rng.uniform(1.5, 3.0))
+    # Obvious fractures gap 2.5-4.5 mm so they stay visible (2+ pixels) even at the small size.
+    width = max(h, 0.45) if subtle else float(rng.uniform(2.5, 4.5))
     fill = float(rng.uniform(150, 320)) if subtle else float(rng.uniform(30, 80))
     if kind == "ring":  # C1: break through the anterior or posterior arch
         ant = bool(rng.random() < 0.5)
@@ -773,7 +774,7 @@ def make_fracture(rng: np.random.Generator, vertebra: str, kind: str, subtle: bo
         normal = _unit((rng.uniform(-0.2, 0.2), rng.uniform(-0.3, 0.3), 1.0))
         shift = (0.0, 0.0, 0.0)
         if not subtle:
-            shift = tuple(float(x) for x in _tangent(rng, normal) * rng.uniform(1.0, 3.0))
+            shift = tuple(float(x) for x in _tangent(rng, normal) * rng.uniform(2.0, 4.0))
         return Fracture(
             vertebra, kind, subtle, (0.0, -1.5 * s, w), normal, width, 8.0 * s, fill, shift=shift, location="dens base"
         )  # type: ignore[arg-type]
@@ -810,8 +811,8 @@ def make_fracture(rng: np.random.Generator, vertebra: str, kind: str, subtle: bo
             float(rng.uniform(-0.3, 0.3)) * hh,
         )
         shift = (0.0, 0.0, 0.0)
-        if rng.random() < 0.6:
-            shift = tuple(float(x) for x in _tangent(rng, normal) * rng.uniform(1.0, 2.5))
+        if rng.random() < 0.8:
+            shift = tuple(float(x) for x in _tangent(rng, normal) * rng.uniform(2.0, 4.0))
         return Fracture(
             vertebra,
             kind,
@@ -844,6 +845,7 @@ def make_fracture(rng: np.random.Generator, vertebra: str, kind: str, subtle: bo
     axis = (b - a) / np.linalg.norm(b - a)
     normal = _unit(axis + rng.normal(scale=0.25, size=3))
     loc = elem if elem == "spinous" else f"{'left' if side > 0 else 'right'} {elem}"
+    shift = (0.0, 0.0, 0.0) if subtle else tuple(float(x) for x in _tangent(rng, normal) * rng.uniform(1.5, 3.0))
     return Fracture(
         vertebra,
         "posterior",
@@ -853,6 +855,7 @@ def make_fracture(rng: np.random.Generator, vertebra: str, kind: str, subtle: bo
         width,
         7.0 * s,
         fill,
+        shift=shift,  # type: ignore[arg-type]
         location=loc,
     )
 
