@@ -20,10 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from cspine.bundle import load_bundle
 from cspine.data.dicom_writer import write_series
 from cspine.data.synth import generate_study
-from cspine.io.volume import crop
+from cspine.io.volume import resample
 from cspine.predict import PredictConfig, predict_study
 
 
@@ -35,16 +37,16 @@ def make_study(folder: Path, slices: int) -> str:
         syntax = "1.2.840.10008.1.2.4.70"
     except ImportError:
         syntax = "1.2.840.10008.1.2.1"
-    seed = 0
-    while True:
-        study = generate_study(seed, size="full", index=seed)
-        if study.volume.shape[0] >= slices:
-            break
-        seed += 1
-    n = study.volume.shape[0]
-    top = (n - slices) // 2  # keep the middle: the cervical spine
-    vol = crop(study.volume, (top, 0, 0), (top + slices, *study.volume.shape[1:]))
-    study = dataclasses.replace(study, volume=vol, mask=study.mask[top : top + slices], transfer_syntax=syntax)
+    study = generate_study(0, size="full")
+    vol = study.volume
+    n = vol.shape[0]
+    # Exactly ``slices`` slices over the same extent (the generator picks 200-600).
+    dz = vol.spacing[0] * (n - 1) / (slices - 1)
+    new = resample(vol, (dz, *vol.spacing[1:]), order=1)
+    mask = resample(vol.with_array(study.mask), (dz, *vol.spacing[1:]), order=0).array
+    instances = np.arange(slices, 0, -1) if study.top_first else np.arange(1, slices + 1)
+    new = dataclasses.replace(new, instance_numbers=instances)
+    study = dataclasses.replace(study, volume=new, mask=mask, transfer_syntax=syntax)
     write_series(study, folder, patient_number=0)
     return syntax
 

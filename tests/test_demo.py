@@ -67,7 +67,7 @@ def test_predict_outputs_aligned_mask(demo: dict) -> None:
     for k in PREDICTION_TYPES:
         assert 0.0 <= result[k] <= 1.0
     assert set(result["vertebrae"]) == {f"C{i}" for i in range(1, 8)}
-    assert {"decode", "segment", "classify"} <= set(result["timings_s"])
+    assert {"decode", "segment", "crop", "classify"} <= set(result["timings_s"])
     assert 'data-images="ok:' not in (out / "report.html").read_text()  # set by the browser, not written
     assert (out / "report.png").stat().st_size > 10_000
 

@@ -129,9 +129,7 @@ class Bundle:
         t = time.perf_counter()
         seg = segment_volume(vol, self.segmenter)
         timings["segment"] = timings.get("segment", 0.0) + time.perf_counter() - t
-        t = time.perf_counter()
-        cls = self.classifier.predict(vol, seg.mask)
-        timings["classify"] = timings.get("classify", 0.0) + time.perf_counter() - t
+        cls = self.classifier.predict(vol, seg.mask, timings=timings)
         mask = np.where(seg.mask <= 7, seg.mask, 0).astype(np.uint8)
         scores = {
             name: [(int(s["z"]), float(s["score"])) for s in items] for name, items in cls.slice_scores.items()

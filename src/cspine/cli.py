@@ -138,12 +138,153 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The whole pipeline on generated data."""
+    from cspine.demo import DemoConfig, format_summary, run_demo
+
+    cfg = DemoConfig(out=Path(args.out), seed=args.seed, device=args.device)
+    print(format_summary(run_demo(cfg, progress=not args.no_progress)))
+    return 0
+
+
 def cmd_bundle(args: argparse.Namespace) -> int:
     """Assemble a model bundle from a segmentation and a classification model directory."""
     from cspine.bundle import make_bundle
 
     out = make_bundle(_existing(args.seg), _existing(args.cls), Path(args.out))
     print(out)
+    return 0
+
+
+def cmd_crops(args: argparse.Namespace) -> int:
+    """Per-vertebra 2.5D crops of a prepared cache (cached; optional PNG grids to look at)."""
+    from cspine.cls.config import CropConfig
+    from cspine.cls.crops import CropsConfig, build_crops
+
+    crop = CropConfig(slices=args.slices, size=args.size, margin=args.margin, context=args.context,
+                      context_stride=args.context_stride, window=args.window)
+    cfg = CropsConfig(data=_existing(args.data), out=Path(args.out) if args.out else None, crop=crop,
+                      masks=_existing(args.masks) if args.masks else None, split=args.split, limit=args.limit,
+                      workers=args.workers, png=args.png)
+    studies = build_crops(cfg, progress=not args.no_progress)
+    index = json.loads((cfg.folder / "index.json").read_text())
+    print(json.dumps({"folder": str(cfg.folder), "studies": len(studies), "built": index["built"],
+                      "cached": index["cached"], "skipped": index["skipped"]}, indent=2))
+    return 0
+
+
+def cmd_train_cls(args: argparse.Namespace) -> int:
+    """Train a fracture classifier recipe with study-grouped CV (or a hold-out split)."""
+    from cspine.cls.config import resolve_train_config
+    from cspine.cls.train import train_cls
+
+    top = {k: getattr(args, k) for k in ("split", "folds", "fold", "holdout", "epochs", "batch_size", "lr",
+                                          "patience", "seed", "device", "workers", "threads", "limit")}
+    crop = {"slices": args.slices, "size": args.size, "context": args.context, "context_stride": args.context_stride,
+            "margin": args.margin}
+    model = {"encoder": args.encoder, "width": args.width, "hidden": args.hidden, "pretrained": args.pretrained,
+             "patient_from": args.patient_from, "stem_stride": args.stem_stride, "aux_weight": args.aux_weight}
+    overrides: dict[str, object] = {k: v for k, v in top.items() if v is not None}
+    overrides["crop"] = {k: v for k, v in crop.items() if v is not None}
+    overrides["model"] = {k: v for k, v in model.items() if v is not None}
+    if args.crops:
+        overrides["crops_dir"] = args.crops
+    if args.masks:
+        overrides["masks"] = str(_existing(args.masks))
+    if args.no_augment:
+        overrides["augment"] = False
+    if args.pretrained:
+        _existing(args.pretrained)
+    cfg = resolve_train_config(args.recipe, _existing(args.data), Path(args.out), overrides)
+    summary = train_cls(cfg, progress=not args.no_progress)
+    keys = ("status", "recipe", "split", "studies", "competition_loss", "competition_loss_uncalibrated",
+            "mean_vertebra_auc", "patient_auc", "speed", "folds_done")
+    print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2, default=str))
+    print(f"model directory: {cfg.out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score predictions against labels: metrics.json, report.md and PNGs."""
+    from cspine.cls.evaluate import EvaluateConfig, evaluate
+
+    if not 0.0 < args.sensitivity < 1.0:
+        raise UsageError("--sensitivity must be between 0 and 1")
+    cfg = EvaluateConfig(pred=_existing(args.pred), labels=_existing(args.labels), out=Path(args.out),
+                         history=_existing(args.history) if args.history else None, sensitivity=args.sensitivity)
+    m = evaluate(cfg)
+    auc = m["mean_vertebra_auc"]
+    print(f"{m['n_studies']} studies: competition log loss {m['competition_loss']:.4f}, mean vertebra AUC "
+          f"{'n/a' if auc is None else f'{auc:.3f}'}; report in {cfg.out / 'report.md'}")
+    return 0
+
+
+def cmd_train_seg(args: argparse.Namespace) -> int:
+    """Train the vertebra segmenter (rerun the same command to resume)."""
+    from cspine.seg.train import train_config, train_segmentation
+
+    names = ("arch", "split", "fold", "folds", "epochs", "iters_per_epoch", "batch_size", "lr", "patience", "seed",
+             "device", "threads", "max_studies")
+    overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    if args.patch:
+        overrides["patch"] = tuple(args.patch)
+    if args.spacing:
+        overrides["preprocess"] = {"spacing": (args.spacing,) * 3}
+    cfg = train_config(data=_existing(args.data), out=Path(args.out), **overrides)
+    summary = train_segmentation(cfg, resume=not args.fresh, progress=not args.no_progress)
+    if summary.pop("is_main"):  # under torchrun only rank 0 prints
+        print(json.dumps({k: v for k, v in summary.items() if not k.endswith("_studies")}, indent=2))
+    return 0
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    """One study -> vertebra mask NIfTI on its own grid + JSON report."""
+    from cspine.seg.infer import InferConfig, segment_study
+
+    cfg = InferConfig(device=args.device, threads=args.threads)
+    res = segment_study(_existing(args.study), _existing(args.model), Path(args.out), args.report, cfg)
+    report = res.to_json()
+    if args.report:  # details are in the file; print the gist
+        report = {"report": args.report, "found": report["found"], "warnings": report["warnings"]}
+    print(json.dumps({"mask": args.out, **report}, indent=2))
+    return 0
+
+
+def cmd_pseudo_label(args: argparse.Namespace) -> int:
+    """Masks + quality records for every study without a mask (resumable)."""
+    from cspine.seg.pseudo import PseudoLabelConfig, pseudo_label
+
+    cfg = PseudoLabelConfig(data=_existing(args.data), model=_existing(args.model), out=Path(args.out),
+                            split=args.split, all_studies=args.all, device=args.device)
+    print(json.dumps(pseudo_label(cfg, progress=not args.no_progress), indent=2))
+    return 0
+
+
+def cmd_eval_seg(args: argparse.Namespace) -> int:
+    """Per-vertebra Dice and identification rate: a model on a dataset, or mask files against references."""
+    from cspine.seg.evaluate import evaluate_files, evaluate_model, markdown_table
+
+    if bool(args.model) == bool(args.pred):
+        raise UsageError("give either --model with --data, or --pred with --truth")
+    if args.model:
+        if not args.data:
+            raise UsageError("--model needs --data (prepared cache or RSNA folder with masks)")
+        uids = None
+        if args.fold is not None:
+            from cspine.seg.data import discover_studies, fold_of
+
+            refs = [r.uid for r in discover_studies(_existing(args.data), args.split) if r.has_mask]
+            folds = fold_of(refs, args.folds, args.seed)
+            uids = [u for u in refs if folds[u] == args.fold]
+        summary = evaluate_model(_existing(args.model), _existing(args.data), Path(args.out), args.split, uids,
+                                 args.device, progress=not args.no_progress)
+    else:
+        if not args.truth:
+            raise UsageError("--pred needs --truth")
+        summary = evaluate_files(_existing(args.pred), _existing(args.truth), Path(args.out), args.pred_labels,
+                                 args.truth_labels)
+    print(markdown_table(summary), end="")
+    print(f"written: {Path(args.out) / 'eval.json'}, {Path(args.out) / 'eval.md'}")
     return 0
 
 
@@ -177,6 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cspine {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="the whole pipeline on generated data (a few minutes on a laptop CPU)")
+    p.add_argument("--out", default="cspine-demo", help="where data, models and outputs go")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    _add_progress(p)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("info", help="geometry and encoding of a DICOM study (folder, .zip or file)")
     p.add_argument("study")
@@ -232,6 +380,128 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cls", required=True, help="classification model directory (cspine train-cls --out)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_bundle)
+    from cspine.cls.config import ENCODERS, PATIENT_SOURCES, RECIPES, SPLITS  # torch-free names registry
+
+    p = sub.add_parser("crops", help="per-vertebra 2.5D crops of a prepared cache (+ PNG grids with --png)")
+    p.add_argument("--data", required=True, help="prepared cache folder (cspine prepare --out)")
+    p.add_argument("--out", default=None, help="crop cache root (default: DATA/crops)")
+    p.add_argument("--masks", default=None, help="folder of predicted masks <uid>.nii[.gz] (default: cache masks)")
+    p.add_argument("--split", choices=("train", "test"), default="train")
+    p.add_argument("--slices", type=int, default=10, help="K slices per vertebra")
+    p.add_argument("--size", type=int, default=48, help="S: crop side in pixels")
+    p.add_argument("--margin", type=float, default=0.1, help="margin around the vertebra box (fraction)")
+    p.add_argument("--context", type=int, default=1, help="neighbouring slices on each side as channels")
+    p.add_argument("--context-stride", type=int, default=1, help="slice step between those neighbours")
+    p.add_argument("--window", default="bone")
+    p.add_argument("--limit", type=int, default=0, help="at most this many studies (0 = all)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--png", action="store_true", help="write a PNG grid per study (fracture boxes in red)")
+    _add_progress(p)
+    p.set_defaults(func=cmd_crops)
+
+    p = sub.add_parser("train-cls", help="train the fracture classifier (study-grouped CV, OOF, calibration)")
+    p.add_argument("--data", required=True, help="prepared cache folder with masks (cspine prepare --out)")
+    p.add_argument("--out", required=True, help="model directory (rerun the same command to resume)")
+    p.add_argument("--recipe", choices=tuple(RECIPES), default="sequence")
+    p.add_argument("--split", choices=SPLITS, default=None,
+                   help="folds (CV), study (hold-out) or image (the seed's leaky split); default per recipe")
+    p.add_argument("--folds", type=int, default=None)
+    p.add_argument("--fold", type=int, default=None, help="train only this fold (parallel runs)")
+    p.add_argument("--holdout", type=float, default=None, help="held-out fraction for split study/image")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--patience", type=int, default=None, help="early stopping patience (epochs)")
+    p.add_argument("--slices", type=int, default=None, help="K slices per vertebra")
+    p.add_argument("--size", type=int, default=None, help="S: crop side in pixels")
+    p.add_argument("--context", type=int, default=None, help="neighbouring slices on each side as channels")
+    p.add_argument("--context-stride", type=int, default=None, help="slice step between those neighbours")
+    p.add_argument("--margin", type=float, default=None, help="margin around the vertebra box (fraction)")
+    p.add_argument("--encoder", choices=ENCODERS, default=None)
+    p.add_argument("--width", type=float, default=None, help="ResNet width multiplier")
+    p.add_argument("--hidden", type=int, default=None, help="GRU hidden size")
+    p.add_argument("--stem-stride", type=int, choices=(1, 2), default=None,
+                   help="first convolution stride (sequence default 1: full resolution; 2 is 4x cheaper on CPU)")
+    p.add_argument("--aux-weight", type=float, default=None, help="weight of the per-slice box loss")
+    p.add_argument("--patient-from", choices=PATIENT_SOURCES, default=None)
+    p.add_argument("--pretrained", default=None, help="local file with ImageNet encoder weights (never downloaded)")
+    p.add_argument("--crops", default=None, help="crop cache root (default: DATA/crops)")
+    p.add_argument("--masks", default=None, help="folder of predicted masks <uid>.nii[.gz] instead of the cache's")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (DDP under torchrun)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many studies (quick runs)")
+    _add_progress(p)
+    p.set_defaults(func=cmd_train_cls)
+
+    p = sub.add_parser("evaluate", help="score predictions against labels: metrics.json, report.md, PNGs")
+    p.add_argument("--pred", required=True, help="Kaggle submission (row_id,fractured) or wide CSV")
+    p.add_argument("--labels", required=True, help="train.csv-style labels")
+    p.add_argument("--out", required=True)
+    p.add_argument("--history", default=None, help="training history.json for loss/accuracy curves")
+    p.add_argument("--sensitivity", type=float, default=0.9, help="target sensitivity of the operating point")
+    p.set_defaults(func=cmd_evaluate)
+    from cspine.seg.config import LABEL_CONVENTION_NAMES  # torch-free registries
+    from cspine.seg.models import DEFAULT_MODEL, MODEL_NAMES
+
+    p = sub.add_parser("train-seg", help="train the C1-C7 segmenter (3D U-Net; resumable; DDP under torchrun)")
+    p.add_argument("--data", required=True, help="prepared cache (cspine prepare --out) or RSNA-layout folder")
+    p.add_argument("--out", required=True, help="model directory (rerun the same command to resume)")
+    p.add_argument("--arch", choices=MODEL_NAMES, default=None, help=f"network (default {DEFAULT_MODEL})")
+    p.add_argument("--split", default=None, help="split holding the masks (default train)")
+    p.add_argument("--fold", type=int, default=None, help="validation fold, grouped by study; -1 = train on all")
+    p.add_argument("--folds", type=int, default=None, help="number of folds (default 5)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--iters-per-epoch", type=int, default=None, help="optimiser steps per epoch and process")
+    p.add_argument("--batch-size", type=int, default=None, help="patches per step and process")
+    p.add_argument("--patch", type=int, nargs=3, metavar=("Z", "Y", "X"), default=None, help="patch in voxels")
+    p.add_argument("--spacing", type=float, default=None, help="isotropic model spacing in mm (default 1.5)")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--patience", type=int, default=None, help="early stopping patience in epochs (0 = off)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-studies", type=int, default=None, help="use at most this many studies (smoke runs)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    p.add_argument("--fresh", action="store_true", help="start over instead of resuming from OUT/last.pt")
+    _add_progress(p)
+    p.set_defaults(func=cmd_train_seg)
+
+    p = sub.add_parser("segment", help="one study -> C1-C7 mask NIfTI on its own grid + per-vertebra report")
+    p.add_argument("study", help="DICOM folder / .zip / file, NIfTI volume, or prepared study folder")
+    p.add_argument("--model", required=True, help="segmentation model directory (or a bundle with seg/)")
+    p.add_argument("--out", required=True, help="mask file (.nii.gz)")
+    p.add_argument("--report", default=None, help="JSON report file (default: printed)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("pseudo-label", help="masks + quality records for studies without masks (resumable)")
+    p.add_argument("--data", required=True, help="prepared cache or RSNA-layout folder")
+    p.add_argument("--model", required=True, help="segmentation model directory (or a bundle with seg/)")
+    p.add_argument("--out", required=True, help="folder for <uid>.nii.gz, <uid>.json, quality.csv")
+    p.add_argument("--split", default="train")
+    p.add_argument("--all", action="store_true", help="also studies that already have a mask")
+    p.add_argument("--device", default="auto")
+    _add_progress(p)
+    p.set_defaults(func=cmd_pseudo_label)
+
+    p = sub.add_parser("eval-seg", help="per-vertebra Dice + identification rate (JSON + markdown table)")
+    p.add_argument("--model", default=None, help="segment the studies of --data with this model and score them")
+    p.add_argument("--data", default=None, help="prepared cache or RSNA folder with masks (with --model)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--fold", type=int, default=None, help="score only this validation fold (as in train-seg)")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0, help="fold seed (as in train-seg)")
+    p.add_argument("--pred", default=None, help="mask file or folder to score (instead of --model)")
+    p.add_argument("--truth", default=None, help="reference mask file, folder or prepared cache (with --pred)")
+    p.add_argument("--pred-labels", choices=LABEL_CONVENTION_NAMES, default="project")
+    p.add_argument("--truth-labels", choices=LABEL_CONVENTION_NAMES, default="project")
+    p.add_argument("--out", required=True, help="folder for eval.json and eval.md")
+    p.add_argument("--device", default="auto")
+    _add_progress(p)
+    p.set_defaults(func=cmd_eval_seg)
     return parser
 
 

@@ -122,6 +122,9 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
             "epochs": cfg.cls_epochs,
             "device": cfg.device,
             "masks": str(work / "pseudo"),
+            # CPU-sized: small crops, a half-width ResNet10 with a stride-2 stem (the GPU recipe is larger).
+            "crop": {"slices": 10, "size": 48},
+            "model": {"encoder": "resnet10", "width": 0.5, "stem_stride": 2},
         },
     )
     cls_summary = _stage("train-cls", timings, lambda: train_cls(cls_cfg, progress=progress))

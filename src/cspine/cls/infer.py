@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -110,16 +111,22 @@ class Classifier:
         probs = sequence_probs(mean["patient"], mean["vertebra"], st.present[None], self.config.model.patient_from)
         return probs[0], 1.0 / (1.0 + np.exp(-mean["slices"][0]))
 
-    def predict(self, volume: Volume, mask: np.ndarray) -> StudyPrediction:
-        """Crop the vertebrae of ``mask`` from ``volume`` and predict (calibrated)."""
+    def predict(self, volume: Volume, mask: np.ndarray, timings: dict[str, float] | None = None) -> StudyPrediction:
+        """Crop the vertebrae of ``mask`` from ``volume`` and predict (calibrated); adds crop/classify seconds to
+        ``timings`` when given."""
+        t0 = time.perf_counter()
         crops = vertebra_crops(volume, mask, self.config.crop)
         arrays = {
             v: {"images": c.images, "slice_labels": c.slice_labels, "z": c.z, "instance": c.instance}
             for v, c in crops.items()
         }
         st = stack_study(str(volume.meta.get("StudyInstanceUID", "study")), arrays, self.config.crop, None, False)
+        t1 = time.perf_counter()
         raw, slices = self.predict_arrays(st)
         cal = self.calibration.apply(raw[None])[0]
+        if timings is not None:
+            timings["crop"] = timings.get("crop", 0.0) + t1 - t0
+            timings["classify"] = timings.get("classify", 0.0) + time.perf_counter() - t1
         return StudyPrediction(
             probabilities={t: float(cal[j]) for j, t in enumerate(PREDICTION_TYPES)},
             uncalibrated={t: float(raw[j]) for j, t in enumerate(PREDICTION_TYPES)},

@@ -1,0 +1,126 @@
+"""Benchmark: vertebra segmentation of a full-size study (512 x 512 x 400) on CPU.
+
+Targets (issue 4): model time <= 5 s, total (preprocessing + model + resampling back + post-processing) <= 10 s,
+peak RSS <= 2 GB on 2 CPU cores.
+
+The study is a full-size generated one (``generate_study(seed, size="full")``: real 512x512 in-plane detail and
+noise), resampled along z to exactly 400 slices when the generator chose another count. Building it takes
+memory, so it is written to a temporary .npz and the segmentation runs in a fresh process whose peak RSS
+(``resource.getrusage``) is then the cost of segmenting one study, nothing else.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_seg.py --model /tmp/seg_model          # trained model (realistic timings)
+    .venv/bin/python benchmarks/bench_seg.py                                  # untrained default network
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def build_study(seed: int, slices: int, path: Path) -> dict[str, object]:
+    """Generate a full-size study, resample it to ``slices`` slices, save volume + mask + geometry to ``path``."""
+    from cspine.data.synth import generate_study
+    from cspine.io.volume import Volume, resample
+
+    t = time.perf_counter()
+    s = generate_study(seed, "full", 0)
+    vol, mask = s.volume, s.mask
+    if vol.shape[0] != slices:
+        dz = vol.spacing[0] * (vol.shape[0] - 1) / (slices - 1)
+        spacing = (dz, vol.spacing[1], vol.spacing[2])
+        mask = resample(vol.with_array(mask), spacing, order=0).array
+        vol = resample(vol, spacing, order=1)
+        vol = Volume(vol.array, vol.spacing, vol.affine, np.arange(1, slices + 1), vol.meta)
+    np.savez(path, array=vol.array, mask=mask, affine=vol.affine, spacing=np.array(vol.spacing))
+    return {"shape_zyx": list(vol.shape), "spacing_zyx": [round(v, 4) for v in vol.spacing],
+            "generate_s": round(time.perf_counter() - t, 1)}  # fmt: skip
+
+
+def worker(study: Path, model_dir: str | None, threads: int) -> dict[str, object]:
+    """Segment the saved study once (after a warm-up on a small volume); report timings and peak RSS."""
+    import torch
+
+    from cspine.io.volume import Volume
+    from cspine.metrics import dice
+    from cspine.seg.config import CLASSES, PreprocessConfig
+    from cspine.seg.infer import InferConfig, SegModel, load_model, segment_volume
+    from cspine.seg.models import DEFAULT_MODEL, create_model
+
+    torch.set_num_threads(threads)
+    if model_dir:
+        model = load_model(model_dir, "cpu")
+    else:
+        net = create_model(DEFAULT_MODEL, 1, len(CLASSES)).eval()
+        model = SegModel(net, DEFAULT_MODEL, PreprocessConfig(), torch.device("cpu"))
+    data = np.load(study)
+    vol = Volume(data["array"], tuple(float(v) for v in data["spacing"]), data["affine"], np.arange(len(data["array"])))
+    truth = data["mask"]
+    warm = Volume(np.full((48, 64, 64), -1000, np.int16), (1.5, 1.5, 1.5), np.diag([1.5, 1.5, 1.5, 1.0]))
+    segment_volume(warm, model, InferConfig(device="cpu"))  # first-call overheads (allocator, kernels) excluded
+    t = time.perf_counter()
+    res = segment_volume(vol, model, InferConfig(device="cpu"))
+    wall = time.perf_counter() - t
+    tm = res.timings
+    out: dict[str, object] = {
+        "model": model_dir or f"{DEFAULT_MODEL} (untrained)",
+        "threads": torch.get_num_threads(),
+        "model_s": round(tm["model"], 2),
+        "total_s": round(wall, 2),
+        "steps_s": {k: round(v, 2) for k, v in tm.items()},
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "found": [k for k, v in res.vertebrae.items() if v["present"]],
+    }
+    if model_dir:
+        scores = [dice(res.mask, truth, v) for v in range(1, 8) if (truth == v).any()]
+        out["mean_dice_vs_generated_mask"] = round(float(np.mean([s for s in scores if s is not None])), 4)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="segmentation model directory (default: untrained 'unet')")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--slices", type=int, default=400)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(Path(args.worker), args.model, args.threads)))
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "study.npz"
+        info = build_study(args.seed, args.slices, path)
+        cmd = [sys.executable, __file__, "--worker", str(path), "--threads", str(args.threads)]
+        if args.model:
+            cmd += ["--model", args.model]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        )
+        if proc.returncode:
+            print(proc.stderr, file=sys.stderr)
+            return proc.returncode
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = {**info, **res}
+    print(json.dumps(res, indent=2))
+    ok = res["model_s"] <= 5 and res["total_s"] <= 10 and res["peak_rss_gb"] <= 2
+    print(
+        f"study {res['shape_zyx']}: model {res['model_s']} s (target <= 5), total {res['total_s']} s (<= 10), "
+        f"peak RSS {res['peak_rss_gb']} GB (<= 2) -> {'OK' if ok else 'OVER TARGET'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

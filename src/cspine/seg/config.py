@@ -1,0 +1,233 @@
+"""Configuration of the segmentation stage: frozen dataclasses, saved with every model and output.
+
+Why one place: the model directory must be enough to predict (style guide: config is data). The resolved
+:class:`TrainSegConfig` is written to ``MODEL_DIR/config.json``; inference reads the model name, the class list
+and the :class:`PreprocessConfig` back from there, so a model can never be fed an image prepared differently from
+the ones it was trained on. Nothing here imports torch.
+
+Classes of the network (index -> meaning) are fixed: 0 background, 1..7 C1..C7, 8 "other vertebra" (T1 and below,
+or any vertebra a mask labels outside C1..C7). In written masks C1..C7 keep the project values 1..7 and "other" is
+written as :data:`OTHER_VALUE` (not 8, which would claim it is T1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cspine.labels import CERVICAL, CERVICAL_VALUES
+
+#: Network output classes, index = class id.
+CLASSES: tuple[str, ...] = ("background", *CERVICAL, "other")
+OTHER_CLASS = len(CLASSES) - 1
+#: Mask value written for "other vertebra" (outside the project's named values 1..28, so it is not mistaken for T1).
+OTHER_VALUE = 255
+#: Class id -> value in written masks.
+CLASS_TO_VALUE: tuple[int, ...] = (0, *CERVICAL_VALUES, OTHER_VALUE)
+CONFIG_FORMAT = 1
+#: Label conventions that reference masks may come in (lookup tables in :mod:`cspine.seg.evaluate`).
+LABEL_CONVENTION_NAMES: tuple[str, ...] = ("project", "totalseg")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How a CT becomes network input; identical in training and inference.
+
+    Attributes:
+        spacing: (dz, dy, dx) mm of the model grid in canonical orientation (axis 0 inferior->superior,
+            1 anterior->posterior, 2 right->left). 2 mm by default: a whole small study (or the neck of a
+            full one) is ~90x100x100 voxels, so CPU training gets thousands of steps in minutes; linear
+            interpolation of the logits back to the study grid keeps boundary Dice within ~3 points of the 1 mm
+            grid (see the README). Use 1.5 mm with a GPU.
+        window_level, window_width: HU window mapped to [0, 1] (default: bone window).
+        antialias: average over the source voxels a model voxel covers when downsampling (thin-slice 0.3 mm
+            studies would otherwise alias their noise into the 2 mm grid).
+        divisor: network input sides are padded to a multiple of this (2 ** number of downsamplings).
+    """
+
+    spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)
+    window_level: float = 400.0
+    window_width: float = 1800.0
+    antialias: bool = True
+    divisor: int = 16
+
+    def __post_init__(self) -> None:
+        if len(self.spacing) != 3 or min(self.spacing) <= 0:
+            raise ValueError(f"spacing must be three positive mm values, got {self.spacing}")
+        if self.window_width <= 0:
+            raise ValueError(f"window_width must be positive, got {self.window_width}")
+        if self.divisor < 1:
+            raise ValueError(f"divisor must be >= 1, got {self.divisor}")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Random augmentation of training patches (seeded; no flips: a mirrored spine would swap identities)."""
+
+    p_affine: float = 0.8
+    rotate_deg: tuple[float, float, float] = (15.0, 10.0, 10.0)  # about the S-I, A-P, L-R axes
+    scale: tuple[float, float] = (0.85, 1.15)
+    scale_jitter: float = 0.05  # extra independent scale per axis, 1 +- jitter
+    p_intensity: float = 0.8
+    contrast: float = 0.15  # multiply by 1 +- contrast
+    brightness: float = 0.05  # add +- brightness
+    gamma: tuple[float, float] = (0.8, 1.25)
+    noise_std: float = 0.03  # Gaussian noise, std drawn from [0, noise_std]
+    p_blur: float = 0.2
+    blur_sigma: tuple[float, float] = (0.4, 1.0)  # voxels
+
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    """Clean-up of predicted label maps.
+
+    Attributes:
+        min_volume_mm3: a vertebra with less than this is reported absent (and removed).
+        keep_largest: keep the largest connected component per C1..C7 label; other pieces go to the
+            neighbouring vertebra they touch most, else to background.
+        fix_order: relabel C1..C7 so that their centroids run from superior to inferior.
+        keep_other: keep the "other vertebra" class in the output mask (as :data:`OTHER_VALUE`).
+    """
+
+    min_volume_mm3: float = 100.0
+    keep_largest: bool = True
+    fix_order: bool = True
+    keep_other: bool = True
+
+
+@dataclass(frozen=True)
+class TrainSegConfig:
+    """Everything ``cspine train-seg`` does; the resolved copy is saved as MODEL_DIR/config.json.
+
+    Attributes:
+        data: prepared cache (``cspine prepare``) or RSNA-layout folder; None when studies are passed in memory.
+        out: MODEL_DIR.
+        arch: model name from :data:`cspine.seg.models.MODELS`.
+        fold, folds: validation fold of a split grouped by study (fold -1: train on all, no validation;
+            the last checkpoint is then also the best).
+        patch: training patch (z, y, x) in model-grid voxels.
+        iters_per_epoch: optimiser steps per epoch (per process).
+        patience: stop after this many validated epochs without a better validation Dice (0: never).
+        fg_fraction: share of patches centred on a vertebra voxel (class-balanced) rather than anywhere.
+        soft_labels: train on class shares (partial-volume fractions on the model grid) instead of hard labels;
+            keeps sub-voxel edge positions: the round trip of hard 2 mm labels caps Dice at ~0.92, of shares ~0.97.
+        threads: torch CPU threads per process (None: torch's default). On a shared machine 1 can be faster than
+            2: OpenMP threads spin while waiting for a core another job holds.
+        max_studies: use at most this many studies with masks (smoke runs).
+    """
+
+    data: Path | None = None
+    out: Path = Path("seg_model")
+    arch: str = "unet"
+    split: str = "train"
+    fold: int = 0
+    folds: int = 5
+    epochs: int = 24
+    iters_per_epoch: int = 100
+    batch_size: int = 2
+    patch: tuple[int, int, int] = (80, 64, 64)
+    lr: float = 1e-2
+    weight_decay: float = 1e-4
+    warmup_iters: int = 50
+    fg_fraction: float = 0.8
+    soft_labels: bool = True
+    val_every: int = 1
+    patience: int = 20
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    max_studies: int | None = None
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if self.folds < 2 and self.fold >= 0:
+            raise ValueError(f"--folds must be >= 2 to hold out a fold (got {self.folds}); use --fold -1 for none")
+        if self.fold >= self.folds:
+            raise ValueError(f"--fold {self.fold} out of range for --folds {self.folds} (0..{self.folds - 1}, or -1)")
+        if self.fold < -1:
+            raise ValueError(f"--fold must be -1 (no validation) or 0..{self.folds - 1}, got {self.fold}")
+        for name in ("epochs", "iters_per_epoch", "batch_size", "val_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if any(p < 8 for p in self.patch) or len(self.patch) != 3:
+            raise ValueError(f"patch must be three sides >= 8 voxels, got {self.patch}")
+        if any(p % self.preprocess.divisor for p in self.patch):
+            raise ValueError(f"patch sides {self.patch} must be multiples of {self.preprocess.divisor}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.fg_fraction <= 1.0:
+            raise ValueError(f"fg_fraction must be in [0, 1], got {self.fg_fraction}")
+
+
+#: Fields that may change when a run is resumed (they do not change what the saved checkpoint means).
+RESUMABLE_FIELDS = ("data", "out", "epochs", "patience", "device", "threads", "val_every")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass (paths as strings, tuples as lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build a (nested) config dataclass from a dict, checking names and converting lists to tuples.
+
+    Unknown keys are an error naming the valid ones, so a typo in an override never passes silently.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls} is not a dataclass")
+    hints = typing.get_type_hints(cls)
+    valid = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+    kwargs = {k: _convert(hints[k], v, f"{cls.__name__}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    """Coerce a JSON value to an annotated type (dataclass, tuple, Path, Optional, scalars)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, where)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected an object, got {value!r}")
+        return from_dict(tp, value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, where) for v in value)
+        if len(args) != len(value):
+            raise ValueError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_convert(a, v, where) for a, v in zip(args, value, strict=True))
+    if tp is Path:
+        return Path(value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and not isinstance(value, tp):
+        raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def load_model_config(model_dir: Path) -> dict[str, Any]:
+    """Read MODEL_DIR/config.json (the resolved training config plus model facts)."""
+    path = model_dir / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{model_dir}: not a segmentation model directory (no config.json)")
+    data = json.loads(path.read_text())
+    if data.get("format") != CONFIG_FORMAT or "train" not in data:
+        raise ValueError(f"{path}: unsupported model config (format {data.get('format')!r}, expected {CONFIG_FORMAT})")
+    return data

@@ -1,0 +1,238 @@
+"""Inference: a study in, C1..C7 masks on the study's own grid and a per-vertebra report out.
+
+The model directory is all that is needed (config.json gives the network name, classes and preprocessing;
+best.pt the weights), so a later model bundle can ship it as a sub-folder ``seg/``; :func:`load_model` accepts
+either. Pipeline: canonical model grid (:func:`cspine.seg.data.to_model_grid`) -> network (whole volume, or
+sliding window when large) -> logits interpolated back onto every study voxel around the spine -> post-processing
+-> report.
+
+Example::
+
+    from cspine.io import load_series, save_nifti
+    from cspine.seg.infer import load_model, segment_volume
+    vol = load_series("study/")
+    res = segment_volume(vol, load_model("seg_model"))
+    save_nifti(res.mask, vol, "mask.nii.gz")
+    res.vertebrae["C2"]["instance_numbers"]
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cspine.io.volume import Volume
+from cspine.seg.config import CLASSES, PostprocessConfig, PreprocessConfig, from_dict, load_model_config
+from cspine.seg.data import class_to_value_lut, logits_to_labels, to_model_grid
+from cspine.seg.postprocess import describe, postprocess
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """How inference runs (not how the model was trained: that comes from the model directory).
+
+    Attributes:
+        max_voxels: whole-volume forward up to this many model-grid voxels, sliding window beyond.
+        roi, overlap: sliding-window size (model voxels) and overlap.
+        threads: torch CPU threads (None: torch's default).
+    """
+
+    device: str = "auto"
+    checkpoint: str = "best.pt"
+    max_voxels: int = 8_000_000
+    roi: tuple[int, int, int] = (128, 160, 160)
+    overlap: float = 0.25
+    threads: int | None = None
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+
+
+@dataclass
+class SegModel:
+    """A network ready to predict, with the preprocessing it was trained with."""
+
+    net: nn.Module
+    arch: str
+    preprocess: PreprocessConfig
+    device: torch.device
+    path: Path | None = None
+    classes: tuple[str, ...] = CLASSES
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SegResult:
+    """Segmentation of one study.
+
+    Attributes:
+        mask: uint8 (z, y, x) on the study's grid (same shape and affine as the input volume): 1..7 = C1..C7,
+            OTHER_VALUE (255) = other vertebrae (when kept).
+        vertebrae: per C1..C7 name: present, voxels, volume_ml, slices, instance_numbers, bbox_zyx,
+            centroid_zyx, centroid_lps, cut_off (see :func:`cspine.seg.postprocess.describe`).
+        warnings: missing or cut-off vertebrae and every change post-processing made.
+        timings: seconds per step.
+    """
+
+    mask: np.ndarray
+    vertebrae: dict[str, dict[str, Any]]
+    warnings: list[str]
+    timings: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        """The report without the mask (for JSON files and the pseudo-label quality record)."""
+        return {
+            "vertebrae": self.vertebrae,
+            "found": [k for k, v in self.vertebrae.items() if v["present"]],
+            "warnings": self.warnings,
+            "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+        }
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """The segmentation model directory at ``path`` or at ``path/seg`` (inside a model bundle)."""
+    p = Path(path)
+    if (p / "config.json").exists():
+        return p
+    if (p / "seg" / "config.json").exists():
+        return p / "seg"
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such model directory")
+    raise FileNotFoundError(f"{p}: not a segmentation model directory (no config.json here or in seg/)")
+
+
+def load_model(path: str | Path, device: str = "auto", checkpoint: str = "best.pt") -> SegModel:
+    """Rebuild the network named in MODEL_DIR/config.json and load its weights (``weights_only=True``)."""
+    from cspine.runtime import load_checkpoint, resolve_device
+    from cspine.seg.models import create_model
+
+    model_dir = resolve_model_dir(path)
+    cfg = load_model_config(model_dir)
+    train = cfg["train"]
+    pre = from_dict(PreprocessConfig, train["preprocess"])
+    classes = tuple(cfg.get("classes", CLASSES))
+    if classes != CLASSES:
+        raise ValueError(f"{model_dir}: model classes {classes} differ from this cspine's {CLASSES}")
+    dev = resolve_device(device)
+    ckpt_path = model_dir / checkpoint
+    if not ckpt_path.exists() and checkpoint == "best.pt" and (model_dir / "last.pt").exists():
+        ckpt_path = model_dir / "last.pt"
+    ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+    net = create_model(train["arch"], 1, len(classes))
+    try:
+        net.load_state_dict(ckpt["model"])
+    except (KeyError, RuntimeError) as exc:
+        raise ValueError(f"{ckpt_path}: weights do not fit model {train['arch']!r} ({exc})") from exc
+    net.to(dev).eval()
+    info = {"epoch": ckpt.get("epoch"), "score": ckpt.get("score"), "checkpoint": str(ckpt_path)}
+    return SegModel(net, train["arch"], pre, dev, model_dir, classes, info)
+
+
+def _pad_to(image: np.ndarray, divisor: int) -> tuple[np.ndarray, tuple[int, int, int]]:
+    shape = image.shape
+    target = [int(np.ceil(s / divisor) * divisor) for s in shape]
+    if list(shape) == target:
+        return image, shape  # type: ignore[return-value]
+    out = np.zeros(target, dtype=image.dtype)
+    out[: shape[0], : shape[1], : shape[2]] = image
+    return out, shape  # type: ignore[return-value]
+
+
+def predict_logits(model: SegModel, image: np.ndarray, cfg: InferConfig | None = None) -> torch.Tensor:
+    """Network logits (C, z, y, x) float32 on CPU for a model-grid image (whole volume or sliding window)."""
+    import torch
+
+    from cspine.seg.models import get_spec
+
+    cfg = cfg or InferConfig()
+    divisor = max(model.preprocess.divisor, get_spec(model.arch).divisor)
+    padded, shape = _pad_to(image.astype(np.float32, copy=False), divisor)
+    x = torch.from_numpy(padded)[None, None].to(model.device)
+    amp = model.device.type == "cuda"
+    with torch.inference_mode(), torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=amp):
+        if padded.size <= cfg.max_voxels:
+            y = model.net(x)
+        else:
+            from monai.inferers import sliding_window_inference
+
+            roi = tuple(min(r, s) for r, s in zip(cfg.roi, padded.shape, strict=True))
+            y = sliding_window_inference(x, roi, 1, model.net, overlap=cfg.overlap, mode="gaussian")
+    return y[0, :, : shape[0], : shape[1], : shape[2]].float().cpu()
+
+
+def segment_volume(vol: Volume, model: SegModel | str | Path, cfg: InferConfig | None = None) -> SegResult:
+    """Segment C1..C7 (and other vertebrae) in one study; the mask is on ``vol``'s grid."""
+    import torch
+
+    cfg = cfg or InferConfig()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if not isinstance(model, SegModel):
+        model = load_model(model, cfg.device, cfg.checkpoint)
+        timings["load_model"] = time.perf_counter() - t0
+    t = time.perf_counter()
+    image, gm = to_model_grid(vol, model.preprocess)
+    timings["preprocess"] = time.perf_counter() - t
+    t = time.perf_counter()
+    logits = predict_logits(model, image, cfg)
+    del image
+    timings["model"] = time.perf_counter() - t
+    t = time.perf_counter()
+    classes = logits_to_labels(logits, gm)
+    del logits
+    values = class_to_value_lut(cfg.postprocess.keep_other)[classes]
+    del classes
+    mask = gm.from_canonical(values)
+    timings["resample_back"] = time.perf_counter() - t
+    t = time.perf_counter()
+    mask, notes = postprocess(mask, vol.affine, cfg.postprocess)
+    vertebrae, warnings = describe(mask, vol)
+    timings["postprocess"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    return SegResult(mask, vertebrae, warnings + notes, timings)
+
+
+def segment_study(
+    study: str | Path,
+    model: str | Path | SegModel,
+    out: str | Path,
+    report: str | Path | None = None,
+    cfg: InferConfig | None = None,
+) -> SegResult:
+    """``cspine segment``: read a study (DICOM / NIfTI / prepared folder), write the mask NIfTI and a JSON report."""
+    from cspine.io import save_nifti
+    from cspine.runtime import write_json
+    from cspine.seg.data import load_study_volume
+
+    cfg = cfg or InferConfig()
+    if not isinstance(model, SegModel):
+        model = load_model(model, cfg.device, cfg.checkpoint)
+    t = time.perf_counter()
+    vol = load_study_volume(Path(study))
+    read_s = time.perf_counter() - t
+    res = segment_volume(vol, model, cfg)
+    res.timings["read"] = read_s
+    save_nifti(res.mask, vol, Path(out))
+    if report:
+        write_json(
+            Path(report),
+            {
+                "study": str(study),
+                "mask": str(out),
+                "model": str(model.path),
+                "shape_zyx": list(vol.shape),
+                **res.to_json(),
+            },
+        )
+    return res

@@ -1,0 +1,242 @@
+"""Clean-up and description of vertebra label maps: one piece per vertebra, cranio-caudal order, FOV report.
+
+Why: a network's argmax can leave specks, split a vertebra in two, or call C3 what lies above C2. Downstream
+stages crop one box per vertebra, so each of C1..C7 must be one connected piece in the right order, and a
+vertebra that the scan does not fully contain must be flagged (its fracture label cannot be trusted).
+Works on project mask values (1..7 = C1..C7, anything else left alone except tiny specks), on any grid: the
+cranio-caudal axis is taken from the affine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from cspine.io.volume import Volume
+from cspine.labels import CERVICAL, CERVICAL_VALUES, label_name
+from cspine.seg.config import OTHER_VALUE, PostprocessConfig
+
+_FULL = np.ones((3, 3, 3), dtype=bool)
+
+
+def value_name(value: int) -> str:
+    """Name of a mask value, including the segmenter's "other vertebra" value."""
+    return "other" if value == OTHER_VALUE else label_name(value)
+
+
+def superior_axis(affine: np.ndarray) -> tuple[int, int]:
+    """(index axis closest to the patient's S direction, +1 if the index grows towards S else -1)."""
+    s_component = affine[2, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    axis = int(np.argmax(np.abs(s_component)))
+    return axis, (1 if s_component[axis] > 0 else -1)
+
+
+def _union_box(objects: list[tuple[slice, ...] | None], shape: tuple[int, ...]) -> tuple[slice, ...] | None:
+    boxes = [o for o in objects if o is not None]
+    if not boxes:
+        return None
+    return tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(len(shape)))
+
+
+def _rel(sl: tuple[slice, ...], box: tuple[slice, ...]) -> tuple[slice, ...]:
+    return tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(sl, box, strict=True))
+
+
+def keep_largest_components(mask: np.ndarray, values: tuple[int, ...] = CERVICAL_VALUES) -> list[str]:
+    """In place: keep the largest 26-connected piece of each value; other pieces go to the neighbour they touch most.
+
+    "Touch" counts shared faces; a piece that touches no kept labelled voxel becomes background. All pieces are
+    handled together (one id array over the labelled box, six shifted comparisons), so an untrained model's
+    thousands of specks cost little more than a few. Returns notes on what moved.
+    """
+    objects = ndimage.find_objects(mask)
+    box = _union_box(objects, mask.shape)
+    if box is None:
+        return []
+    sub = mask[box]  # a view: edits go to mask
+    piece = np.zeros(sub.shape, dtype=np.int32)
+    piece_value = [0]
+    for v in values:
+        if v > len(objects) or objects[v - 1] is None:
+            continue
+        sl = _rel(objects[v - 1], box)
+        comp, n = ndimage.label(sub[sl] == v, structure=_FULL)
+        if n <= 1:
+            continue
+        keep = int(np.argmax(np.bincount(comp.ravel())[1:])) + 1
+        remap = np.zeros(n + 1, dtype=np.int32)
+        others = [k for k in range(1, n + 1) if k != keep]
+        remap[others] = np.arange(len(piece_value), len(piece_value) + len(others), dtype=np.int32)
+        ids = remap[comp]
+        moved = ids > 0
+        piece[sl][moved] = ids[moved]
+        sub[sl][moved] = 0
+        piece_value += [v] * len(others)
+    if len(piece_value) == 1:
+        return []
+    n_pieces = len(piece_value)
+    pbox = ndimage.find_objects((piece > 0).astype(np.uint8))[0]
+    lo = [max(0, s.start - 1) for s in pbox]
+    hi = [min(n, s.stop + 1) for s, n in zip(pbox, sub.shape, strict=True)]
+    p_reg = piece[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    m_reg = sub[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    shape = p_reg.shape
+    pairs: list[np.ndarray] = []  # (piece id * 256 + touching kept value), one entry per touching face
+    for axis in range(3):
+        for k in (-1, 1):
+            d = [0, 0, 0]
+            d[axis] = k
+            src = tuple(slice(max(0, -o), n - max(0, o)) for o, n in zip(d, shape, strict=True))
+            dst = tuple(slice(max(0, o), n - max(0, -o)) for o, n in zip(d, shape, strict=True))
+            a, b = p_reg[src], m_reg[dst]
+            sel = (a > 0) & (b > 0)
+            pairs.append(a[sel].astype(np.int64) * 256 + b[sel])
+    keys, counts = np.unique(np.concatenate(pairs), return_counts=True)
+    pid, touching = keys // 256, keys % 256
+    order = np.lexsort((-counts, pid))  # per piece, the most touched value first
+    first = np.r_[True, pid[order][1:] != pid[order][:-1]] if len(order) else np.zeros(0, bool)
+    target = np.zeros(n_pieces, dtype=np.uint8)  # pieces touching nothing kept -> background
+    target[pid[order][first]] = touching[order][first]
+    sizes = np.bincount(piece.ravel(), minlength=n_pieces)
+    moved_mask = piece > 0
+    sub[moved_mask] = target[piece[moved_mask]]
+    values_of = np.asarray(piece_value, dtype=np.int64)[1:]
+    key = values_of * 256 + target[1:]
+    uniq, first, n_by_key = np.unique(key, return_index=True, return_counts=True)
+    vox_by_key = np.bincount(np.searchsorted(uniq, key), weights=sizes[1:], minlength=len(uniq))
+    notes = []
+    for v in np.unique(values_of):
+        sel = (uniq // 256) == v
+        parts = [
+            f"{int(vox)} voxels to {value_name(int(k % 256))}" if k % 256 else f"{int(vox)} voxels removed"
+            for k, vox in zip(uniq[sel], vox_by_key[sel], strict=True)
+        ]
+        notes.append(f"{value_name(int(v))}: {int(n_by_key[sel].sum())} extra piece(s): {', '.join(parts)}")
+    del first
+    return notes
+
+
+def fix_order(mask: np.ndarray, affine: np.ndarray, values: tuple[int, ...] = CERVICAL_VALUES) -> list[str]:
+    """In place: relabel the present vertebrae so their centroids run superior -> inferior in label order.
+
+    The set of present labels is kept; only which piece carries which label changes (C3 above C2 -> swapped).
+    """
+    objects = ndimage.find_objects(mask)
+    world = {}
+    for v in values:
+        if v > len(objects) or objects[v - 1] is None:
+            continue
+        sl = objects[v - 1]
+        centroid = np.array(ndimage.center_of_mass(mask[sl] == v)) + [s.start for s in sl]
+        world[v] = float((affine[:3, :3] @ centroid + affine[:3, 3])[2])  # LPS z: larger = more superior
+    present = sorted(world)
+    by_height = sorted(present, key=lambda v: -world[v])
+    if by_height == present:
+        return []
+    lut = np.arange(256, dtype=np.uint8)
+    for old, new in zip(by_height, present, strict=True):
+        lut[old] = new
+    box = _union_box([objects[v - 1] for v in present], mask.shape)
+    assert box is not None
+    mask[box] = lut[mask[box]]
+    moved = [f"{value_name(o)}->{value_name(n)}" for o, n in zip(by_height, present, strict=True) if o != n]
+    return [f"relabelled {', '.join(moved)} (out of cranio-caudal order)"]
+
+
+def remove_small(mask: np.ndarray, voxel_mm3: float, min_volume_mm3: float) -> list[str]:
+    """In place: drop labels (all values) whose total volume is below ``min_volume_mm3``."""
+    notes = []
+    for v, sl in enumerate(ndimage.find_objects(mask), start=1):
+        if sl is None:
+            continue
+        region = mask[sl]  # a view: only the label's bounding box is scanned (full-size studies are 100 M voxels)
+        hit = region == v
+        volume = int(hit.sum()) * voxel_mm3
+        if volume < min_volume_mm3:
+            region[hit] = 0
+            notes.append(f"removed {value_name(v)}: {volume:.0f} mm3 < {min_volume_mm3:.0f} mm3")
+    return notes
+
+
+def postprocess(
+    mask: np.ndarray, affine: np.ndarray, cfg: PostprocessConfig | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """Clean a label map on any grid: largest piece per vertebra, order fix, specks removed.
+
+    Args:
+        mask: uint8 project values (1..7 = C1..C7; other values are kept, specks removed).
+        affine: index -> LPS (mm) of the mask's grid.
+
+    Returns:
+        (cleaned copy, notes describing every change).
+    """
+    cfg = cfg or PostprocessConfig()
+    out = np.array(mask, dtype=np.uint8, copy=True)
+    voxel = float(abs(np.linalg.det(affine[:3, :3])))
+    notes: list[str] = []
+    if cfg.keep_largest:
+        notes += keep_largest_components(out)
+    notes += remove_small(out, voxel, cfg.min_volume_mm3)
+    if cfg.fix_order:
+        notes += fix_order(out, affine)
+    return out, notes
+
+
+def describe(mask: np.ndarray, vol: Volume) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Per vertebra C1..C7: present, voxels, volume, slices, instance numbers, bbox, centroids, FOV cut-off.
+
+    Returns (vertebrae, warnings). ``slices`` are the first and last index along the volume's axis 0 (the DICOM
+    slice axis); ``instance_numbers`` are the InstanceNumbers of those two slices (RSNA slice_number);
+    ``bbox_zyx`` is [start, stop) per axis, ready for :func:`cspine.io.volume.crop`.
+    """
+    if mask.shape != vol.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from volume shape {vol.shape}")
+    voxel = float(abs(np.linalg.det(vol.affine[:3, :3])))
+    s_axis, s_sign = superior_axis(vol.affine)
+    objects = ndimage.find_objects(mask)
+    out: dict[str, dict[str, Any]] = {}
+    warnings: list[str] = []
+    for name, v in zip(CERVICAL, CERVICAL_VALUES, strict=True):
+        sl = objects[v - 1] if v <= len(objects) else None
+        if sl is None:
+            out[name] = {"present": False, "voxels": 0, "volume_ml": 0.0, "cut_off": False}
+            warnings.append(f"{name} not found")
+            continue
+        local = mask[sl] == v
+        n = int(local.sum())
+        start = [s.start for s in sl]
+        stop = [s.stop for s in sl]
+        centroid = np.array(ndimage.center_of_mass(local)) + np.array(start)
+        sides: list[str] = []
+        for axis in range(3):
+            touched = []
+            if start[axis] == 0:
+                touched.append(_side(axis, low=True, s_axis=s_axis, s_sign=s_sign))
+            if stop[axis] == mask.shape[axis]:
+                touched.append(_side(axis, low=False, s_axis=s_axis, s_sign=s_sign))
+            sides += [t for t in touched if t not in sides]
+        z0, z1 = start[0], stop[0] - 1
+        inst = vol.instance_numbers
+        out[name] = {
+            "present": True,
+            "voxels": n,
+            "volume_ml": round(n * voxel / 1000.0, 3),
+            "slices": [int(z0), int(z1)],
+            "instance_numbers": [int(inst[z0]), int(inst[z1])] if len(inst) else None,
+            "bbox_zyx": [[int(a) for a in start], [int(b) for b in stop]],
+            "centroid_zyx": [round(float(c), 2) for c in centroid],
+            "centroid_lps": [round(float(c), 2) for c in vol.index_to_patient(centroid)[0]],
+            "cut_off": bool(sides),
+            "cut_off_sides": sides,
+        }
+        if sides:
+            warnings.append(f"{name} cut off by the field of view ({', '.join(sides)} edge)")
+    return out, warnings
+
+
+def _side(axis: int, low: bool, s_axis: int, s_sign: int) -> str:
+    if axis == s_axis:
+        return "inferior" if low == (s_sign > 0) else "superior"
+    return "in-plane"
