@@ -30,13 +30,14 @@ class DemoConfig:
     """Sizes chosen so the demo finishes in a few minutes on 2 CPU cores; scale them up for a real look."""
 
     out: Path = Path("cspine-demo")
-    train_studies: int = 40
-    test_studies: int = 12
+    train_studies: int = 32
+    test_studies: int = 8
     segmented: float = 0.5
     seed: int = 0
     device: str = "auto"
-    seg_epochs: int = 6
-    seg_iters: int = 20
+    seg_epochs: int = 5
+    seg_iters: int = 16
+    seg_patch: tuple[int, int, int] = (64, 64, 64)
     cls_epochs: int = 8
     cls_folds: int = 3
 
@@ -102,6 +103,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
         folds=5,
         epochs=cfg.seg_epochs,
         iters_per_epoch=cfg.seg_iters,
+        patch=cfg.seg_patch,
         device=cfg.device,
         patience=0,
     )
