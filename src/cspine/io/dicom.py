@@ -64,6 +64,23 @@ _J2K = {
     "1.2.840.10008.1.2.4.203",
 }
 _DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
+#: Non-geometric header fields kept as (non-identifying) metadata.
+_INFO_TAGS = (
+    "Modality",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "SliceThickness",
+    "SpacingBetweenSlices",
+    "BitsStored",
+    "PixelRepresentation",
+    "RescaleIntercept",
+    "RescaleSlope",
+    "ConvolutionKernel",
+    "KVP",
+    "ImageType",
+    "NumberOfFrames",
+)
+#: What the header pass reads (geometry, identity of the series, and the metadata above).
 _HEADER_TAGS = [
     "SOPClassUID",
     "StudyInstanceUID",
@@ -75,19 +92,7 @@ _HEADER_TAGS = [
     "PixelSpacing",
     "Rows",
     "Columns",
-    "SliceThickness",
-    "SpacingBetweenSlices",
-    "Modality",
-    "Manufacturer",
-    "ManufacturerModelName",
-    "ImageType",
-    "NumberOfFrames",
-    "BitsStored",
-    "PixelRepresentation",
-    "RescaleIntercept",
-    "RescaleSlope",
-    "ConvolutionKernel",
-    "KVP",
+    *_INFO_TAGS,
 ]
 #: CT image storage classes (CT, enhanced CT, legacy converted enhanced CT): such a file without Rows or pixel
 #: data is a truncated slice, not a file to skip.
@@ -194,25 +199,7 @@ def _header_from(ds: Any, path: str) -> _Header | str | None:
         ipp = ds.get("ImagePositionPatient")
         iop = ds.get("ImageOrientationPatient")
         ps = ds.get("PixelSpacing")
-        info = {
-            key: _plain(ds.get(key))
-            for key in (
-                "Modality",
-                "Manufacturer",
-                "ManufacturerModelName",
-                "SliceThickness",
-                "SpacingBetweenSlices",
-                "BitsStored",
-                "PixelRepresentation",
-                "RescaleIntercept",
-                "RescaleSlope",
-                "ConvolutionKernel",
-                "KVP",
-                "ImageType",
-                "NumberOfFrames",
-            )
-            if key in ds
-        }
+        info = {key: _plain(ds.get(key)) for key in _INFO_TAGS if key in ds}
         return _Header(
             path=path,
             study_uid=str(ds.get("StudyInstanceUID", "")),
