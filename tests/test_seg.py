@@ -79,7 +79,7 @@ def test_unknown_model_lists_valid_names() -> None:
         create_model("resnet-9000")
 
 
-REGISTERED = ["unet", "unet-tiny", "unet-refine", "unet-res", "dynunet", "segresnet"]
+REGISTERED = ["unet", "unet-tiny", "unet-full", "unet-res", "dynunet", "segresnet"]
 
 
 @pytest.mark.parametrize("name", REGISTERED)

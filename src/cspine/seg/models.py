@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 from cspine.seg.config import CLASSES
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
 
@@ -33,7 +32,7 @@ class ModelSpec:
     description: str
 
 
-def _unet(channels: tuple[int, ...], res_units: int) -> Callable[[int, int], nn.Module]:
+def _unet(channels: tuple[int, ...], res_units: int, full_res: bool = False) -> Callable[[int, int], nn.Module]:
     def build(in_channels: int, out_channels: int) -> nn.Module:
         from monai.networks.nets import UNet
 
@@ -42,48 +41,10 @@ def _unet(channels: tuple[int, ...], res_units: int) -> Callable[[int, int], nn.
             in_channels=in_channels,
             out_channels=out_channels,
             channels=channels,
-            strides=(2,) * (len(channels) - 1),
+            strides=((1,) if full_res else (2,)) + (2,) * (len(channels) - 2),
             num_res_units=res_units,
             norm="instance",
         )
-
-    return build
-
-
-def _unet_refine(channels: tuple[int, ...], width: int) -> Callable[[int, int], nn.Module]:
-    def build(in_channels: int, out_channels: int) -> nn.Module:
-        from monai.networks.nets import UNet
-        from torch import nn
-
-        class RefinedUNet(nn.Module):
-            """MONAI's U-Net, whose first convolution is strided, plus one full-resolution block on its features and
-            the image: vertebra boundaries are decided with the input's own detail (issue: Dice is lost at the
-            edges, not in identification)."""
-
-            def __init__(self) -> None:
-                super().__init__()
-                self.body = UNet(
-                    spatial_dims=3,
-                    in_channels=in_channels,
-                    out_channels=width,
-                    channels=channels,
-                    strides=(2,) * (len(channels) - 1),
-                    num_res_units=0,
-                    norm="instance",
-                )
-                self.head = nn.Sequential(
-                    nn.Conv3d(width + in_channels, width, 3, padding=1),
-                    nn.InstanceNorm3d(width, affine=True),
-                    nn.LeakyReLU(0.01, inplace=True),
-                    nn.Conv3d(width, out_channels, 1),
-                )
-
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                import torch
-
-                return self.head(torch.cat([self.body(x), x], dim=1))
-
-        return RefinedUNet()
 
     return build
 
@@ -132,7 +93,7 @@ MODELS: dict[str, ModelSpec] = {
     for spec in (
         ModelSpec("unet", _unet((16, 32, 64, 128, 256), 0), 16, "3D U-Net 16-256 ch, 5 levels; default, CPU-fast"),
         ModelSpec("unet-tiny", _unet((8, 16, 32, 64), 0), 8, "3D U-Net 8-64 ch, 4 levels; tests and smoke runs"),
-        ModelSpec("unet-refine", _unet_refine((16, 32, 64, 128, 256), 16), 16, "unet + full-resolution edge block"),
+        ModelSpec("unet-full", _unet((16, 32, 64, 128, 256), 0, True), 8, "unet with a full-resolution top level; GPU"),
         ModelSpec("unet-res", _unet((32, 64, 128, 256, 320), 2), 16, "residual 3D U-Net 32-320 ch; GPU"),
         ModelSpec("dynunet", _dynunet((32, 64, 128, 256, 320)), 16, "nnU-Net-style residual DynUNet; GPU"),
         ModelSpec("segresnet", _segresnet(16), 8, "SegResNet 16 filters (MONAI); GPU or patient CPU"),
