@@ -87,17 +87,9 @@ def _prob(text: str, path: Path) -> float:
 
 def read_labels(path: Path) -> dict[str, dict[str, int]]:
     """train.csv as {uid: {target: 0/1}}."""
-    from cspine.data.rsna import TRAIN_COLUMNS
+    from cspine.data.rsna import read_train_labels
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: labels file not found")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in TRAIN_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
-        return {r[WIDE_ID]: {t: int(float(r[t])) for t in PREDICTION_TYPES} for r in reader}
+    return read_train_labels(Path(path))
 
 
 def write_wide(path: Path, uids: list[str], probs: np.ndarray, extra: dict[str, list[Any]] | None = None) -> Path:

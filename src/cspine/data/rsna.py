@@ -62,8 +62,7 @@ class RsnaDataset:
 
     def train_labels(self) -> dict[str, dict[str, int]]:
         """train.csv as {StudyInstanceUID: {patient_overall: 0/1, C1: ..., C7: ...}}."""
-        rows = _read_csv(self.root / "train.csv", TRAIN_COLUMNS)
-        return {r["StudyInstanceUID"]: {k: int(float(r[k])) for k in PREDICTION_TYPES} for r in rows}
+        return read_train_labels(self.root / "train.csv")
 
     def boxes(self) -> dict[str, list[Box]]:
         """train_bounding_boxes.csv grouped by study (empty when the file is absent)."""
@@ -85,6 +84,12 @@ class RsnaDataset:
             if uid != r["StudyInstanceUID"] or ptype != r["prediction_type"]:
                 raise ValueError(f"{self.root / 'test.csv'}: row_id {r['row_id']!r} does not match its columns")
         return rows
+
+
+def read_train_labels(path: Path) -> dict[str, dict[str, int]]:
+    """A train.csv-style file (StudyInstanceUID, patient_overall, C1..C7) as {uid: {target: 0/1}}."""
+    rows = _read_csv(Path(path), TRAIN_COLUMNS)
+    return {r["StudyInstanceUID"]: {k: int(float(r[k])) for k in PREDICTION_TYPES} for r in rows}
 
 
 def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
