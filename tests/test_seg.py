@@ -35,6 +35,7 @@ TINY = {
     "fold": 0,
     "folds": 3,
     "device": "cpu",
+    "soft_labels": True,  # the in-memory runs cover soft targets; the CLI and DDP runs hard labels
 }
 
 

@@ -138,7 +138,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
             work / "cls",
             out / "model",
             metrics={
-                "segmentation": {k: seg_summary.get(k) for k in ("best_dice", "best_epoch") if k in seg_summary},
+                "segmentation": {k: seg_summary.get(k) for k in ("best_val_dice", "best_epoch") if k in seg_summary},
                 "classification_oof": {k: cls_summary.get(k) for k in ("competition_loss", "mean_vertebra_auc")},
             },
         ),
@@ -175,7 +175,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
         "test_mean_vertebra_auc": metrics.get("mean_vertebra_auc"),
         "test_patient_auc": metrics.get("patient_auc"),
         "cv_competition_loss": cls_summary.get("competition_loss"),
-        "seg_best_dice": seg_summary.get("best_dice"),
+        "seg_best_dice": seg_summary.get("best_val_dice"),
         "predicted_study": result["StudyInstanceUID"],
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }

@@ -37,6 +37,7 @@ from cspine.seg.config import (
     OTHER_VALUE,
     RESUMABLE_FIELDS,
     TrainSegConfig,
+    from_dict,
     to_dict,
 )
 from cspine.seg.data import Case, PatchSampler, describe_cases, discover_studies, fold_of
@@ -93,6 +94,10 @@ def _check_resumable(out: Path, cfg: TrainSegConfig) -> None:
     if not path.exists():
         return
     saved = json.loads(path.read_text()).get("train", {})
+    try:  # fields added since the run started take their defaults
+        saved = to_dict(from_dict(TrainSegConfig, saved))
+    except ValueError as exc:
+        raise ValueError(f"{path}: saved config is not readable by this cspine ({exc}); use --fresh") from exc
     now = to_dict(cfg)
     diffs = [k for k in now if k not in RESUMABLE_FIELDS and saved.get(k) != now[k]]
     if diffs:
@@ -442,8 +447,6 @@ def train_segmentation(
 
 def train_config(**overrides: Any) -> TrainSegConfig:
     """A :class:`TrainSegConfig` with overrides (type-checked by ``from_dict``), e.g. ``train_config(epochs=3)``."""
-    from cspine.seg.config import from_dict
-
     base = to_dict(TrainSegConfig())
     for key, value in overrides.items():
         if key not in base:
