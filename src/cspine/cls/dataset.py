@@ -140,12 +140,12 @@ class StudyStore:
         return np.array([[float(s.labels[t]) for t in PREDICTION_TYPES] for s in self.studies], np.float32)
 
 
-class StudyDataset(Dataset):
-    """One item per study (rows of a StudyStore): the tensors the sequence model and its loss need."""
+class _EpochDataset(Dataset):
+    """Rows of a StudyStore with seeded, per-epoch augmentation (set_epoch before each epoch)."""
 
-    def __init__(self, store: StudyStore, rows: Sequence[int], augment: bool = False, seed: int = 0):
+    def __init__(self, store: StudyStore, rows: Sequence[int] | np.ndarray, augment: bool = False, seed: int = 0):
         self.store = store
-        self.rows = [int(r) for r in rows]
+        self.rows = np.asarray(rows, dtype=np.int64)
         self.crop = store.crop
         self.augment = augment
         self.seed = seed
@@ -157,8 +157,12 @@ class StudyDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+
+class StudyDataset(_EpochDataset):
+    """One item per study (rows of a StudyStore): the tensors the sequence model and its loss need."""
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        r = self.rows[i]
+        r = int(self.rows[i])
         st = self.store[r]
         images = st.images
         if self.augment:
@@ -194,23 +198,12 @@ def image_index(store: StudyStore) -> ImageIndex:
     return ImageIndex(arr[:, 0], arr[:, 1], arr[:, 2])
 
 
-class ImageDataset(Dataset):
+class ImageDataset(_EpochDataset):
     """Single crop images (rows of an ImageIndex) with their vertebra's study-level label: the seed's samples."""
 
     def __init__(self, store: StudyStore, index: ImageIndex, rows: np.ndarray, augment: bool = False, seed: int = 0):
-        self.store = store
+        super().__init__(store, rows, augment, seed)
         self.index = index
-        self.rows = np.asarray(rows, dtype=np.int64)
-        self.crop = store.crop
-        self.augment = augment
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         r = int(self.rows[i])
