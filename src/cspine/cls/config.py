@@ -73,6 +73,7 @@ ENCODERS: tuple[str, ...] = (
     "resnet18",
     "resnet34",
     "resnet50",
+    "efficientnet-lite0",
     "efficientnet-b0",
     "efficientnet-b1",
     "efficientnet-b2",
@@ -98,6 +99,11 @@ class ModelConfig:
         dense: hidden units of the seed baseline's Dense layer.
         pool: global pooling of the sequence encoder's feature map: "avg", "max" or "avgmax" (both, concatenated).
             A fracture is a few voxels of a vertebra, so "is it anywhere" (max) keeps a signal that a mean dilutes.
+        density_bins: bins of the density histogram inside the vertebra mask, per slice and per vertebra, fed to the
+            sequence model beside the CNN features (0 = off). A fracture is lucent bone: blood and soft tissue where
+            the mask says bone. On 60 generated studies this histogram alone, in a logistic regression, separates
+            fractured vertebrae with AUC ~0.79, while a CNN learning it from ~30 positive vertebrae stayed at chance.
+        density_hu: HU range the histogram covers (below and above are clipped into the end bins).
     """
 
     encoder: str = "resnet18"
@@ -111,6 +117,8 @@ class ModelConfig:
     patient_from: str = "head"
     dense: int = 256
     pool: str = "avgmax"
+    density_bins: int = 16
+    density_hu: tuple[float, float] = (-100.0, 500.0)
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
@@ -119,6 +127,8 @@ class ModelConfig:
             raise ValueError(f"patient_from must be one of {', '.join(PATIENT_SOURCES)}, got {self.patient_from!r}")
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
+        if self.density_bins < 0 or self.density_hu[0] >= self.density_hu[1]:
+            raise ValueError("density_bins must be >= 0 and density_hu an increasing (low, high) pair")
         if self.width <= 0 or self.stem_stride not in (1, 2):
             raise ValueError("width must be > 0 and stem_stride 1 or 2")
 
@@ -286,6 +296,11 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
         raise TypeError(errors[0] if errors else f"{name}: bad value {value!r}")
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value) if isinstance(value, dict) else value
+    if origin is tuple:  # fixed-length tuples arrive from JSON as lists
+        args = typing.get_args(hint)
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise TypeError(f"{name}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(name, a, v) for a, v in zip(args, value, strict=True))
     if hint is Path:
         if isinstance(value, str | Path):
             return Path(value)
