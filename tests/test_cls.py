@@ -263,6 +263,22 @@ def test_density_histogram_counts_only_pixels_inside_the_mask() -> None:
     assert torch.exp(per_vertebra[0]).sub(1e-3).tolist() == pytest.approx([0, 2 / 3, 0, 0, 0, 1 / 3], abs=1e-6)
 
 
+def test_relative_density_compares_a_vertebra_with_the_other_present_ones_of_its_study() -> None:
+    import torch
+
+    from cspine.cls.models import relative_density
+
+    h = torch.arange(2 * 7 * 3, dtype=torch.float32).reshape(14, 3)
+    present = torch.ones(2, 7, dtype=torch.bool)
+    present[1, 6] = False  # C7 of study 2 outside the field of view
+    out = relative_density(h, present).reshape(2, 7, 6)
+    assert torch.equal(out[..., :3], h.reshape(2, 7, 3))
+    rel = out[..., 3:]
+    assert torch.allclose(rel[0].mean(dim=0), torch.zeros(3))
+    assert torch.allclose(rel[1, :6].mean(dim=0), torch.zeros(3), atol=1e-6)
+    assert rel[1, 6].abs().sum() == 0  # the absent vertebra neither gets nor gives a comparison
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Calibration and evaluation
 # ----------------------------------------------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def test_unknown_model_lists_valid_names() -> None:
         create_model("resnet-9000")
 
 
-REGISTERED = ["unet", "unet-tiny", "unet-full", "unet-res", "dynunet", "segresnet"]
+REGISTERED = ["unet", "unet-tiny", "unet-full", "unet-fine", "unet-res", "dynunet", "segresnet"]
 
 
 @pytest.mark.parametrize("name", REGISTERED)
@@ -210,6 +210,33 @@ def test_augmented_patches_keep_identities(studies: list[SynthStudy]) -> None:
         z_of = {c: np.argwhere(yb[b, 0].numpy() == c)[:, 0].mean() for c in range(1, 8) if (yb[b, 0] == c).any()}
         ordered = sorted(z_of, key=lambda c: -z_of[c])  # canonical axis 0 runs upwards: C1 highest
         assert ordered == sorted(ordered)
+
+
+def test_refined_foreground_decides_bone_and_coarse_logits_name_it() -> None:
+    import torch
+
+    from cspine.seg.data import Foreground, logits_to_labels, make_gridmap, study_box
+
+    gm = make_gridmap((8, 8, 8), np.eye(4)[[2, 1, 0, 3]], (1.0, 1.0, 1.0))  # axes already canonical, 1 mm
+    assert gm.perm == (0, 1, 2) and gm.flip == (False, False, False)
+    logits = torch.zeros((9, 8, 8, 8))
+    logits[0] = 5.0  # background everywhere ...
+    logits[3, 2:6, 2:6, 2:6] = 10.0  # ... but a C3 cube
+    logits[4, 4:6, 2:6, 2:6] = 11.0  # whose top is C4
+    logits[3, 0, 0, 0] = 20.0  # and a C3 speck far away
+    assert [b.tolist() for b in study_box(logits, gm, margin=0)] == [[0, 0, 0], [5, 5, 5]]
+    lo, hi = study_box(logits, gm, margin=0, cervical_only=True)  # the largest piece of each: specks ignored
+    assert lo.tolist() == [2, 2, 2] and hi.tolist() == [5, 5, 5]
+    plain = logits_to_labels(logits, gm, margin=0)
+    fg = np.zeros((5, 5, 5), dtype=bool)  # refined box: study voxels 1..5
+    fg[0:4, 2:4, 2:4] = True  # the refinement stage: bone is a thinner, taller bar (study 1..4, 3..4, 3..4)
+    refined = logits_to_labels(logits, gm, margin=0, foreground=Foreground(np.ones(3, np.int64), fg), gate=3.0)
+    assert (refined[2:4, 3:5, 3:5] == 3).all() and (refined[4, 3:5, 3:5] == 4).all()  # named by the coarse logits
+    assert (refined[1, 3:5, 3:5] == 0).all()  # coarse background 5 vs best vertebra 0: beyond the gate
+    assert (refined[2:4, 2, 2] == 0).all() and (plain[2:4, 2, 2] == 3).all()  # the rim follows the refinement
+    assert refined[0, 0, 0] == plain[0, 0, 0] == 3  # outside the refined box the coarse labels stay
+    with pytest.raises(ValueError, match="outside"):
+        logits_to_labels(logits, gm, margin=0, foreground=Foreground(np.array([4, 4, 4]), fg))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -427,6 +454,32 @@ def test_inference_returns_masks_on_the_studys_own_grid(
     for f in ("config.json", "best.pt"):
         (bundle / "seg" / f).write_bytes((trained["out"] / f).read_bytes())
     assert load_model(bundle, "cpu").path == bundle / "seg"
+
+
+def test_refinement_stage_trains_into_the_coarse_model_and_refines_its_masks(
+    studies: list[SynthStudy], trained: dict[str, Any], tmp_path: Path
+) -> None:
+    from cspine.seg.infer import InferConfig, load_model, segment_volume
+    from cspine.seg.train import train_config, train_segmentation
+
+    coarse = tmp_path / "model"
+    coarse.mkdir()
+    for f in ("config.json", "best.pt"):
+        (coarse / f).write_bytes((trained["out"] / f).read_bytes())
+    cfg = train_config(out=coarse / "refine", **{**TINY, "stage": "refine", "arch": "unet-fine", "epochs": 1})
+    train_segmentation(cfg, studies, resume=False)
+    rows = json.loads((coarse / "refine" / "log.json").read_text())
+    assert set(rows[0]["val_dice"]) == {"vertebra"} and rows[0]["val_dice_mean"] is not None
+    assert json.loads((coarse / "refine" / "config.json").read_text())["classes"] == ["background", "vertebra"]
+    model = load_model(coarse, "cpu")
+    assert model.refine is not None and model.refine.stage == "refine" and model.refine.window == (32, 32, 32)
+    s = studies[1]
+    res = segment_volume(s.volume, model)
+    plain = segment_volume(s.volume, model, InferConfig(refine=False))
+    assert res.mask.shape == plain.mask.shape == s.volume.shape and "refine" in res.timings
+    assert "refine" not in plain.timings
+    with pytest.raises(ValueError, match="refine stage"):
+        load_model(coarse / "refine", "cpu")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -81,6 +81,15 @@ def check_bundle(root: Path) -> dict[str, Any]:
     return info
 
 
+def _training_only(folder: str, names: list[str]) -> set[str]:
+    """What prediction never reads: resume state (last.pt, with optimiser moments: 3x the weights) where best
+    weights exist, and training work folders."""
+    skip = {"work"} & set(names)
+    if "last.pt" in names and "best.pt" in names:
+        skip.add("last.pt")
+    return skip
+
+
 def make_bundle(seg_dir: Path, cls_dir: Path, out: Path, metrics: dict[str, Any] | None = None) -> Path:
     """Assemble a bundle from a segmentation and a classification model directory (copied)."""
     for name, d in (("segmentation", seg_dir), ("classification", cls_dir)):
@@ -89,8 +98,8 @@ def make_bundle(seg_dir: Path, cls_dir: Path, out: Path, metrics: dict[str, Any]
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    shutil.copytree(seg_dir, tmp / "seg")
-    shutil.copytree(cls_dir, tmp / "cls")
+    shutil.copytree(seg_dir, tmp / "seg", ignore=_training_only)
+    shutil.copytree(cls_dir, tmp / "cls", ignore=_training_only)
     write_json(
         tmp / BUNDLE_FILE,
         {

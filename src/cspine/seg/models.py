@@ -88,12 +88,17 @@ def _segresnet(init_filters: int) -> Callable[[int, int], nn.Module]:
 #: Registered networks. "unet" is the default: MONAI's 3D U-Net, 5 levels, first convolution strided (features at
 #: 2x the model spacing, a learned transposed convolution back), receptive field larger than the C2-C7 distance so
 #: every vertebra can be counted from C2 or T1; ~2 M parameters, ~0.3 s for a 2 mm full-study CPU forward.
+#: "unet-fine" is the refinement stage's default: features at the grid spacing itself (the rim is what it must
+#: place) but 8 channels there, so a 1.25 mm patch step costs about what the coarse "unet" step does.
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
         ModelSpec("unet", _unet((16, 32, 64, 128, 256), 0), 16, "3D U-Net 16-256 ch, 5 levels; default, CPU-fast"),
         ModelSpec("unet-tiny", _unet((8, 16, 32, 64), 0), 8, "3D U-Net 8-64 ch, 4 levels; tests and smoke runs"),
         ModelSpec("unet-full", _unet((16, 32, 64, 128, 256), 0, True), 8, "unet with a full-resolution top level; GPU"),
+        ModelSpec(
+            "unet-fine", _unet((8, 16, 32, 64, 128), 0, True), 8, "slim full-resolution 3D U-Net; refinement stage"
+        ),
         ModelSpec("unet-res", _unet((32, 64, 128, 256, 320), 2), 16, "residual 3D U-Net 32-320 ch; GPU"),
         ModelSpec("dynunet", _dynunet((32, 64, 128, 256, 320)), 16, "nnU-Net-style residual DynUNet; GPU"),
         ModelSpec("segresnet", _segresnet(16), 8, "SegResNet 16 filters (MONAI); GPU or patient CPU"),

@@ -35,7 +35,9 @@ from cspine.seg.config import (
     CLASSES,
     CONFIG_FORMAT,
     OTHER_VALUE,
+    REFINE_RECIPE,
     RESUMABLE_FIELDS,
+    STAGE_CLASSES,
     TrainSegConfig,
     from_dict,
     to_dict,
@@ -60,8 +62,14 @@ class StudyLike(Protocol):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def labels_json() -> dict[str, Any]:
+def labels_json(stage: str = "coarse") -> dict[str, Any]:
     """MODEL_DIR/labels.json: network classes, the values written in masks, and how training masks are read."""
+    if stage == "refine":
+        return {
+            "classes": dict(enumerate(STAGE_CLASSES[stage])),
+            "input_values": "any non-zero mask value -> vertebra",
+            "use": "which voxels are vertebra; the coarse model in the parent directory names them",
+        }
     return {
         "classes": dict(enumerate(CLASSES)),
         "output_values": {name: int(v) for name, v in zip(CLASSES, CLASS_TO_VALUE, strict=True)},
@@ -80,7 +88,8 @@ def model_config_json(cfg: TrainSegConfig) -> dict[str, Any]:
         "kind": "cspine-seg",
         "arch": cfg.arch,
         "arch_description": spec.description,
-        "classes": list(CLASSES),
+        "stage": cfg.stage,
+        "classes": list(STAGE_CLASSES[cfg.stage]),
         "in_channels": 1,
         "train": to_dict(cfg),
     }
@@ -182,7 +191,7 @@ def _build_cases(items: list[tuple[str, Callable[[], tuple]]], cfg: TrainSegConf
         vol, mask = load()
         if mask.shape != vol.shape:
             raise ValueError(f"study {uid}: mask shape {mask.shape} differs from volume shape {vol.shape}")
-        cases.append(Case.build(uid, vol, mask, cfg.preprocess, soft=soft))
+        cases.append(Case.build(uid, vol, mask, cfg.preprocess, soft=soft, stage=cfg.stage))
     return cases
 
 
@@ -192,19 +201,25 @@ def _build_cases(items: list[tuple[str, Callable[[], tuple]]], cfg: TrainSegConf
 
 
 def validate(net: Any, cases: Sequence[Case], cfg: TrainSegConfig, device: Any) -> dict[str, Any]:
-    """Dice per vertebra on the model grid (whole-volume prediction, no post-processing), mean over cases."""
+    """Dice per class on the model grid (prediction as at inference, no post-processing), mean over cases.
+
+    Coarse stage: per vertebra C1..C7, whole volume; refinement stage: the vertebra class (``val_dice``
+    {"vertebra": ...}), in windows of the training patch over the whole study (at inference only the neck box).
+    """
     from cspine.metrics import dice
     from cspine.seg.infer import SegModel, predict_logits
 
-    model = SegModel(net, cfg.arch, cfg.preprocess, device)
-    per: dict[str, list[float]] = {n: [] for n in CERVICAL}
+    names = CERVICAL if cfg.stage == "coarse" else STAGE_CLASSES[cfg.stage][1:]
+    window = cfg.patch if cfg.stage == "refine" else None  # as at inference (see SegModel.window)
+    model = SegModel(net, cfg.arch, cfg.preprocess, device, classes=STAGE_CLASSES[cfg.stage], window=window)
+    per: dict[str, list[float]] = {n: [] for n in names}
     case_means = []
     was_training = net.training
     net.eval()
     for case in cases:
         pred = predict_logits(model, case.image.astype(np.float32)).argmax(0).numpy().astype(np.uint8)
         scores = []
-        for k, name in enumerate(CERVICAL, start=1):
+        for k, name in enumerate(names, start=1):
             d = dice(pred, case.labels, k)
             if d is not None and (case.labels == k).any():
                 per[name].append(d)
@@ -285,7 +300,7 @@ def train_segmentation(
         if rt.is_main:
             log.info("train %s; validation %d studies", describe_cases(train_cases), len(val_items))
 
-        net = create_model(cfg.arch, 1, len(CLASSES)).to(rt.device)
+        net = create_model(cfg.arch, 1, len(STAGE_CLASSES[cfg.stage])).to(rt.device)
         opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         rows: list[dict[str, Any]] = []
         start_epoch, best_score, best_epoch, bad_epochs = 0, -1.0, 0, 0
@@ -310,7 +325,7 @@ def train_segmentation(
         if rt.is_main:
             out.mkdir(parents=True, exist_ok=True)
             write_json(out / "config.json", model_config_json(cfg))
-            write_json(out / "labels.json", labels_json())
+            write_json(out / "labels.json", labels_json(cfg.stage))
 
         from monai.losses import DiceCELoss
 
@@ -446,8 +461,13 @@ def train_segmentation(
 
 
 def train_config(**overrides: Any) -> TrainSegConfig:
-    """A :class:`TrainSegConfig` with overrides (type-checked by ``from_dict``), e.g. ``train_config(epochs=3)``."""
+    """A :class:`TrainSegConfig` with overrides (type-checked by ``from_dict``), e.g. ``train_config(epochs=3)``.
+
+    ``stage="refine"`` starts from :data:`REFINE_RECIPE` instead of the coarse defaults (overrides still win).
+    """
     base = to_dict(TrainSegConfig())
+    if overrides.get("stage") == "refine":
+        base.update({**REFINE_RECIPE, "preprocess": {**base["preprocess"], **REFINE_RECIPE["preprocess"]}})
     for key, value in overrides.items():
         if key not in base:
             raise ValueError(f"unknown TrainSegConfig field {key!r}; valid: {', '.join(sorted(base))}")
