@@ -276,10 +276,10 @@ class SequenceNet(nn.Module):
         b, nv, k, c, s, _ = images.shape
         pres = present.reshape(b * nv).bool()
         flat = images.reshape(b * nv, k, c, s, s)
-        sel = flat[pres]
-        enc = self.encoder(_scale(sel.reshape(-1, c, s, s))).float().reshape(-1, k, self.feat_dim)
-        feats = enc.new_zeros(b * nv, k, self.feat_dim)
-        feats[pres] = enc
+        feats = images.new_zeros(b * nv, k, self.feat_dim, dtype=torch.float32)
+        if bool(pres.any()):  # a study whose mask holds no cervical vertebra still gets its (prior-like) answer
+            sel = flat[pres]
+            feats[pres] = self.encoder(_scale(sel.reshape(-1, c, s, s))).float().reshape(-1, k, self.feat_dim)
         ids = torch.arange(nv, device=images.device).repeat(b)
         emb = self.embed(ids)[:, None, :].expand(-1, k, -1)
         parts = [feats, emb]
