@@ -64,10 +64,6 @@ class Calibration:
         c = np.array([self.centres.get(name, 0.0) for name in targets])
         return sigmoid(c[None, :] + (logit(probs) - c[None, :]) / t[None, :])
 
-    def apply_one(self, target: str, p: float | np.ndarray) -> np.ndarray:
-        c = self.centres.get(target, 0.0)
-        return sigmoid(c + (logit(np.asarray(p)) - c) / self.temperatures.get(target, 1.0))
-
     def save(self, model_dir: Path) -> Path:
         write_json(model_dir / CALIBRATION_JSON, asdict(self))
         return model_dir / CALIBRATION_JSON
