@@ -19,6 +19,7 @@ import time
 import torch
 
 from cspine.cls.config import CropConfig, ModelConfig
+from cspine.cls.lucency import N_LUCENCY
 from cspine.cls.models import SeedNet, create_model
 from cspine.cls.train import sequence_loss
 
@@ -47,6 +48,7 @@ def bench_sequence(args: argparse.Namespace, device: torch.device, sync) -> dict
         0, 255, (b, 7, crop.slices, crop.channels, crop.size, crop.size), dtype=torch.uint8, device=device
     )
     present = torch.ones(b, 7, dtype=torch.bool, device=device)
+    stats = torch.rand(b, 7, N_LUCENCY, device=device)
     batch = {
         "labels": torch.zeros(b, 8, device=device),
         "present": present,
@@ -59,7 +61,7 @@ def bench_sequence(args: argparse.Namespace, device: torch.device, sync) -> dict
     def train_step() -> None:
         model.train()
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = sequence_loss(model(images, present), batch, 0.3)
+            loss = sequence_loss(model(images, present, stats), batch, 0.3, 1.0)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -68,7 +70,7 @@ def bench_sequence(args: argparse.Namespace, device: torch.device, sync) -> dict
     def infer() -> None:
         model.eval()
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            model(images, present)
+            model(images, present, stats)
 
     n = b * 7 * crop.slices
     return {

@@ -129,6 +129,7 @@ def test_seed_splits_by_study_do_not_leak_but_image_split_does(tiny_store) -> No
 def test_every_registered_model_trains_one_step(recipe: str) -> None:
     import torch
 
+    from cspine.cls.lucency import N_LUCENCY
     from cspine.cls.models import MODELS, create_model
     from cspine.cls.train import sequence_loss
 
@@ -142,10 +143,12 @@ def test_every_registered_model_trains_one_step(recipe: str) -> None:
         images = torch.randint(0, 255, (2, 7, 4, crop.channels, 32, 32), dtype=torch.uint8)
         present = torch.ones(2, 7, dtype=torch.bool)
         present[1, 6] = False  # a vertebra the mask lacks
-        out = model(images, present)
+        stats = torch.rand(2, 7, N_LUCENCY)
+        out = model(images, present, stats)
         assert out["vertebra"].shape == (2, 7) and out["slices"].shape == (2, 7, 4) and out["patient"].shape == (2,)
+        assert out["features"].shape == (2, 7)
         model.eval()  # a study whose mask found no cervical vertebra (submit crashed on it once) still gets an answer
-        none = model(images[:1], torch.zeros(1, 7, dtype=torch.bool))
+        none = model(images[:1], torch.zeros(1, 7, dtype=torch.bool), torch.zeros(1, 7, N_LUCENCY))
         assert torch.isfinite(none["patient"]).all() and torch.isfinite(none["vertebra"]).all()
         model.train()
         batch = {
@@ -154,7 +157,7 @@ def test_every_registered_model_trains_one_step(recipe: str) -> None:
             "slice_labels": torch.zeros(2, 7, 4),
             "slice_valid": torch.ones(2, 7, 4, dtype=torch.bool),
         }
-        loss = sequence_loss(out, batch, aux_weight=0.3)
+        loss = sequence_loss(out, batch, aux_weight=0.3, feature_weight=1.0)
     else:
         images = torch.randint(0, 255, (6, crop.channels, 32, 32), dtype=torch.uint8)
         logits = model(images, torch.tensor([0, 0, 3, 3, 6, 6]))  # BatchNorm needs two images per vertebra net
@@ -267,20 +270,76 @@ def test_density_histogram_counts_only_pixels_inside_the_mask() -> None:
     assert torch.exp(per_vertebra[0]).sub(1e-3).tolist() == pytest.approx([0, 2 / 3, 0, 0, 0, 1 / 3], abs=1e-6)
 
 
-def test_relative_density_compares_a_vertebra_with_the_other_present_ones_of_its_study() -> None:
+def _block_vertebra(pixel: float, line_hu: float | None, bone_hu: float = 300.0) -> tuple[np.ndarray, np.ndarray]:
+    """A 24 x 32 x 32 mm block of cancellous bone in soft tissue on a (2.0, pixel, pixel) mm grid, optionally
+    crossed by a 3.2 mm thick fracture slab at ``line_hu`` through its middle."""
+    n = round(48 / pixel)
+    hu = np.full((20, n, n), 40.0, np.float32)
+    inside = np.zeros(hu.shape, bool)
+    lo, hi = round(8 / pixel), round(40 / pixel)
+    inside[4:16, lo:hi, lo:hi] = True
+    hu[inside] = bone_hu
+    if line_hu is not None:
+        centres = (np.arange(n) + 0.5) * pixel
+        sl = np.zeros(hu.shape, bool)
+        sl[4:16, np.abs(centres - 24.0) < 1.6, lo:hi] = True
+        hu[sl & inside] = line_hu
+    return hu, inside
+
+
+def test_lucency_features_see_a_lucent_line_whatever_the_bone_density_and_resolution() -> None:
+    from cspine.cls.lucency import LUCENCY_FEATURES, lucency_features
+
+    def f(pixel: float, line_hu: float | None, bone_hu: float = 300.0) -> dict[str, float]:
+        values = lucency_features(*_block_vertebra(pixel, line_hu, bone_hu), (2.0, pixel, pixel))
+        return dict(zip(LUCENCY_FEATURES, values.tolist(), strict=True))
+
+    intact, broken = f(1.6, None), f(1.6, 80.0)
+    assert intact["lt100"] == 0 and intact["res_lt80"] == 0
+    assert broken["lt100"] > 0.05 and broken["res_lt80"] > 0.05 and broken["res_lt120"] > 0.05
+    # osteoporotic bone is darker everywhere, not darker than itself: no line
+    soft = f(1.6, None, bone_hu=180.0)
+    assert soft["lt220"] == 1.0 and soft["res_lt40"] == 0
+    # geometry: volume and height of the 12-slice x 32 x 32 mm block
+    assert intact["height_mm"] == pytest.approx(24.0)
+    assert np.exp(intact["log_volume"]) == pytest.approx(24 * 32 * 32, rel=0.1)
+    # a thin-slice 0.5 mm scan of the same fracture gives about the same numbers (it is averaged to the grid)
+    fine = f(0.5, 80.0)
+    assert fine["height_mm"] == pytest.approx(24.0)
+    assert fine["res_lt80"] == pytest.approx(broken["res_lt80"], abs=0.04)
+    assert fine["lt140"] == pytest.approx(broken["lt140"], abs=0.04)
+
+
+def test_crops_carry_the_lucency_statistics_of_their_vertebra() -> None:
+    from cspine.cls.lucency import LUCENCY_FEATURES
+
+    vol, mask = _staircase()  # C3 spans z 10..19 (-500..-50 HU), C4 z 20..27 (0..350 HU)
+    crops = vertebra_crops(vol, mask, CropConfig(slices=4, size=32))
+    s3 = dict(zip(LUCENCY_FEATURES, crops["C3"].stats.tolist(), strict=True))
+    s4 = dict(zip(LUCENCY_FEATURES, crops["C4"].stats.tolist(), strict=True))
+    assert s3["lt60"] == 1.0 and s3["height_mm"] == pytest.approx(20.0)
+    assert 0.0 < s4["lt100"] < 1.0 and s4["height_mm"] == pytest.approx(16.0)
+
+
+def test_relative_density_compares_a_vertebra_with_the_median_of_the_present_ones_of_its_study() -> None:
     import torch
 
     from cspine.cls.models import relative_density
 
     h = torch.arange(2 * 7 * 3, dtype=torch.float32).reshape(14, 3)
+    h[3] += 100.0  # study 1's C4 is far off (a fracture): it must not move the reference of the others
     present = torch.ones(2, 7, dtype=torch.bool)
     present[1, 6] = False  # C7 of study 2 outside the field of view
     out = relative_density(h, present).reshape(2, 7, 6)
     assert torch.equal(out[..., :3], h.reshape(2, 7, 3))
     rel = out[..., 3:]
-    assert torch.allclose(rel[0].mean(dim=0), torch.zeros(3))
-    assert torch.allclose(rel[1, :6].mean(dim=0), torch.zeros(3), atol=1e-6)
+    assert torch.equal(rel[0, 4], torch.zeros(3))  # study 1's median is its C5 (12, 13, 14), whatever C4 is
+    assert torch.allclose(rel[0, 3], torch.full((3,), 97.0))
+    assert torch.allclose(rel[0, 0], torch.full((3,), -12.0))
+    assert torch.equal(rel[1, 2], torch.zeros(3))  # C1..C6 present: the lower middle value, C3
     assert rel[1, 6].abs().sum() == 0  # the absent vertebra neither gets nor gives a comparison
+    none = relative_density(h, torch.zeros(2, 7, dtype=torch.bool))
+    assert torch.isfinite(none).all()  # a study with no vertebra present
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -185,7 +185,8 @@ def cmd_train_cls(args: argparse.Namespace) -> int:
             "margin": args.margin}
     model = {"encoder": args.encoder, "width": args.width, "hidden": args.hidden, "pretrained": args.pretrained,
              "patient_from": args.patient_from, "stem_stride": args.stem_stride, "aux_weight": args.aux_weight,
-             "density_bins": args.density_bins}
+             "density_bins": args.density_bins, "feature_weight": args.feature_weight,
+             "lucency": False if args.no_lucency else None}
     overrides: dict[str, object] = {k: v for k, v in top.items() if v is not None}
     overrides["crop"] = {k: v for k, v in crop.items() if v is not None}
     overrides["model"] = {k: v for k, v in model.items() if v is not None}
@@ -428,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patient-from", choices=PATIENT_SOURCES, default=None)
     p.add_argument("--density-bins", type=int, default=None,
                    help="bins of the density histogram inside the vertebra mask fed to the sequence model (0 = off)")
+    p.add_argument("--no-lucency", action="store_true",
+                   help="leave out the per-vertebra lucency statistics (dark voxels inside the mask, height)")
+    p.add_argument("--feature-weight", type=float, default=None,
+                   help="weight of the linear feature path's own loss (deep supervision; 0 = off)")
     p.add_argument("--pretrained", default=None, help="local file with ImageNet encoder weights (never downloaded)")
     p.add_argument("--crops", default=None, help="crop cache root (default: DATA/crops)")
     p.add_argument("--masks", default=None, help="folder of predicted masks <uid>.nii[.gz] instead of the cache's")

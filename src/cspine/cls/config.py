@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 #: Bump when the crop arrays change meaning; old caches are then rebuilt instead of misread.
-CROP_FORMAT = 1
+CROP_FORMAT = 2
 #: Bump when the model directory layout changes.
-MODEL_DIR_FORMAT = 1
+MODEL_DIR_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,12 @@ class ModelConfig:
             the mask says bone. On 60 generated studies this histogram alone, in a logistic regression, separates
             fractured vertebrae with AUC ~0.79, while a CNN learning it from ~30 positive vertebrae stayed at chance.
         density_hu: HU range the histogram covers (below and above are clipped into the end bins).
+        lucency: feed each vertebra's lucency statistics (cspine.cls.lucency: dark voxels inside the mask, lines
+            against the local median, volume, height), as they are and relative to the study's other vertebrae,
+            into the linear feature path beside the density histogram.
+        feature_weight: weight of the feature path's own metric-weighted loss (deep supervision). It keeps that
+            path a well-fitted logistic regression even after the CNN has memorised the training positives, when
+            the summed logit's loss no longer teaches it anything.
     """
 
     encoder: str = "resnet18"
@@ -119,6 +125,8 @@ class ModelConfig:
     pool: str = "avgmax"
     density_bins: int = 16
     density_hu: tuple[float, float] = (-100.0, 500.0)
+    lucency: bool = True
+    feature_weight: float = 3.0
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
@@ -338,6 +346,11 @@ def config_from_dict(d: dict[str, Any]) -> TrainConfig:
     fmt = d.pop("format", MODEL_DIR_FORMAT)
     if fmt > MODEL_DIR_FORMAT:
         raise ValueError(f"model directory format {fmt} is newer than this cspine understands ({MODEL_DIR_FORMAT})")
+    if fmt < MODEL_DIR_FORMAT:
+        raise ValueError(
+            f"model directory format {fmt} is older than this cspine's ({MODEL_DIR_FORMAT}): its classifier has no "
+            "lucency path; retrain it with `cspine train-cls`"
+        )
     return from_dict(TrainConfig, d)
 
 

@@ -11,7 +11,8 @@ nothing else does. Layout::
 
     CROPS/<key>/index.json                          crop config, mask source, studies, skipped studies
     CROPS/<key>/<split>/<uid>/crops.json            fingerprint, labels, vertebrae present, boxes or not
-    CROPS/<key>/<split>/<uid>/<C1..C7>.npz          images uint8 (K, C, S, S), z, instance, slice_labels, box_rects
+    CROPS/<key>/<split>/<uid>/<C1..C7>.npz          images uint8 (K, C, S, S), z, instance, slice_labels, box_rects,
+                                                    stats (lucency statistics)
     CROPS/<key>/png/<uid>.png                       with --png: a grid to look at (boxes drawn in red)
 
 Example::
@@ -37,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from cspine.cls.config import CropConfig
+from cspine.cls.lucency import lucency_features
 from cspine.io.volume import Volume, window
 from cspine.labels import CERVICAL, LABEL_VALUES
 from cspine.runtime import write_json
@@ -59,6 +61,7 @@ class VertebraCrop:
         slice_labels: (K,) float32, 1 where a fracture box of this vertebra lies within half a sampling step.
         box_rects: (n, 5) float32 rows (k, y0, x0, y1, x1): boxes of this vertebra drawn on crop slice k (crop pixels).
         window_yx: (y0, x0, side) of the square crop window in volume pixel edge coordinates.
+        stats: (N_LUCENCY,) float32 lucency statistics of the whole vertebra (cspine.cls.lucency).
     """
 
     vertebra: str
@@ -68,6 +71,7 @@ class VertebraCrop:
     slice_labels: np.ndarray
     box_rects: np.ndarray
     window_yx: tuple[float, float, float]
+    stats: np.ndarray
 
 
 def box_slices(volume: Volume, boxes: Sequence[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
@@ -202,8 +206,20 @@ def vertebra_crops(
             slice_labels=slice_labels,
             box_rects=np.array(rects, np.float32).reshape(-1, 5),
             window_yx=(float(wy), float(wx), float(side)),
+            stats=_vertebra_stats(volume, mask, LABEL_VALUES[v], extents[v]),
         )
     return out
+
+
+def _vertebra_stats(
+    volume: Volume, mask: np.ndarray, value: int, extent: tuple[int, int, int, int, int, int], pad_mm: float = 8.0
+) -> np.ndarray:
+    """Lucency statistics of one vertebra, on its box plus ``pad_mm`` (context for the local median)."""
+    pads = [int(np.ceil(pad_mm / max(s, 1e-3))) for s in volume.spacing]
+    box = tuple(
+        slice(max(0, extent[2 * a] - pads[a]), min(volume.shape[a], extent[2 * a + 1] + pads[a])) for a in range(3)
+    )
+    return lucency_features(volume.array[box], mask[box] == value, volume.spacing)
 
 
 def _crop_stack(
@@ -289,7 +305,7 @@ class CropStudy:
     has_boxes: bool
 
     def load(self, vertebra: str) -> dict[str, np.ndarray]:
-        """Arrays of one vertebra's crop (images, z, instance, slice_labels, box_rects)."""
+        """Arrays of one vertebra's crop (images, z, instance, slice_labels, box_rects, stats)."""
         with np.load(self.folder / f"{vertebra}.npz") as f:
             return {k: f[k] for k in f.files}
 
@@ -352,6 +368,7 @@ def _crop_one(job: tuple[CropsConfig, str]) -> dict[str, Any]:
                 slice_labels=c.slice_labels,
                 box_rects=c.box_rects,
                 window_yx=np.array(c.window_yx),
+                stats=c.stats,
             )
         meta = {
             "fingerprint": fp,

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from cspine.cls.config import CropConfig
 from cspine.cls.crops import CropStudy
+from cspine.cls.lucency import N_LUCENCY
 from cspine.labels import CERVICAL, PREDICTION_TYPES
 
 NV = len(CERVICAL)
@@ -31,6 +32,7 @@ class StudyArrays:
         slice_labels: (7, K) float32 from the boxes.
         slice_valid: (7, K) bool: where a slice label is known (the study has boxes, or the vertebra is not fractured).
         z: (7, K) int64 slice indices; instance: (7, K) int64 InstanceNumbers (-1 where absent).
+        stats: (7, N_LUCENCY) float32 lucency statistics (zeros where absent).
     """
 
     uid: str
@@ -41,6 +43,7 @@ class StudyArrays:
     slice_valid: np.ndarray
     z: np.ndarray
     instance: np.ndarray
+    stats: np.ndarray
 
 
 def stack_study(
@@ -54,6 +57,7 @@ def stack_study(
     valid = np.zeros((NV, k), bool)
     z = np.full((NV, k), -1, np.int64)
     inst = np.full((NV, k), -1, np.int64)
+    stats = np.zeros((NV, N_LUCENCY), np.float32)
     y = np.array([float(labels[t]) for t in PREDICTION_TYPES], np.float32) if labels else np.zeros(8, np.float32)
     for i, v in enumerate(CERVICAL):
         if v not in crops:
@@ -70,7 +74,8 @@ def stack_study(
         valid[i] = has_boxes or (labels is not None and labels.get(v, 0) == 0)
         z[i] = a["z"]
         inst[i] = a["instance"]
-    return StudyArrays(uid, images, present, y, sl, valid, z, inst)
+        stats[i] = a["stats"]
+    return StudyArrays(uid, images, present, y, sl, valid, z, inst, stats)
 
 
 def load_study(study: CropStudy, crop: CropConfig) -> StudyArrays:
@@ -132,6 +137,14 @@ class StudyStore:
     def uids(self) -> list[str]:
         return [s.uid for s in self.studies]
 
+    def stats_norm(self, rows: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of the lucency statistics over the present vertebrae of ``rows`` (the training fold)."""
+        arrs = [self[int(r)] for r in rows]
+        x = np.concatenate([a.stats[a.present] for a in arrs]) if arrs else np.zeros((0, N_LUCENCY), np.float32)
+        if len(x) < 2:
+            return torch.zeros(N_LUCENCY), torch.ones(N_LUCENCY)
+        return torch.from_numpy(x.mean(0).astype(np.float32)), torch.from_numpy(x.std(0).astype(np.float32))
+
     def labels(self) -> np.ndarray:
         """(n, 8) labels in PREDICTION_TYPES order (studies without labels are an error here)."""
         missing = [s.uid for s in self.studies if not s.labels]
@@ -171,6 +184,7 @@ class StudyDataset(_EpochDataset):
         return {
             "images": torch.from_numpy(np.ascontiguousarray(images)),
             "present": torch.from_numpy(st.present),
+            "stats": torch.from_numpy(st.stats),
             "labels": torch.from_numpy(st.labels),
             "slice_labels": torch.from_numpy(st.slice_labels),
             "slice_valid": torch.from_numpy(st.slice_valid),

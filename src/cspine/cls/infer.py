@@ -103,10 +103,11 @@ class Classifier:
                 pv[i] = slices[i].mean()
             return np.concatenate([noisy_or(pv[None])[0:1], pv]), slices
         present = torch.from_numpy(st.present)[None].to(self.device)
+        stats = torch.from_numpy(st.stats)[None].to(self.device)
         outs = []
         for m in self.models:
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=amp):
-                outs.append({k: v.float().cpu().numpy() for k, v in m(images[None], present).items()})
+                outs.append({k: v.float().cpu().numpy() for k, v in m(images[None], present, stats).items()})
         mean = {k: np.mean([o[k] for o in outs], axis=0) for k in outs[0]}
         probs = sequence_probs(mean["patient"], mean["vertebra"], st.present[None], self.config.model.patient_from)
         return probs[0], 1.0 / (1.0 + np.exp(-mean["slices"][0]))
@@ -117,7 +118,7 @@ class Classifier:
         t0 = time.perf_counter()
         crops = vertebra_crops(volume, mask, self.config.crop)
         arrays = {
-            v: {"images": c.images, "slice_labels": c.slice_labels, "z": c.z, "instance": c.instance}
+            v: {"images": c.images, "slice_labels": c.slice_labels, "z": c.z, "instance": c.instance, "stats": c.stats}
             for v, c in crops.items()
         }
         st = stack_study(str(volume.meta.get("StudyInstanceUID", "study")), arrays, self.config.crop, None, False)

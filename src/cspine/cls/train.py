@@ -42,12 +42,12 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from cspine.cls.calibrate import Calibration, fit_temperature
-from cspine.cls.config import TrainConfig, config_from_dict, config_to_dict
+from cspine.cls.config import ModelConfig, TrainConfig, config_from_dict, config_to_dict
 from cspine.cls.crops import CropsConfig, build_crops
 from cspine.cls.dataset import ImageDataset, ImageIndex, StudyDataset, StudyStore, image_index
 from cspine.cls.evaluate import EvaluateConfig, evaluate, write_wide
 from cspine.cls.folds import holdout_split, leaky_image_split, make_folds
-from cspine.cls.models import SeedBaseline, SeedNet, create_model
+from cspine.cls.models import SeedBaseline, SeedNet, SequenceNet, create_model
 from cspine.labels import CERVICAL, METRIC_WEIGHTS, PREDICTION_TYPES, PREVALENCE
 from cspine.metrics import competition_loss
 from cspine.runtime import Runtime, load_checkpoint, save_checkpoint, timed, write_json
@@ -267,8 +267,11 @@ def _barrier(rt: Runtime) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def sequence_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], aux_weight: float) -> torch.Tensor:
-    """The competition metric as a loss (per-study weighted BCE, normalised per study) + the per-slice box loss.
+def sequence_loss(
+    out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], aux_weight: float, feature_weight: float = 0.0
+) -> torch.Tensor:
+    """The competition metric as a loss (per-study weighted BCE, normalised per study) + the per-slice box loss
+    + the feature path's own vertebra loss (deep supervision, ``feature_weight``).
 
     Vertebrae the mask lacks drop out of both the numerator and the study's weight sum.
     """
@@ -279,6 +282,10 @@ def sequence_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], 
     w = torch.cat([w[:, :1], w[:, 1:] * present], dim=1)
     bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
     main = ((w * bce).sum(dim=1) / w.sum(dim=1)).mean()
+    if feature_weight > 0 and "features" in out:
+        wv = w[:, 1:]
+        fb = F.binary_cross_entropy_with_logits(out["features"].float(), y[:, 1:], reduction="none")
+        main = main + feature_weight * ((wv * fb).sum(dim=1) / wv.sum(dim=1).clamp(min=1e-6)).mean()
     valid = batch["slice_valid"] & batch["present"][..., None].bool()
     if aux_weight > 0 and bool(valid.any()):
         target = batch["slice_labels"].float()[valid]
@@ -294,9 +301,10 @@ def sequence_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], 
 def sequence_probs(patient: np.ndarray, vertebra: np.ndarray, present: np.ndarray, patient_from: str) -> np.ndarray:
     """(n, 8) probabilities in PREDICTION_TYPES order from logits: vertebrae by sigmoid (the RSNA prevalence for
     vertebrae the mask lacks), patient from the head or as 1 - prod(1 - p_Ci)."""
-    pv = 1.0 / (1.0 + np.exp(-vertebra))
-    pv = np.where(present, pv, np.array([PREVALENCE[v] for v in CERVICAL])[None, :])
-    pp = 1.0 / (1.0 + np.exp(-patient)) if patient_from == "head" else noisy_or(pv)
+    from scipy.special import expit
+
+    pv = np.where(present, expit(vertebra), np.array([PREVALENCE[v] for v in CERVICAL])[None, :])
+    pp = expit(patient) if patient_from == "head" else noisy_or(pv)
     return np.concatenate([pp[:, None], pv], axis=1)
 
 
@@ -317,10 +325,11 @@ def predict_sequence(models: Iterable[nn.Module], ds: Dataset, rt: Runtime, batc
     for batch in loader:
         images = batch["images"].to(rt.device)
         present = batch["present"].to(rt.device)
+        stats = batch["stats"].to(rt.device)
         outs = []
         for m in models:
             with torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16, enabled=rt.amp):
-                outs.append({k: v.float() for k, v in m(images, present).items()})
+                outs.append({k: v.float() for k, v in m(images, present, stats).items()})
         for k in ("patient", "vertebra", "slices"):
             acc[k].append(torch.stack([o[k] for o in outs]).mean(0).cpu().numpy())
         acc["present"].append(batch["present"].numpy())
@@ -328,10 +337,10 @@ def predict_sequence(models: Iterable[nn.Module], ds: Dataset, rt: Runtime, batc
     return {k: np.concatenate(v) for k, v in acc.items()}
 
 
-def _sequence_step(aux_weight: float) -> Callable[[nn.Module, dict[str, torch.Tensor]], StepResult]:
+def _sequence_step(model: ModelConfig) -> Callable[[nn.Module, dict[str, torch.Tensor]], StepResult]:
     def step(net: nn.Module, batch: dict[str, torch.Tensor]) -> StepResult:
-        out = net(batch["images"], batch["present"])
-        loss = sequence_loss(out, batch, aux_weight)
+        out = net(batch["images"], batch["present"], batch["stats"])
+        loss = sequence_loss(out, batch, model.aux_weight, model.feature_weight)
         with torch.no_grad():
             logits = torch.cat([out["patient"][:, None], out["vertebra"]], dim=1)
             correct = float(((logits > 0) == (batch["labels"] > 0.5)).float().sum())
@@ -360,6 +369,8 @@ def _train_sequence(
         model = create_model(cfg.recipe, cfg.model, cfg.crop)
         tr_rows = np.flatnonzero(folds != k)
         va_rows = np.flatnonzero(folds == k)
+        if isinstance(model, SequenceNet) and model.n_stats:
+            model.set_stats_norm(*store.stats_norm(tr_rows))
         train_ds = StudyDataset(store, tr_rows, augment=cfg.augment, seed=cfg.seed * 100 + k)
         val_ds = StudyDataset(store, va_rows)
 
@@ -371,7 +382,7 @@ def _train_sequence(
             return {"score": score, "val_loss": score, "val_acc": float(((p >= 0.5) == (yt > 0.5)).mean())}
 
         with timed(timings, f"train_fold{k}"):
-            fit(model, train_ds, _sequence_step(cfg.model.aux_weight), validate, run, cfg, rt, progress)
+            fit(model, train_ds, _sequence_step(cfg.model), validate, run, cfg, rt, progress)
         if rt.is_main:
             best = load_checkpoint(run.best_path)
             model.load_state_dict(best["state_dict"])

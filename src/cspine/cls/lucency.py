@@ -1,0 +1,97 @@
+"""Per-vertebra lucency statistics: how much of the bone the mask claims is darker than bone should be.
+
+Why: a fracture is a lucent line or gap through bone (blood, soft tissue, air where the mask says bone), a dense
+impaction band, or lost height. These fifteen numbers say so directly, from the full 3D vertebra on a fixed grid,
+so the classifier does not have to discover them from the few dozen fractured vertebrae a small dataset holds.
+On 60 generated studies (ground-truth masks, 5-fold CV) a logistic regression on them, as they are and relative
+to the study's other vertebrae, reached mean vertebra AUC 0.90 and competition loss 0.31, where the in-plane crops'
+density histogram reached 0.77 and a CNN trained from scratch on the crops stayed near chance. Thin slices are
+averaged down to the grid first, so the numbers mean the same on a 0.5 mm scan as on a 2 mm one.
+
+Features (in this order):
+    lt60 .. lt220     fraction of the vertebra's voxels below 60, 100, 140, 180, 220 HU
+    core_lt100 ..     the same inside its core (deeper than 2 mm from the mask's surface: no partial volume)
+    res_lt40 ..       fraction of the eroded vertebra darker (lt) / brighter (gt) than its local median by 40-120 HU
+                      (a line or band in bone, whatever the patient's bone density)
+    log_volume        log of the vertebra's volume in mm^3
+    height_mm         its extent along z
+
+The statistics are stored with the crops: changing what they compute means bumping cls.config.CROP_FORMAT.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: Finest grid (dz, dy, dx) in mm the statistics are computed on: finer scans are averaged down to it, coarser
+#: ones are used as they are (interpolating them finer adds no information and blurs 1-pixel lines).
+LUCENCY_SPACING: tuple[float, float, float] = (2.0, 1.0, 1.0)
+#: Local median window in mm: larger than a fracture line, smaller than a vertebral body.
+MEDIAN_MM: tuple[float, float, float] = (6.0, 11.0, 11.0)
+CORE_DEPTH_MM = 2.0
+LT_HU = (60, 100, 140, 180, 220)
+CORE_LT_HU = (100, 140, 180)
+RES_LT_HU = (40, 80, 120)
+RES_GT_HU = (40, 80)
+
+LUCENCY_FEATURES: tuple[str, ...] = (
+    *(f"lt{t}" for t in LT_HU),
+    *(f"core_lt{t}" for t in CORE_LT_HU),
+    *(f"res_lt{t}" for t in RES_LT_HU),
+    *(f"res_gt{t}" for t in RES_GT_HU),
+    "log_volume",
+    "height_mm",
+)
+N_LUCENCY = len(LUCENCY_FEATURES)
+
+
+def lucency_features(hu: np.ndarray, inside: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+    """(N_LUCENCY,) float32 statistics of one vertebra.
+
+    Args:
+        hu: (z, y, x) HU of a box around the vertebra (a few voxels of margin keep the local median honest).
+        inside: bool mask of the vertebra on the same box.
+        spacing: (dz, dy, dx) of the box in mm.
+    """
+    from scipy import ndimage
+
+    hu_g, in_g, grid = _to_grid(hu.astype(np.float32), inside, spacing)
+    out = np.zeros(N_LUCENCY, np.float32)
+    n = int(in_g.sum())
+    if n == 0:
+        return out
+    x = hu_g[in_g]
+    feats: list[float] = [float((x < t).mean()) for t in LT_HU]
+    depth = ndimage.distance_transform_edt(in_g, sampling=grid)
+    core = hu_g[depth > CORE_DEPTH_MM]
+    feats += [float((core < t).mean()) if core.size else 0.0 for t in CORE_LT_HU]
+    eroded = ndimage.binary_erosion(in_g)
+    window = [2 * int(mm / s / 2) + 1 for mm, s in zip(MEDIAN_MM, grid, strict=True)]
+    res = (hu_g - ndimage.median_filter(hu_g, size=window))[eroded]
+    feats += [float((res < -t).mean()) if res.size else 0.0 for t in RES_LT_HU]
+    feats += [float((res > t).mean()) if res.size else 0.0 for t in RES_GT_HU]
+    zs = np.nonzero(in_g.any(axis=(1, 2)))[0]
+    feats += [float(np.log(n * float(np.prod(grid)))), float((zs[-1] - zs[0] + 1) * grid[0])]
+    out[:] = feats
+    return out
+
+
+def _to_grid(
+    hu: np.ndarray, inside: np.ndarray, spacing: tuple[float, float, float]
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """Average axes finer than LUCENCY_SPACING down to it (HU smoothed before it is thinned, so noise does not
+    alias; the mask interpolated and thresholded at one half, so its boundary stays put); keep coarser axes."""
+    from scipy import ndimage
+
+    native = np.asarray(spacing, np.float64)
+    target = np.maximum(native, LUCENCY_SPACING)
+    factor = native / target  # <= 1
+    if np.all(factor > 0.9):
+        return hu, inside, tuple(float(x) for x in native)  # type: ignore[return-value]
+    hu = ndimage.gaussian_filter(hu, sigma=(1.0 / factor - 1.0) / 2.0)
+    shape = np.maximum(np.rint(np.asarray(hu.shape) * factor).astype(int), 1)
+    zoom = shape / np.asarray(hu.shape)
+    hu_g = ndimage.zoom(hu, zoom, order=1, grid_mode=True, mode="nearest")
+    in_g = ndimage.zoom(inside.astype(np.float32), zoom, order=1, grid_mode=True, mode="nearest") > 0.5
+    grid = np.asarray(hu.shape, np.float64) * native / shape
+    return hu_g, in_g, tuple(float(x) for x in grid)  # type: ignore[return-value]
