@@ -73,6 +73,25 @@ def test_boxes_become_slice_labels_of_the_vertebra_they_cover() -> None:
     assert k == 2 and 0 <= x0 < x1 <= 32 and 0 <= y0 < y1 <= 32
 
 
+def test_predicted_masks_fill_gaps_or_come_first_when_asked(tmp_path: Path) -> None:
+    from cspine.cls.crops import CropsConfig, _mask_path
+
+    cache, pred = tmp_path / "cache", tmp_path / "pred"
+    for uid in ("a", "b"):
+        (cache / "train" / uid).mkdir(parents=True)
+    (cache / "train" / "a" / "mask.nii.gz").write_bytes(b"gt")  # a has ground truth, b has none
+    pred.mkdir()
+    for uid in ("a", "b"):
+        (pred / f"{uid}.nii.gz").write_bytes(b"pred")
+    gaps = CropsConfig(data=cache, masks=pred)
+    first = CropsConfig(data=cache, masks=pred, masks_first=True)
+    assert _mask_path(gaps, cache / "train" / "a") == cache / "train" / "a" / "mask.nii.gz"
+    assert _mask_path(gaps, cache / "train" / "b") == pred / "b.nii.gz"
+    assert _mask_path(first, cache / "train" / "a") == pred / "a.nii.gz"
+    assert _mask_path(CropsConfig(data=cache), cache / "train" / "b") is None
+    assert gaps.folder != first.folder  # separate crop caches: the masks differ
+
+
 def test_crops_refuse_a_mask_on_another_grid() -> None:
     vol, mask = _staircase()
     with pytest.raises(ValueError, match="grid"):
@@ -308,6 +327,19 @@ def test_lucency_features_see_a_lucent_line_whatever_the_bone_density_and_resolu
     assert fine["height_mm"] == pytest.approx(24.0)
     assert fine["res_lt80"] == pytest.approx(broken["res_lt80"], abs=0.04)
     assert fine["lt140"] == pytest.approx(broken["lt140"], abs=0.04)
+
+
+def test_local_median_equals_scipy_median_filter_where_asked() -> None:
+    from scipy import ndimage
+
+    from cspine.cls.lucency import _local_median
+
+    rng = np.random.default_rng(0)
+    hu = rng.normal(size=(12, 30, 30)).astype(np.float32)
+    where = np.zeros(hu.shape, bool)
+    where[2:-2, 6:-6, 6:-6] = rng.random((8, 18, 18)) > 0.5
+    expected = ndimage.median_filter(hu, size=(3, 11, 11))[where]
+    assert np.array_equal(_local_median(hu, where, [3, 11, 11]), expected)
 
 
 def test_crops_carry_the_lucency_statistics_of_their_vertebra() -> None:

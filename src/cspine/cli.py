@@ -157,6 +157,12 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_masks_first(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--masks-first", action="store_true",
+                   help="use the --masks folder's mask even where the cache has a ground-truth one (train on the "
+                        "segmenter's masks, as predict will see them)")
+
+
 def cmd_crops(args: argparse.Namespace) -> int:
     """Per-vertebra 2.5D crops of a prepared cache (cached; optional PNG grids to look at)."""
     from cspine.cls.config import CropConfig
@@ -165,7 +171,8 @@ def cmd_crops(args: argparse.Namespace) -> int:
     crop = CropConfig(slices=args.slices, size=args.size, margin=args.margin, context=args.context,
                       context_stride=args.context_stride, window=args.window)
     cfg = CropsConfig(data=_existing(args.data), out=Path(args.out) if args.out else None, crop=crop,
-                      masks=_existing(args.masks) if args.masks else None, split=args.split, limit=args.limit,
+                      masks=_existing(args.masks) if args.masks else None, masks_first=args.masks_first,
+                      split=args.split, limit=args.limit,
                       workers=args.workers, png=args.png)
     studies = build_crops(cfg, progress=not args.no_progress)
     index = json.loads((cfg.folder / "index.json").read_text())
@@ -194,6 +201,7 @@ def cmd_train_cls(args: argparse.Namespace) -> int:
         overrides["crops_dir"] = args.crops
     if args.masks:
         overrides["masks"] = str(_existing(args.masks))
+        overrides["masks_first"] = args.masks_first
     if args.no_augment:
         overrides["augment"] = False
     if args.pretrained:
@@ -389,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="prepared cache folder (cspine prepare --out)")
     p.add_argument("--out", default=None, help="crop cache root (default: DATA/crops)")
     p.add_argument("--masks", default=None, help="folder of predicted masks <uid>.nii[.gz] (default: cache masks)")
+    _add_masks_first(p)
     p.add_argument("--split", choices=("train", "test"), default="train")
     p.add_argument("--slices", type=int, default=10, help="K slices per vertebra")
     p.add_argument("--size", type=int, default=48, help="S: crop side in pixels")
@@ -435,7 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the linear feature path's own loss (deep supervision; 0 = off)")
     p.add_argument("--pretrained", default=None, help="local file with ImageNet encoder weights (never downloaded)")
     p.add_argument("--crops", default=None, help="crop cache root (default: DATA/crops)")
-    p.add_argument("--masks", default=None, help="folder of predicted masks <uid>.nii[.gz] instead of the cache's")
+    p.add_argument("--masks", default=None,
+                   help="folder of predicted masks <uid>.nii[.gz] for studies the cache has no mask for")
+    _add_masks_first(p)
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (DDP under torchrun)")

@@ -160,6 +160,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     crops_dir: Path | None = None
     masks: Path | None = None
+    masks_first: bool = False
     split: str = "folds"
     folds: int = 5
     fold: int | None = None

@@ -267,7 +267,9 @@ class CropsConfig:
         data: a prepared cache (``cspine prepare``).
         out: crop cache root; default ``<data>/crops``.
         crop: crop settings.
-        masks: folder of predicted masks ``<uid>.nii[.gz]`` (segmentation stage); default: the cache's ground truth.
+        masks: folder of predicted masks ``<uid>.nii[.gz]`` (segmentation stage) for studies without their own.
+        masks_first: take the ``masks`` folder's mask even where the study has a ground-truth one: train on the
+            masks the model will see at prediction time (the segmenter's, with its errors), as RSNA winners did.
         split: which split of the cache.
         limit: at most this many studies (0 = all), for quick looks and tests.
         workers: studies cropped in parallel.
@@ -278,6 +280,7 @@ class CropsConfig:
     out: Path | None = None
     crop: CropConfig = field(default_factory=CropConfig)
     masks: Path | None = None
+    masks_first: bool = False
     split: str = "train"
     limit: int = 0
     workers: int = 1
@@ -285,7 +288,9 @@ class CropsConfig:
 
     @property
     def mask_source(self) -> str:
-        return "gt" if self.masks is None else f"pred:{Path(self.masks).resolve()}"
+        if self.masks is None:
+            return "gt"
+        return f"{'pred-first' if self.masks_first else 'pred'}:{Path(self.masks).resolve()}"
 
     @property
     def folder(self) -> Path:
@@ -320,13 +325,15 @@ def _fingerprint(study_dir: Path, mask_path: Path | None, key: str) -> str:
 
 
 def _mask_path(cfg: CropsConfig, study_dir: Path) -> Path | None:
-    """The study's own (ground-truth) mask when it has one, else its mask in ``cfg.masks`` (pseudo-labels)."""
+    """The study's own (ground-truth) mask when it has one, else its mask in ``cfg.masks`` (pseudo-labels);
+    the other way round with ``cfg.masks_first``."""
     own = study_dir / "mask.nii.gz"
-    if own.exists() or cfg.masks is None:
-        return own if own.exists() else None
-    for suffix in (".nii.gz", ".nii"):
-        p = Path(cfg.masks) / f"{study_dir.name}{suffix}"
-        if p.exists():
+    given = None
+    if cfg.masks is not None:
+        given = next((p for s in (".nii.gz", ".nii") if (p := Path(cfg.masks) / f"{study_dir.name}{s}").exists()), None)
+    first, second = (given, own) if cfg.masks_first else (own, given)
+    for p in (first, second):
+        if p is not None and p.exists():
             return p
     return None
 

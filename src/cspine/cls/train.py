@@ -718,6 +718,7 @@ def train_cls(cfg: TrainConfig, progress: bool = False) -> dict[str, Any]:
                 out=cfg.crops_dir,
                 crop=cfg.crop,
                 masks=cfg.masks,
+                masks_first=cfg.masks_first,
                 split="train",
                 limit=cfg.limit,
                 workers=max(1, cfg.workers),
