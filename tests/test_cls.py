@@ -340,6 +340,18 @@ def test_local_median_equals_scipy_median_filter_where_asked() -> None:
     where[2:-2, 6:-6, 6:-6] = rng.random((8, 18, 18)) > 0.5
     expected = ndimage.median_filter(hu, size=(3, 11, 11))[where]
     assert np.array_equal(_local_median(hu, where, [3, 11, 11]), expected)
+    assert _local_median(hu, np.zeros(hu.shape, bool), [3, 11, 11]).shape == (0,)
+
+
+def test_lucency_features_of_a_speck_are_finite() -> None:
+    from cspine.cls.lucency import N_LUCENCY, lucency_features
+
+    hu = np.full((5, 9, 9), 300.0, np.float32)
+    speck = np.zeros(hu.shape, bool)
+    speck[2, 4, 4] = True  # what a weak segmenter may call a vertebra: it erodes to nothing
+    f = lucency_features(hu, speck, (2.0, 1.6, 1.6))
+    assert f.shape == (N_LUCENCY,) and np.isfinite(f).all()
+    assert lucency_features(hu, np.zeros(hu.shape, bool), (2.0, 1.6, 1.6)).sum() == 0
 
 
 def test_crops_carry_the_lucency_statistics_of_their_vertebra() -> None:

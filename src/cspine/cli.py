@@ -480,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters-per-epoch", type=int, default=None, help="optimiser steps per epoch and process")
     p.add_argument("--batch-size", type=int, default=None, help="patches per step and process")
     p.add_argument("--patch", type=int, nargs=3, metavar=("Z", "Y", "X"), default=None, help="patch in voxels")
-    p.add_argument("--spacing", type=float, default=None, help="isotropic model spacing in mm (default 1.5)")
+    p.add_argument("--spacing", type=float, default=None,
+                   help="isotropic model spacing in mm (default 2.0; refine stage 1.25)")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--patience", type=int, default=None, help="early stopping patience in epochs (0 = off)")
     p.add_argument("--seed", type=int, default=None)

@@ -83,6 +83,8 @@ def _local_median(hu: np.ndarray, where: np.ndarray, window: list[int]) -> np.nd
     scipy.ndimage.median_filter over the box (3.7 s -> 0.15 s per small study)."""
     from numpy.lib.stride_tricks import sliding_window_view
 
+    if not where.any():  # a speck of a vertebra erodes to nothing
+        return np.zeros(0, hu.dtype)
     half = [w // 2 for w in window]
     padded = np.pad(hu, [(h, h) for h in half], mode="edge")
     local = sliding_window_view(padded, window)[np.nonzero(where)]
