@@ -354,6 +354,34 @@ def test_lucency_features_of_a_speck_are_finite() -> None:
     assert lucency_features(hu, np.zeros(hu.shape, bool), (2.0, 1.6, 1.6)).sum() == 0
 
 
+def test_model_reads_fractions_as_logs_standardised_on_the_training_set_and_clipped() -> None:
+    import torch
+
+    from cspine.cls.lucency import FRACTION_FLOOR, N_FRACTIONS, N_LUCENCY
+    from cspine.cls.models import STATS_CLIP, create_model, lucency_inputs
+
+    raw = torch.rand(50, N_LUCENCY) * 0.01
+    raw[:, N_FRACTIONS:] = torch.tensor([9.0, 25.0]) + torch.randn(50, 2)
+    x = lucency_inputs(raw)
+    assert torch.allclose(x[:, :N_FRACTIONS], torch.log(raw[:, :N_FRACTIONS] + FRACTION_FLOOR))
+    assert torch.equal(x[:, N_FRACTIONS:], raw[:, N_FRACTIONS:])  # volume and height as they are
+    model = create_model("sequence", ModelConfig(**TINY_MODEL), CropConfig(**TINY_CROP))
+    model.set_stats_norm(raw)
+    assert torch.allclose(model.stats_mean, x.mean(0)) and torch.allclose(model.stats_std, x.std(0))
+    # a vertebra far outside the training statistics saturates at STATS_CLIP: 0.9 or 1.0 below 60 HU, the same logit
+    images = torch.zeros(1, 7, 4, CropConfig(**TINY_CROP).channels, 32, 32, dtype=torch.uint8)
+    present = torch.ones(1, 7, dtype=torch.bool)
+    model.eval()
+    logits = []
+    for fraction in (0.9, 1.0):
+        extreme = torch.zeros(1, 7, N_LUCENCY)
+        extreme[..., N_FRACTIONS:] = torch.tensor([9.0, 25.0])
+        extreme[0, 3, :N_FRACTIONS] = fraction
+        logits.append(model(images, present, extreme)["features"][0, 3])
+    assert torch.isfinite(logits[0]) and torch.allclose(logits[0], logits[1])
+    assert (np.log(0.9 + FRACTION_FLOOR) - model.stats_mean[0]) / model.stats_std[0] > STATS_CLIP
+
+
 def test_crops_carry_the_lucency_statistics_of_their_vertebra() -> None:
     from cspine.cls.lucency import LUCENCY_FEATURES
 

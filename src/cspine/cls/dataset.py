@@ -137,13 +137,11 @@ class StudyStore:
     def uids(self) -> list[str]:
         return [s.uid for s in self.studies]
 
-    def stats_norm(self, rows: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and std of the lucency statistics over the present vertebrae of ``rows`` (the training fold)."""
+    def present_stats(self, rows: Sequence[int] | np.ndarray) -> torch.Tensor:
+        """(n, N_LUCENCY) lucency statistics of the present vertebrae of ``rows`` (to standardise with)."""
         arrs = [self[int(r)] for r in rows]
         x = np.concatenate([a.stats[a.present] for a in arrs]) if arrs else np.zeros((0, N_LUCENCY), np.float32)
-        if len(x) < 2:
-            return torch.zeros(N_LUCENCY), torch.ones(N_LUCENCY)
-        return torch.from_numpy(x.mean(0).astype(np.float32)), torch.from_numpy(x.std(0).astype(np.float32))
+        return torch.from_numpy(x.astype(np.float32))
 
     def labels(self) -> np.ndarray:
         """(n, 8) labels in PREDICTION_TYPES order (studies without labels are an error here)."""

@@ -43,6 +43,10 @@ LUCENCY_FEATURES: tuple[str, ...] = (
     "height_mm",
 )
 N_LUCENCY = len(LUCENCY_FEATURES)
+#: The first N_FRACTIONS features are fractions: heavy-tailed (a fractured or osteoporotic vertebra can sit 10-17
+#: standard deviations out), so models read them as log(fraction + FRACTION_FLOOR).
+N_FRACTIONS = len(LUCENCY_FEATURES) - 2
+FRACTION_FLOOR = 1e-3
 
 
 def lucency_features(hu: np.ndarray, inside: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:

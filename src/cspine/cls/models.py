@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from cspine.cls.config import RECIPES, CropConfig, ModelConfig
-from cspine.cls.lucency import N_LUCENCY
+from cspine.cls.lucency import FRACTION_FLOOR, N_FRACTIONS, N_LUCENCY
 from cspine.labels import CERVICAL
 
 log = logging.getLogger(__name__)
@@ -279,10 +279,13 @@ class SequenceNet(nn.Module):
         )
         self.feat_dim = d
 
-    def set_stats_norm(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        """Standardise the lucency statistics with the training set's mean and std (saved with the weights)."""
-        self.stats_mean.copy_(mean)
-        self.stats_std.copy_(std.clamp(min=1e-6))
+    def set_stats_norm(self, stats: torch.Tensor) -> None:
+        """Standardise the lucency statistics with the mean and std over the training set's vertebrae
+        (``stats`` (n, N_LUCENCY) raw); saved with the weights."""
+        x = lucency_inputs(stats.float())
+        if len(x) >= 2:
+            self.stats_mean.copy_(x.mean(0))
+            self.stats_std.copy_(x.std(0).clamp(min=1e-6))
 
     def forward(
         self, images: torch.Tensor, present: torch.Tensor, stats: torch.Tensor | None = None
@@ -306,8 +309,8 @@ class SequenceNet(nn.Module):
         if self.n_stats:
             if stats is None:
                 raise ValueError("this model reads the crops' lucency statistics: pass stats (B, 7, N_LUCENCY)")
-            z = (stats.reshape(b * nv, -1).float() - self.stats_mean) / self.stats_std
-            fixed.append(z * pres[:, None])
+            z = (lucency_inputs(stats.reshape(b * nv, -1).float()) - self.stats_mean) / self.stats_std
+            fixed.append(z.clamp(-STATS_CLIP, STATS_CLIP) * pres[:, None])
         with torch.autocast(device_type=images.device.type, enabled=False):  # the GRU and heads stay in float32
             seq, _ = self.gru(self.proj(torch.cat(parts, dim=-1).float()))
             slice_logits = self.slice_head(seq).squeeze(-1).reshape(b, nv, k)
@@ -361,6 +364,19 @@ class DensityHistogram(nn.Module):
         total = counts.sum(1)
         per_vertebra = torch.log(total / total.sum(-1, keepdim=True).clamp(min=1.0) + 1e-3)
         return per_slice, per_vertebra
+
+
+#: Standardised lucency inputs are clipped here: a vertebra unlike any in training (a mask of soft tissue) must
+#: not dominate the logit.
+STATS_CLIP = 6.0
+
+
+def lucency_inputs(stats: torch.Tensor) -> torch.Tensor:
+    """What the model reads of the lucency statistics: the fractions as log(fraction + floor), the rest as is.
+    Raw fractions are heavy-tailed; with them a logistic regression on 60 other generated studies scored worse
+    than the constant prevalence (loss 0.63-0.70), with the logs 0.29-0.30 (0.30-0.33 on the design studies)."""
+    frac = torch.log(stats[..., :N_FRACTIONS].clamp(min=0.0) + FRACTION_FLOOR)
+    return torch.cat([frac, stats[..., N_FRACTIONS:]], dim=-1)
 
 
 def relative_density(per_vertebra: torch.Tensor, present: torch.Tensor) -> torch.Tensor:

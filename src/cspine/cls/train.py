@@ -370,7 +370,7 @@ def _train_sequence(
         tr_rows = np.flatnonzero(folds != k)
         va_rows = np.flatnonzero(folds == k)
         if isinstance(model, SequenceNet) and model.n_stats:
-            model.set_stats_norm(*store.stats_norm(tr_rows))
+            model.set_stats_norm(store.present_stats(tr_rows))
         train_ds = StudyDataset(store, tr_rows, augment=cfg.augment, seed=cfg.seed * 100 + k)
         val_ds = StudyDataset(store, va_rows)
 
