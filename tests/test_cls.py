@@ -393,16 +393,16 @@ def test_crops_carry_the_lucency_statistics_of_their_vertebra() -> None:
     assert 0.0 < s4["lt100"] < 1.0 and s4["height_mm"] == pytest.approx(16.0)
 
 
-def test_relative_density_compares_a_vertebra_with_the_median_of_the_present_ones_of_its_study() -> None:
+def test_relative_to_study_compares_a_vertebra_with_the_median_of_the_present_ones_of_its_study() -> None:
     import torch
 
-    from cspine.cls.models import relative_density
+    from cspine.cls.models import relative_to_study
 
     h = torch.arange(2 * 7 * 3, dtype=torch.float32).reshape(14, 3)
     h[3] += 100.0  # study 1's C4 is far off (a fracture): it must not move the reference of the others
     present = torch.ones(2, 7, dtype=torch.bool)
     present[1, 6] = False  # C7 of study 2 outside the field of view
-    out = relative_density(h, present).reshape(2, 7, 6)
+    out = relative_to_study(h, present).reshape(2, 7, 6)
     assert torch.equal(out[..., :3], h.reshape(2, 7, 3))
     rel = out[..., 3:]
     assert torch.equal(rel[0, 4], torch.zeros(3))  # study 1's median is its C5 (12, 13, 14), whatever C4 is
@@ -410,7 +410,7 @@ def test_relative_density_compares_a_vertebra_with_the_median_of_the_present_one
     assert torch.allclose(rel[0, 0], torch.full((3,), -12.0))
     assert torch.equal(rel[1, 2], torch.zeros(3))  # C1..C6 present: the lower middle value, C3
     assert rel[1, 6].abs().sum() == 0  # the absent vertebra neither gets nor gives a comparison
-    none = relative_density(h, torch.zeros(2, 7, dtype=torch.bool))
+    none = relative_to_study(h, torch.zeros(2, 7, dtype=torch.bool))
     assert torch.isfinite(none).all()  # a study with no vertebra present
 
 

@@ -319,7 +319,7 @@ class SequenceNet(nn.Module):
             vert = self.vert_head(pooled).squeeze(-1)
             features = torch.zeros_like(vert)
             if self.feature_head is not None:
-                features = self.feature_head(relative_density(torch.cat(fixed, dim=-1), present)).squeeze(-1)
+                features = self.feature_head(relative_to_study(torch.cat(fixed, dim=-1), present)).squeeze(-1)
                 vert = vert + features
         vert_logits = vert.reshape(b, nv)
         g = pooled.reshape(b, nv, -1)
@@ -379,7 +379,7 @@ def lucency_inputs(stats: torch.Tensor) -> torch.Tensor:
     return torch.cat([frac, stats[..., N_FRACTIONS:]], dim=-1)
 
 
-def relative_density(per_vertebra: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+def relative_to_study(per_vertebra: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """(B*7, F) per-vertebra features -> (B*7, 2F): each one, and its difference from the median of the study's
     present vertebrae. Bone density varies between patients (age) far more than between the vertebrae of one
     neck, so "more lucent than its neighbours" separates fractures where the absolute value is confounded. The
