@@ -543,6 +543,18 @@ def tiny_store(tiny_cache: Path):
     return StudyStore(build_crops(CropsConfig(data=tiny_cache, crop=crop)), crop)
 
 
+def test_training_statistics_are_the_same_whether_crops_are_preloaded_or_streamed(tiny_store) -> None:
+    import torch
+
+    from cspine.cls.dataset import StudyStore
+
+    streamed = StudyStore(tiny_store.studies, tiny_store.crop, preload_bytes=0)
+    rows = range(len(tiny_store))
+    a, b = tiny_store.present_stats(rows), streamed.present_stats(rows)
+    assert a.shape == (sum(len(s.present) for s in tiny_store.studies), 15)
+    assert torch.equal(a, b) and bool((a[:, -1] > 0).all())  # every present vertebra has a height
+
+
 def test_train_sequence_resumes_after_a_kill_and_predicts(tiny_cache: Path, tmp_path: Path, monkeypatch) -> None:
     from cspine.cls import train
     from cspine.cls.infer import load_classifier

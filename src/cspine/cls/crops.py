@@ -314,6 +314,11 @@ class CropStudy:
         with np.load(self.folder / f"{vertebra}.npz") as f:
             return {k: f[k] for k in f.files}
 
+    def load_stats(self, vertebra: str) -> np.ndarray:
+        """Only the lucency statistics of one vertebra (the images stay on disk)."""
+        with np.load(self.folder / f"{vertebra}.npz") as f:
+            return f["stats"]
+
 
 def _fingerprint(study_dir: Path, mask_path: Path | None, key: str) -> str:
     """Content hash of what a study's crops depend on: its meta.json, its mask file and the crop key."""

@@ -138,10 +138,17 @@ class StudyStore:
         return [s.uid for s in self.studies]
 
     def present_stats(self, rows: Sequence[int] | np.ndarray) -> torch.Tensor:
-        """(n, N_LUCENCY) lucency statistics of the present vertebrae of ``rows`` (to standardise with)."""
-        arrs = [self[int(r)] for r in rows]
-        x = np.concatenate([a.stats[a.present] for a in arrs]) if arrs else np.zeros((0, N_LUCENCY), np.float32)
-        return torch.from_numpy(x.astype(np.float32))
+        """(n, N_LUCENCY) lucency statistics of the present vertebrae of ``rows`` (to standardise with); a
+        streamed store reads only the statistics, not the images."""
+        x: list[np.ndarray] = [np.zeros((0, N_LUCENCY), np.float32)]
+        for r in rows:
+            if self._cache is not None:
+                st = self._cache[int(r)]
+                x.append(st.stats[st.present])
+            else:
+                study = self.studies[int(r)]
+                x += [study.load_stats(v)[None] for v in study.present]
+        return torch.from_numpy(np.concatenate(x).astype(np.float32))
 
     def labels(self) -> np.ndarray:
         """(n, 8) labels in PREDICTION_TYPES order (studies without labels are an error here)."""
