@@ -189,6 +189,31 @@ def test_every_registered_model_trains_one_step(recipe: str) -> None:
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
+def test_feature_l2_adds_the_feature_path_weights_sum_of_squares_to_the_loss() -> None:
+    import dataclasses
+
+    import torch
+
+    from cspine.cls.lucency import N_LUCENCY
+    from cspine.cls.models import create_model
+    from cspine.cls.train import _sequence_step
+
+    torch.manual_seed(0)
+    crop, cfg = CropConfig(**TINY_CROP), ModelConfig(**TINY_MODEL)
+    model = create_model("sequence", cfg, crop).eval()  # eval: dropout off, the two losses see the same logits
+    batch = {
+        "images": torch.randint(0, 255, (1, 7, 4, crop.channels, 32, 32), dtype=torch.uint8),
+        "present": torch.ones(1, 7, dtype=torch.bool),
+        "stats": torch.rand(1, 7, N_LUCENCY),
+        "labels": torch.tensor([[1, 0, 1, 0, 0, 0, 0, 0]], dtype=torch.float32),
+        "slice_labels": torch.zeros(1, 7, 4),
+        "slice_valid": torch.ones(1, 7, 4, dtype=torch.bool),
+    }
+    plain = _sequence_step(cfg)(model, batch).loss
+    with_l2 = _sequence_step(dataclasses.replace(cfg, feature_l2=0.5))(model, batch).loss
+    assert torch.allclose(with_l2 - plain, 0.5 * model.feature_head.weight.pow(2).sum(), atol=1e-5)
+
+
 def test_unknown_model_lists_the_valid_ones() -> None:
     from cspine.cls.models import create_model
 

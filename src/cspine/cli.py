@@ -192,7 +192,7 @@ def cmd_train_cls(args: argparse.Namespace) -> int:
             "margin": args.margin}
     model = {"encoder": args.encoder, "width": args.width, "hidden": args.hidden, "pretrained": args.pretrained,
              "patient_from": args.patient_from, "stem_stride": args.stem_stride, "aux_weight": args.aux_weight,
-             "density_bins": args.density_bins, "feature_weight": args.feature_weight,
+             "density_bins": args.density_bins, "feature_weight": args.feature_weight, "feature_l2": args.feature_l2,
              "lucency": False if args.no_lucency else None}
     overrides: dict[str, object] = {k: v for k, v in top.items() if v is not None}
     overrides["crop"] = {k: v for k, v in crop.items() if v is not None}
@@ -442,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out the per-vertebra lucency statistics (dark voxels inside the mask, height)")
     p.add_argument("--feature-weight", type=float, default=None,
                    help="weight of the linear feature path's own loss (deep supervision; 0 = off)")
+    p.add_argument("--feature-l2", type=float, default=None,
+                   help="L2 penalty on the linear feature path's weights (as in a logistic regression)")
     p.add_argument("--pretrained", default=None, help="local file with ImageNet encoder weights (never downloaded)")
     p.add_argument("--crops", default=None, help="crop cache root (default: DATA/crops)")
     p.add_argument("--masks", default=None,

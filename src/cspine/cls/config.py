@@ -110,6 +110,8 @@ class ModelConfig:
         feature_weight: weight of the feature path's own metric-weighted loss (deep supervision). It keeps that
             path a well-fitted logistic regression even after the CNN has memorised the training positives, when
             the summed logit's loss no longer teaches it anything.
+        feature_l2: L2 penalty on the feature path's weights, as in a logistic regression (its sum of squares
+            times this, added to the loss). 0 = only the optimiser's weight decay.
     """
 
     encoder: str = "resnet18"
@@ -127,6 +129,7 @@ class ModelConfig:
     density_hu: tuple[float, float] = (-100.0, 500.0)
     lucency: bool = True
     feature_weight: float = 3.0
+    feature_l2: float = 0.0
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:

@@ -341,6 +341,9 @@ def _sequence_step(model: ModelConfig) -> Callable[[nn.Module, dict[str, torch.T
     def step(net: nn.Module, batch: dict[str, torch.Tensor]) -> StepResult:
         out = net(batch["images"], batch["present"], batch["stats"])
         loss = sequence_loss(out, batch, model.aux_weight, model.feature_weight)
+        head = getattr(net, "module", net).feature_head
+        if model.feature_l2 > 0 and head is not None:
+            loss = loss + model.feature_l2 * head.weight.pow(2).sum()
         with torch.no_grad():
             logits = torch.cat([out["patient"][:, None], out["vertebra"]], dim=1)
             correct = float(((logits > 0) == (batch["labels"] > 0.5)).float().sum())
