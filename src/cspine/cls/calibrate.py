@@ -37,7 +37,10 @@ def logit(p: np.ndarray) -> np.ndarray:
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))
+    """Logistic function without overflow warnings for large negative logits."""
+    from scipy.special import expit
+
+    return expit(np.asarray(z, dtype=np.float64))
 
 
 def mean_log_loss(y: np.ndarray, p: np.ndarray) -> float:

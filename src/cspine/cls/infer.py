@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cspine.cls.calibrate import Calibration
+from cspine.cls.calibrate import Calibration, sigmoid
 from cspine.cls.config import TrainConfig
 from cspine.cls.crops import vertebra_crops
 from cspine.cls.dataset import StudyArrays, stack_study
@@ -110,17 +110,14 @@ class Classifier:
                 outs.append({k: v.float().cpu().numpy() for k, v in m(images[None], present, stats).items()})
         mean = {k: np.mean([o[k] for o in outs], axis=0) for k in outs[0]}
         probs = sequence_probs(mean["patient"], mean["vertebra"], st.present[None], self.config.model.patient_from)
-        return probs[0], 1.0 / (1.0 + np.exp(-mean["slices"][0]))
+        return probs[0], sigmoid(mean["slices"][0])
 
     def predict(self, volume: Volume, mask: np.ndarray, timings: dict[str, float] | None = None) -> StudyPrediction:
         """Crop the vertebrae of ``mask`` from ``volume`` and predict (calibrated); adds crop/classify seconds to
         ``timings`` when given."""
         t0 = time.perf_counter()
         crops = vertebra_crops(volume, mask, self.config.crop)
-        arrays = {
-            v: {"images": c.images, "slice_labels": c.slice_labels, "z": c.z, "instance": c.instance, "stats": c.stats}
-            for v, c in crops.items()
-        }
+        arrays = {v: vars(c) for v, c in crops.items()}  # the crop's fields under the names the cache uses
         st = stack_study(str(volume.meta.get("StudyInstanceUID", "study")), arrays, self.config.crop, None, False)
         t1 = time.perf_counter()
         raw, slices = self.predict_arrays(st)

@@ -3,9 +3,10 @@
 Why: a fracture is a lucent line or gap through bone (blood, soft tissue, air where the mask says bone), a dense
 impaction band, or lost height. These fifteen numbers say so directly, from the full 3D vertebra on a fixed grid,
 so the classifier does not have to discover them from the few dozen fractured vertebrae a small dataset holds.
-On 60 generated studies (ground-truth masks, 5-fold CV) a logistic regression on them, as they are and relative
-to the study's other vertebrae, reached mean vertebra AUC 0.90 and competition loss 0.31, where the in-plane crops'
-density histogram reached 0.77 and a CNN trained from scratch on the crops stayed near chance. Thin slices are
+On 60 generated studies (ground-truth masks, 5-fold CV) a logistic regression on them (fractions as logs), as
+they are and relative to the study's other vertebrae, reached mean vertebra AUC 0.92 and competition loss 0.31
+(0.95 and 0.29 on 60 other studies), where the in-plane crops' density histogram reached 0.77 and a CNN trained
+from scratch on the crops stayed near chance. Thin slices are
 averaged down to the grid first, so the numbers mean the same on a 0.5 mm scan as on a 2 mm one.
 
 Features (in this order):
@@ -60,10 +61,9 @@ def lucency_features(hu: np.ndarray, inside: np.ndarray, spacing: tuple[float, f
     from scipy import ndimage
 
     hu_g, in_g, grid = _to_grid(hu.astype(np.float32), inside, spacing)
-    out = np.zeros(N_LUCENCY, np.float32)
     n = int(in_g.sum())
     if n == 0:
-        return out
+        return np.zeros(N_LUCENCY, np.float32)
     x = hu_g[in_g]
     feats: list[float] = [float((x < t).mean()) for t in LT_HU]
     depth = ndimage.distance_transform_edt(in_g, sampling=grid)
@@ -76,8 +76,7 @@ def lucency_features(hu: np.ndarray, inside: np.ndarray, spacing: tuple[float, f
     feats += [float((res > t).mean()) if res.size else 0.0 for t in RES_GT_HU]
     zs = np.nonzero(in_g.any(axis=(1, 2)))[0]
     feats += [float(np.log(n * float(np.prod(grid)))), float((zs[-1] - zs[0] + 1) * grid[0])]
-    out[:] = feats
-    return out
+    return np.asarray(feats, np.float32)
 
 
 def _local_median(hu: np.ndarray, where: np.ndarray, window: list[int]) -> np.ndarray:

@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from cspine.cls.calibrate import Calibration, fit_temperature
+from cspine.cls.calibrate import Calibration, fit_temperature, sigmoid
 from cspine.cls.config import ModelConfig, TrainConfig, config_from_dict, config_to_dict
 from cspine.cls.crops import CropsConfig, build_crops
 from cspine.cls.dataset import ImageDataset, ImageIndex, StudyDataset, StudyStore, image_index
@@ -301,10 +301,8 @@ def sequence_loss(
 def sequence_probs(patient: np.ndarray, vertebra: np.ndarray, present: np.ndarray, patient_from: str) -> np.ndarray:
     """(n, 8) probabilities in PREDICTION_TYPES order from logits: vertebrae by sigmoid (the RSNA prevalence for
     vertebrae the mask lacks), patient from the head or as 1 - prod(1 - p_Ci)."""
-    from scipy.special import expit
-
-    pv = np.where(present, expit(vertebra), np.array([PREVALENCE[v] for v in CERVICAL])[None, :])
-    pp = expit(patient) if patient_from == "head" else noisy_or(pv)
+    pv = np.where(present, sigmoid(vertebra), np.array([PREVALENCE[v] for v in CERVICAL])[None, :])
+    pp = sigmoid(patient) if patient_from == "head" else noisy_or(pv)
     return np.concatenate([pp[:, None], pv], axis=1)
 
 
@@ -341,8 +339,8 @@ def _sequence_step(model: ModelConfig) -> Callable[[nn.Module, dict[str, torch.T
     def step(net: nn.Module, batch: dict[str, torch.Tensor]) -> StepResult:
         out = net(batch["images"], batch["present"], batch["stats"])
         loss = sequence_loss(out, batch, model.aux_weight, model.feature_weight)
-        head = getattr(net, "module", net).feature_head
-        if model.feature_l2 > 0 and head is not None:
+        head = getattr(net, "module", net).feature_head if model.feature_l2 > 0 else None
+        if head is not None:
             loss = loss + model.feature_l2 * head.weight.pow(2).sum()
         with torch.no_grad():
             logits = torch.cat([out["patient"][:, None], out["vertebra"]], dim=1)
@@ -404,7 +402,7 @@ def _train_sequence(
 
 def _write_oof(path: Path, uids: list[str], pred: dict[str, np.ndarray], fold: int, patient_from: str) -> None:
     p = sequence_probs(pred["patient"], pred["vertebra"], pred["present"], patient_from)
-    head = 1.0 / (1.0 + np.exp(-pred["patient"]))
+    head = sigmoid(pred["patient"])
     nor = noisy_or(p[:, 1:])
     write_wide(
         path,
