@@ -199,7 +199,7 @@ def test_feature_l2_adds_the_feature_path_weights_sum_of_squares_to_the_loss() -
     from cspine.cls.train import _sequence_step
 
     torch.manual_seed(0)
-    crop, cfg = CropConfig(**TINY_CROP), ModelConfig(**TINY_MODEL)
+    crop, cfg = CropConfig(**TINY_CROP), ModelConfig(**TINY_MODEL, feature_fit="joint")
     model = create_model("sequence", cfg, crop).eval()  # eval: dropout off, the two losses see the same logits
     batch = {
         "images": torch.randint(0, 255, (1, 7, 4, crop.channels, 32, 32), dtype=torch.uint8),
@@ -212,6 +212,52 @@ def test_feature_l2_adds_the_feature_path_weights_sum_of_squares_to_the_loss() -
     plain = _sequence_step(cfg)(model, batch).loss
     with_l2 = _sequence_step(dataclasses.replace(cfg, feature_l2=0.5))(model, batch).loss
     assert torch.allclose(with_l2 - plain, 0.5 * model.feature_head.weight.pow(2).sum(), atol=1e-5)
+
+
+def test_fitted_linear_path_is_the_logistic_regression_and_stays_frozen() -> None:
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from cspine.cls.lucency import N_FRACTIONS, N_LUCENCY
+    from cspine.cls.models import create_model, relative_to_study
+    from cspine.cls.train import _sequence_step
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    n = 40
+    stats = torch.from_numpy(rng.uniform(0.001, 0.05, (n, 7, N_LUCENCY)).astype(np.float32))
+    stats[..., N_FRACTIONS:] = torch.tensor([9.0, 20.0])
+    present = torch.ones(n, 7, dtype=torch.bool)
+    present[:5, 6] = False
+    labels = (rng.random((n, 7)) < 0.2) & present.numpy()
+    stats[..., 0] += torch.from_numpy(labels * 0.2).float()  # fractured: more voxels below 60 HU
+    crop = CropConfig(**TINY_CROP)
+    model = create_model("sequence", ModelConfig(**TINY_MODEL), crop)
+    model.fit_linear_path(stats, present, labels.astype(np.float32), c=0.3)
+    # the same regression by hand: standardised design (relative half included) + vertebra one-hot, metric weights
+    x = relative_to_study(model.standardised_stats(stats, present), present).numpy().astype(np.float64)
+    keep = present.reshape(-1).numpy()
+    design = np.hstack([x, np.tile(np.eye(7), (n, 1))])[keep]
+    mu, sd = design[:, :-7].mean(0), design[:, :-7].std(0) + 1e-6
+    design[:, :-7] = (design[:, :-7] - mu) / sd
+    y = labels.reshape(-1)[keep].astype(float)
+    ref = LogisticRegression(C=0.3, max_iter=5000).fit(design, y, sample_weight=1 + y).decision_function(design)
+    images = torch.zeros(n, 7, 4, crop.channels, 32, 32, dtype=torch.uint8)
+    model.eval()
+    with torch.no_grad():
+        got = model(images, present, stats)["features"].reshape(-1).numpy()[keep]
+    assert np.allclose(got, ref, atol=1e-4)
+    assert np.corrcoef(got, y)[0, 1] > 0.5  # it found the planted signal
+    # frozen: a training step moves the network, not the fitted path
+    head = model.feature_head.weight.detach().clone()
+    model.train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = {"images": images[:2], "present": present[:2], "stats": stats[:2],
+             "labels": torch.from_numpy(np.hstack([labels[:2].any(1, keepdims=True), labels[:2]])).float(),
+             "slice_labels": torch.zeros(2, 7, 4), "slice_valid": torch.ones(2, 7, 4, dtype=torch.bool)}
+    _sequence_step(ModelConfig(**TINY_MODEL))(model, batch).loss.backward()
+    opt.step()
+    assert torch.equal(model.feature_head.weight, head)
 
 
 def test_unknown_model_lists_the_valid_ones() -> None:
@@ -575,9 +621,11 @@ def test_training_statistics_are_the_same_whether_crops_are_preloaded_or_streame
 
     streamed = StudyStore(tiny_store.studies, tiny_store.crop, preload_bytes=0)
     rows = range(len(tiny_store))
-    a, b = tiny_store.present_stats(rows), streamed.present_stats(rows)
-    assert a.shape == (sum(len(s.present) for s in tiny_store.studies), 15)
-    assert torch.equal(a, b) and bool((a[:, -1] > 0).all())  # every present vertebra has a height
+    (a, pa), (b, pb) = tiny_store.study_stats(rows), streamed.study_stats(rows)
+    assert a.shape == (len(tiny_store), 7, 15) and torch.equal(pa, pb)
+    assert int(pa.sum()) == sum(len(s.present) for s in tiny_store.studies)
+    assert torch.equal(a, b) and bool((a[pa][:, -1] > 0).all())  # every present vertebra has a height
+    assert bool((a[~pa] == 0).all())
 
 
 def test_train_sequence_resumes_after_a_kill_and_predicts(tiny_cache: Path, tmp_path: Path, monkeypatch) -> None:

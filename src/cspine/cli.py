@@ -193,6 +193,7 @@ def cmd_train_cls(args: argparse.Namespace) -> int:
     model = {"encoder": args.encoder, "width": args.width, "hidden": args.hidden, "pretrained": args.pretrained,
              "patient_from": args.patient_from, "stem_stride": args.stem_stride, "aux_weight": args.aux_weight,
              "density_bins": args.density_bins, "feature_weight": args.feature_weight, "feature_l2": args.feature_l2,
+             "feature_fit": args.feature_fit, "feature_c": args.feature_c,
              "lucency": False if args.no_lucency else None}
     overrides: dict[str, object] = {k: v for k, v in top.items() if v is not None}
     overrides["crop"] = {k: v for k, v in crop.items() if v is not None}
@@ -391,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cls", required=True, help="classification model directory (cspine train-cls --out)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_bundle)
-    from cspine.cls.config import ENCODERS, PATIENT_SOURCES, RECIPES, SPLITS  # torch-free names registry
+    from cspine.cls.config import ENCODERS, FEATURE_FITS, PATIENT_SOURCES, RECIPES, SPLITS  # torch-free names
 
     p = sub.add_parser("crops", help="per-vertebra 2.5D crops of a prepared cache (+ PNG grids with --png)")
     p.add_argument("--data", required=True, help="prepared cache folder (cspine prepare --out)")
@@ -440,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bins of the density histogram inside the vertebra mask fed to the sequence model (0 = off)")
     p.add_argument("--no-lucency", action="store_true",
                    help="leave out the per-vertebra lucency statistics (dark voxels inside the mask, height)")
+    p.add_argument("--feature-fit", choices=FEATURE_FITS, default=None,
+                   help="linear feature path: 'logistic' (the lucency statistics through a logistic regression "
+                   "fitted on the training fold, frozen; default) or 'joint' (trained with the network)")
+    p.add_argument("--feature-c", type=float, default=None, help="inverse L2 strength of the logistic fit")
     p.add_argument("--feature-weight", type=float, default=None,
                    help="weight of the linear feature path's own loss (deep supervision; 0 = off)")
     p.add_argument("--feature-l2", type=float, default=None,

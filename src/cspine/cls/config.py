@@ -25,7 +25,7 @@ from typing import Any
 #: Bump when the crop arrays change meaning; old caches are then rebuilt instead of misread.
 CROP_FORMAT = 2
 #: Bump when the model directory layout changes.
-MODEL_DIR_FORMAT = 2
+MODEL_DIR_FORMAT = 3
 
 
 @dataclass(frozen=True)
@@ -107,11 +107,14 @@ class ModelConfig:
         lucency: feed each vertebra's lucency statistics (cspine.cls.lucency: dark voxels inside the mask, lines
             against the local median, volume, height), as they are and relative to the study's other vertebrae,
             into the linear feature path beside the density histogram.
-        feature_weight: weight of the feature path's own metric-weighted loss (deep supervision). It keeps that
-            path a well-fitted logistic regression even after the CNN has memorised the training positives, when
-            the summed logit's loss no longer teaches it anything.
-        feature_l2: L2 penalty on the feature path's weights, as in a logistic regression (its sum of squares
-            times this, added to the loss). 0 = only the optimiser's weight decay.
+        feature_fit: how the linear feature path is fitted. "logistic" (with lucency): the statistics only,
+            through an L2 logistic regression (scikit-learn, C = feature_c) fitted on the training fold before the
+            network trains, then frozen; "joint": histogram and statistics through a linear layer trained with the
+            network (feature_weight, feature_l2).
+        feature_c: inverse L2 strength of the "logistic" fit.
+        feature_weight: "joint" only: weight of the feature path's own metric-weighted loss (deep supervision),
+            which keeps it fitted after the CNN has memorised the training positives.
+        feature_l2: "joint" only: L2 penalty on the feature path's weights (sum of squares times this).
     """
 
     encoder: str = "resnet18"
@@ -128,6 +131,8 @@ class ModelConfig:
     density_bins: int = 16
     density_hu: tuple[float, float] = (-100.0, 500.0)
     lucency: bool = True
+    feature_fit: str = "logistic"
+    feature_c: float = 0.3
     feature_weight: float = 3.0
     feature_l2: float = 0.0
 
@@ -140,12 +145,15 @@ class ModelConfig:
             raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
         if self.density_bins < 0 or self.density_hu[0] >= self.density_hu[1]:
             raise ValueError("density_bins must be >= 0 and density_hu an increasing (low, high) pair")
+        if self.feature_fit not in FEATURE_FITS or self.feature_c <= 0:
+            raise ValueError(f"feature_fit must be one of {', '.join(FEATURE_FITS)} and feature_c > 0")
         if self.width <= 0 or self.stem_stride not in (1, 2):
             raise ValueError("width must be > 0 and stem_stride 1 or 2")
 
 
 PATIENT_SOURCES: tuple[str, ...] = ("head", "noisy-or")
 POOLS: tuple[str, ...] = ("avg", "max", "avgmax")
+FEATURE_FITS: tuple[str, ...] = ("logistic", "joint")
 
 #: How studies are divided. "folds": study-grouped, label-stratified K-fold CV (out-of-fold predictions);
 #: "study": one held-out fraction of studies; "image": the seed's random split over images (leaky, for comparison).
@@ -352,8 +360,8 @@ def config_from_dict(d: dict[str, Any]) -> TrainConfig:
         raise ValueError(f"model directory format {fmt} is newer than this cspine understands ({MODEL_DIR_FORMAT})")
     if fmt < MODEL_DIR_FORMAT:
         raise ValueError(
-            f"model directory format {fmt} is older than this cspine's ({MODEL_DIR_FORMAT}): its classifier has no "
-            "lucency path; retrain it with `cspine train-cls`"
+            f"model directory format {fmt} is older than this cspine's ({MODEL_DIR_FORMAT}): its classifier lacks "
+            "the fitted lucency path; retrain it with `cspine train-cls`"
         )
     return from_dict(TrainConfig, d)
 

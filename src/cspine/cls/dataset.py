@@ -137,18 +137,21 @@ class StudyStore:
     def uids(self) -> list[str]:
         return [s.uid for s in self.studies]
 
-    def present_stats(self, rows: Sequence[int] | np.ndarray) -> torch.Tensor:
-        """(n, N_LUCENCY) lucency statistics of the present vertebrae of ``rows`` (to standardise with); a
-        streamed store reads only the statistics, not the images."""
-        x: list[np.ndarray] = [np.zeros((0, N_LUCENCY), np.float32)]
-        for r in rows:
+    def study_stats(self, rows: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, 7, N_LUCENCY) lucency statistics and (n, 7) presence of ``rows`` (to standardise and fit the
+        linear path with); a streamed store reads only the statistics, not the images."""
+        stats = np.zeros((len(rows), NV, N_LUCENCY), np.float32)
+        present = np.zeros((len(rows), NV), bool)
+        for j, r in enumerate(rows):
             if self._cache is not None:
                 st = self._cache[int(r)]
-                x.append(st.stats[st.present])
-            else:
-                study = self.studies[int(r)]
-                x += [study.load_stats(v)[None] for v in study.present]
-        return torch.from_numpy(np.concatenate(x).astype(np.float32))
+                stats[j], present[j] = st.stats, st.present
+                continue
+            study = self.studies[int(r)]
+            for v in study.present:
+                i = CERVICAL.index(v)
+                stats[j, i], present[j, i] = study.load_stats(v), True
+        return torch.from_numpy(stats), torch.from_numpy(present)
 
     def labels(self) -> np.ndarray:
         """(n, 8) labels in PREDICTION_TYPES order (studies without labels are an error here)."""

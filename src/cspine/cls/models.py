@@ -267,13 +267,18 @@ class SequenceNet(nn.Module):
         self.slice_head = nn.Linear(2 * h, 1)
         self.attn = nn.Linear(2 * h, 1)
         self.vert_head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(4 * h, 1))
-        # fixed per-vertebra features (the whole vertebra's histogram and its lucency statistics), as they are and
-        # relative to the study's other vertebrae, straight to its logit: a linear path that needs few examples
+        # fixed per-vertebra features, as they are and relative to the study's other vertebrae, straight to its
+        # logit: a linear path that needs few examples. "logistic": the lucency statistics through a logistic
+        # regression fitted on the training fold and frozen (fit_linear_path); "joint": the histogram and the
+        # statistics through a linear layer trained with the network
         nf = N_LUCENCY if cfg.lucency else 0
         self.n_stats = nf
+        self.fitted = cfg.feature_fit == "logistic" and nf > 0
         self.register_buffer("stats_mean", torch.zeros(nf))
         self.register_buffer("stats_std", torch.ones(nf))
-        self.feature_head = nn.Linear(2 * (nb + nf), 1) if nb + nf else None
+        n_fixed = nf if self.fitted else nb + nf
+        self.feature_head = nn.Linear(2 * n_fixed, 1) if n_fixed else None
+        self.register_buffer("feature_bias", torch.zeros(NV))  # per-vertebra intercept of the fitted path
         self.patient_head = nn.Sequential(
             nn.Linear(8 * h + 1, h), nn.ReLU(inplace=True), nn.Dropout(cfg.dropout), nn.Linear(h, 1)
         )
@@ -286,6 +291,43 @@ class SequenceNet(nn.Module):
         if len(x) >= 2:
             self.stats_mean.copy_(x.mean(0))
             self.stats_std.copy_(x.std(0).clamp(min=1e-6))
+
+    def standardised_stats(self, stats: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """(B, 7, N_LUCENCY) raw statistics -> (B*7, N_LUCENCY) as the linear path reads them: fractions as logs,
+        standardised with the training set's mean and std, clipped, zero where the vertebra is absent."""
+        z = (lucency_inputs(stats.reshape(-1, stats.shape[-1]).float()) - self.stats_mean) / self.stats_std
+        return z.clamp(-STATS_CLIP, STATS_CLIP) * present.reshape(-1, 1).float()
+
+    def fit_linear_path(self, stats: torch.Tensor, present: torch.Tensor, labels: np.ndarray, c: float) -> None:
+        """Fit the linear path as an L2 logistic regression on the training fold's statistics and freeze it.
+
+        Why: trained jointly with a CNN that memorises the training positives, the same linear layer stopped short
+        of the logistic regression's optimum (60 generated studies: mean vertebra AUC 0.87 vs 0.95 for scikit-learn
+        on the same statistics). A convex fit converges; the CNN then learns only what the statistics miss.
+        ``labels`` (n, 7) vertebra labels; rows weighted as the competition metric weights them (positives 2x).
+        """
+        from sklearn.linear_model import LogisticRegression
+
+        assert self.feature_head is not None and self.fitted
+        self.set_stats_norm(stats[present])
+        n = len(stats)
+        x = relative_to_study(self.standardised_stats(stats, present), present).numpy().astype(np.float64)
+        keep = present.reshape(-1).numpy()
+        onehot = np.tile(np.eye(NV), (n, 1))
+        y = np.asarray(labels, np.float64).reshape(-1)[keep]
+        mu, sd = x[keep].mean(0), x[keep].std(0) + 1e-6  # the relative half is on a smaller scale: L2 needs both at 1
+        weight, bias = np.zeros(x.shape[1]), np.zeros(NV)
+        if len(np.unique(y)) == 2:  # a fold with one class leaves the path at zero, to the CNN
+            lr = LogisticRegression(C=c, max_iter=5000)
+            lr.fit(np.hstack([(x[keep] - mu) / sd, onehot[keep]]), y, sample_weight=1.0 + y)
+            coef = lr.coef_[0]
+            weight = coef[: x.shape[1]] / sd
+            bias = lr.intercept_[0] + coef[x.shape[1] :] - float(weight @ mu)
+        with torch.no_grad():
+            self.feature_head.weight.copy_(torch.as_tensor(weight, dtype=torch.float32)[None])
+            self.feature_head.bias.zero_()
+            self.feature_bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
+        self.feature_head.requires_grad_(False)
 
     def forward(
         self, images: torch.Tensor, present: torch.Tensor, stats: torch.Tensor | None = None
@@ -305,12 +347,12 @@ class SequenceNet(nn.Module):
         if self.density is not None:
             per_slice, per_vertebra = self.density(flat)
             parts.append(per_slice)
-            fixed.append(per_vertebra)
+            if not self.fitted:
+                fixed.append(per_vertebra)
         if self.n_stats:
             if stats is None:
                 raise ValueError("this model reads the crops' lucency statistics: pass stats (B, 7, N_LUCENCY)")
-            z = (lucency_inputs(stats.reshape(b * nv, -1).float()) - self.stats_mean) / self.stats_std
-            fixed.append(z.clamp(-STATS_CLIP, STATS_CLIP) * pres[:, None])
+            fixed.append(self.standardised_stats(stats, present))
         with torch.autocast(device_type=images.device.type, enabled=False):  # the GRU and heads stay in float32
             seq, _ = self.gru(self.proj(torch.cat(parts, dim=-1).float()))
             slice_logits = self.slice_head(seq).squeeze(-1).reshape(b, nv, k)
@@ -320,6 +362,7 @@ class SequenceNet(nn.Module):
             features = torch.zeros_like(vert)
             if self.feature_head is not None:
                 features = self.feature_head(relative_to_study(torch.cat(fixed, dim=-1), present)).squeeze(-1)
+                features = features + self.feature_bias[ids]
                 vert = vert + features
         vert_logits = vert.reshape(b, nv)
         g = pooled.reshape(b, nv, -1)

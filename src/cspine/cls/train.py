@@ -338,8 +338,9 @@ def predict_sequence(models: Iterable[nn.Module], ds: Dataset, rt: Runtime, batc
 def _sequence_step(model: ModelConfig) -> Callable[[nn.Module, dict[str, torch.Tensor]], StepResult]:
     def step(net: nn.Module, batch: dict[str, torch.Tensor]) -> StepResult:
         out = net(batch["images"], batch["present"], batch["stats"])
-        loss = sequence_loss(out, batch, model.aux_weight, model.feature_weight)
-        head = getattr(net, "module", net).feature_head if model.feature_l2 > 0 else None
+        joint = model.feature_fit == "joint" or not model.lucency  # a fitted path is frozen: nothing to supervise
+        loss = sequence_loss(out, batch, model.aux_weight, model.feature_weight if joint else 0.0)
+        head = getattr(net, "module", net).feature_head if joint and model.feature_l2 > 0 else None
         if head is not None:
             loss = loss + model.feature_l2 * head.weight.pow(2).sum()
         with torch.no_grad():
@@ -371,7 +372,11 @@ def _train_sequence(
         tr_rows = np.flatnonzero(folds != k)
         va_rows = np.flatnonzero(folds == k)
         if isinstance(model, SequenceNet) and model.n_stats:
-            model.set_stats_norm(store.present_stats(tr_rows))
+            stats, present = store.study_stats(tr_rows)
+            if model.fitted:
+                model.fit_linear_path(stats, present, y[tr_rows, 1:], cfg.model.feature_c)
+            else:
+                model.set_stats_norm(stats[present])
         train_ds = StudyDataset(store, tr_rows, augment=cfg.augment, seed=cfg.seed * 100 + k)
         val_ds = StudyDataset(store, va_rows)
 
