@@ -533,6 +533,7 @@ def _write(path: Path, header: list[str], rows: list[list[object]]) -> Path:
 def test_evaluate_writes_all_files_with_sane_values(tmp_path: Path) -> None:
     from cspine.cli import main
     from cspine.cls.evaluate import EvaluateConfig, evaluate
+    from cspine.metrics import competition_loss
 
     y = _labels(30, seed=1)
     rng = np.random.default_rng(0)
@@ -577,9 +578,21 @@ def test_evaluate_writes_all_files_with_sane_values(tmp_path: Path) -> None:
         assert np.array(d["confusion_0.5"]).sum() == 30
         assert d["operating_point"]["sensitivity"] is None or d["operating_point"]["sensitivity"] >= 0.9
     assert "Competition weighted log loss" in (tmp_path / "ev" / "report.md").read_text()
-    assert main(["evaluate", "--pred", str(kaggle), "--labels", str(labels), "--out", str(tmp_path / "ev2")]) == 0
+    assert "train_prevalence" not in m["baselines"]
+    # the no-skill model fitted on the training labels: each column's training rate, by hand
+    y_train = _labels(20, seed=2)
+    train = _write(
+        tmp_path / "train2.csv",
+        ["StudyInstanceUID", *PREDICTION_TYPES],
+        [[f"9.{i}", *map(int, y_train[i])] for i in range(20)],
+    )
+    args = ["evaluate", "--pred", str(kaggle), "--labels", str(labels), "--out", str(tmp_path / "ev2")]
+    assert main([*args, "--train-labels", str(train)]) == 0
     m2 = json.loads((tmp_path / "ev2" / "metrics.json").read_text())
     assert m2["competition_loss"] == pytest.approx(m["competition_loss"])
+    rates = np.tile(y_train.mean(axis=0), (30, 1))
+    assert m2["baselines"]["train_prevalence"] == pytest.approx(competition_loss(y, rates))
+    assert "training labels' prevalence" in (tmp_path / "ev2" / "report.md").read_text()
     bad = _write(tmp_path / "bad.csv", ["StudyInstanceUID", "p"], [["1.2.3.0", 0.5]])
     assert main(["evaluate", "--pred", str(bad), "--labels", str(labels), "--out", str(tmp_path / "ev3")]) == 2
 
@@ -729,3 +742,31 @@ def test_train_cls_cli_seed_baseline_image_split(tiny_cache: Path, tmp_path: Pat
     assert 0.0 <= m["image_level"]["all"]["accuracy"] <= 1.0
     assert (out / "fold0.pt").exists() and (out / "eval" / "confusion.png").exists()
     assert main(["train-cls", "--data", str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def test_bone_region_keeps_a_fracture_gap_and_drops_spilled_soft_tissue_and_the_canal() -> None:
+    from scipy import ndimage
+
+    from cspine.cls.bone_region import REACH_MM, bone_labels
+
+    spacing = (2.0, 1.0, 1.0)
+    hu = np.full((20, 80, 80), 40.0, np.float32)  # soft tissue
+    yy, xx = np.mgrid[:80, :80]
+    ring = ((yy - 40) ** 2 + (xx - 40) ** 2 <= 25**2) & ((yy - 40) ** 2 + (xx - 40) ** 2 > 8**2)
+    hu[4:16][:, ring] = 400.0  # a bony ring around a 16 mm canal
+    gap = ring & (np.abs(xx - 60) <= 1)  # a 3 mm fracture gap through the ring, filled with blood
+    hu[4:16][:, gap] = 50.0
+    truth = np.zeros(hu.shape, np.uint8)
+    truth[4:16][:, ring] = 3
+    coarse = ndimage.binary_dilation(truth > 0, iterations=3).astype(np.uint8) * 3  # a blobby mask that spills
+    coarse[:, :, :20] = 0  # and misses a part
+    out = bone_labels(hu, coarse, spacing)
+    assert set(np.unique(out)) <= {0, 3}
+    deep = gap & ndimage.binary_erosion(ring, iterations=2)
+    assert out[8][deep].all() and out[8][gap].mean() > 0.8  # the gap is inside the bone (its mouths partly)
+    assert not out[8][(yy - 40) ** 2 + (xx - 40) ** 2 <= 6**2].any()  # the canal is not
+    spill = (coarse[8] > 0) & ~ring
+    assert not out[8][spill & ((yy - 40) ** 2 + (xx - 40) ** 2 > 27**2)].any()  # soft tissue beyond the bone is not
+    reach = int(REACH_MM)  # px at 1 mm; the mask starts at x = 20
+    assert not out[8][:, : 20 - reach - 1].any()  # bone farther than REACH_MM from the mask is nobody's
+    assert out[8][ring & ~gap & (xx >= 20 - reach)].all()  # bone within REACH_MM outside the mask is the vertebra's

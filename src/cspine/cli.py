@@ -163,13 +163,19 @@ def _add_masks_first(p: argparse.ArgumentParser) -> None:
                         "segmenter's masks, as predict will see them)")
 
 
+def _add_stats_region(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--stats-region", choices=("mask", "bone"), default=default,
+                   help="count the lucency statistics inside the vertebra's mask (ground truth, good segmenter) or "
+                        "in the bone the image shows, labelled by the nearest masked vertebra (coarse masks)")
+
+
 def cmd_crops(args: argparse.Namespace) -> int:
     """Per-vertebra 2.5D crops of a prepared cache (cached; optional PNG grids to look at)."""
     from cspine.cls.config import CropConfig
     from cspine.cls.crops import CropsConfig, build_crops
 
     crop = CropConfig(slices=args.slices, size=args.size, margin=args.margin, context=args.context,
-                      context_stride=args.context_stride, window=args.window)
+                      context_stride=args.context_stride, window=args.window, stats_region=args.stats_region)
     cfg = CropsConfig(data=_existing(args.data), out=Path(args.out) if args.out else None, crop=crop,
                       masks=_existing(args.masks) if args.masks else None, masks_first=args.masks_first,
                       split=args.split, limit=args.limit,
@@ -189,7 +195,7 @@ def cmd_train_cls(args: argparse.Namespace) -> int:
     top = {k: getattr(args, k) for k in ("split", "folds", "fold", "holdout", "epochs", "batch_size", "lr",
                                           "patience", "seed", "device", "workers", "threads", "limit")}
     crop = {"slices": args.slices, "size": args.size, "context": args.context, "context_stride": args.context_stride,
-            "margin": args.margin}
+            "margin": args.margin, "stats_region": args.stats_region}
     model = {"encoder": args.encoder, "width": args.width, "hidden": args.hidden, "pretrained": args.pretrained,
              "patient_from": args.patient_from, "stem_stride": args.stem_stride, "aux_weight": args.aux_weight,
              "density_bins": args.density_bins, "feature_weight": args.feature_weight, "feature_l2": args.feature_l2,
@@ -223,7 +229,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not 0.0 < args.sensitivity < 1.0:
         raise UsageError("--sensitivity must be between 0 and 1")
     cfg = EvaluateConfig(pred=_existing(args.pred), labels=_existing(args.labels), out=Path(args.out),
-                         history=_existing(args.history) if args.history else None, sensitivity=args.sensitivity)
+                         history=_existing(args.history) if args.history else None, sensitivity=args.sensitivity,
+                         train_labels=_existing(args.train_labels) if args.train_labels else None)
     m = evaluate(cfg)
     auc = m["mean_vertebra_auc"]
     print(f"{m['n_studies']} studies: competition log loss {m['competition_loss']:.4f}, mean vertebra AUC "
@@ -406,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=1, help="neighbouring slices on each side as channels")
     p.add_argument("--context-stride", type=int, default=1, help="slice step between those neighbours")
     p.add_argument("--window", default="bone")
+    _add_stats_region(p, "mask")
     p.add_argument("--limit", type=int, default=0, help="at most this many studies (0 = all)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--png", action="store_true", help="write a PNG grid per study (fracture boxes in red)")
@@ -430,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=None, help="neighbouring slices on each side as channels")
     p.add_argument("--context-stride", type=int, default=None, help="slice step between those neighbours")
     p.add_argument("--margin", type=float, default=None, help="margin around the vertebra box (fraction)")
+    _add_stats_region(p, None)
     p.add_argument("--encoder", choices=ENCODERS, default=None)
     p.add_argument("--width", type=float, default=None, help="ResNet width multiplier")
     p.add_argument("--hidden", type=int, default=None, help="GRU hidden size")
@@ -469,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--history", default=None, help="training history.json for loss/accuracy curves")
     p.add_argument("--sensitivity", type=float, default=0.9, help="target sensitivity of the operating point")
+    p.add_argument("--train-labels", default=None,
+                   help="the labels the model was trained on: adds their per-column prevalence as a baseline")
     p.set_defaults(func=cmd_evaluate)
     from cspine.seg.config import LABEL_CONVENTION_NAMES  # torch-free registries
     from cspine.seg.models import DEFAULT_MODEL, MODEL_NAMES

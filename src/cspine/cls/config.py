@@ -40,6 +40,9 @@ class CropConfig:
         context_stride: step between those neighbours in slices (use 2-3 on sub-millimetre real CT).
         window: HU window name (cspine.io.volume.WINDOWS).
         mask_channel: append the vertebra's own mask as a last channel (tells the model which bone to judge).
+        stats_region: where the lucency statistics are counted: "mask" (the vertebra's mask: right for ground
+            truth and a good segmenter) or "bone" (bone read from the image, labelled by the nearest vertebra of
+            the mask: cspine.cls.bone_region; for a coarse segmenter's masks).
     """
 
     slices: int = 10
@@ -49,8 +52,11 @@ class CropConfig:
     context_stride: int = 1
     window: str = "bone"
     mask_channel: bool = True
+    stats_region: str = "mask"
 
     def __post_init__(self) -> None:
+        if self.stats_region not in STATS_REGIONS:
+            raise ValueError(f"stats_region must be one of {', '.join(STATS_REGIONS)}, got {self.stats_region!r}")
         if self.slices < 1 or self.size < 8:
             raise ValueError(f"crop slices must be >= 1 and size >= 8, got {self.slices} and {self.size}")
         if self.context < 0 or self.context_stride < 1 or self.margin < 0:
@@ -154,6 +160,7 @@ class ModelConfig:
 PATIENT_SOURCES: tuple[str, ...] = ("head", "noisy-or")
 POOLS: tuple[str, ...] = ("avg", "max", "avgmax")
 FEATURE_FITS: tuple[str, ...] = ("logistic", "joint")
+STATS_REGIONS: tuple[str, ...] = ("mask", "bone")
 
 #: How studies are divided. "folds": study-grouped, label-stratified K-fold CV (out-of-fold predictions);
 #: "study": one held-out fraction of studies; "image": the seed's random split over images (leaky, for comparison).

@@ -37,8 +37,9 @@ from typing import Any
 
 import numpy as np
 
+from cspine.cls.bone_region import bone_labels
 from cspine.cls.config import CropConfig
-from cspine.cls.lucency import lucency_features
+from cspine.cls.lucency import N_LUCENCY, lucency_features
 from cspine.io.volume import Volume, window
 from cspine.labels import CERVICAL, LABEL_VALUES
 from cspine.runtime import write_json
@@ -169,6 +170,8 @@ def vertebra_crops(
             "(load it with cspine.io.load_segmentation(path, volume))"
         )
     extents = _extents(mask)
+    stats_mask = bone_labels(volume.array, mask, volume.spacing) if cfg.stats_region == "bone" else mask
+    stats_extents = _extents(stats_mask) if cfg.stats_region == "bone" else extents
     assigned = assign_boxes(volume, mask, boxes, labels) if boxes else {v: [] for v in CERVICAL}
     inst = np.asarray(volume.instance_numbers)
     out = {}
@@ -206,7 +209,9 @@ def vertebra_crops(
             slice_labels=slice_labels,
             box_rects=np.array(rects, np.float32).reshape(-1, 5),
             window_yx=(float(wy), float(wx), float(side)),
-            stats=_vertebra_stats(volume, mask, LABEL_VALUES[v], extents[v]),
+            stats=_vertebra_stats(volume, stats_mask, LABEL_VALUES[v], stats_extents[v])
+            if v in stats_extents
+            else np.zeros(N_LUCENCY, np.float32),
         )
     return out
 

@@ -38,6 +38,8 @@ class EvaluateConfig:
         out: output folder.
         history: optional training history JSON (list of epoch rows) for the loss/accuracy curves.
         sensitivity: target sensitivity of the operating point.
+        train_labels: the labels the model was trained on (train.csv): adds the no-skill baseline fitted on the
+            same data, each column's training prevalence, beside the RSNA prevalence (which knows the population).
     """
 
     pred: Path
@@ -45,6 +47,7 @@ class EvaluateConfig:
     out: Path
     history: Path | None = None
     sensitivity: float = 0.9
+    train_labels: Path | None = None
 
 
 def read_predictions(path: Path) -> dict[str, dict[str, float]]:
@@ -163,6 +166,10 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     y = as_matrix(labels, uids)
     p = as_matrix(preds, uids)
     m = compute_metrics(y, p, cfg.sensitivity)
+    if cfg.train_labels is not None:
+        train = read_labels(cfg.train_labels)
+        rates = as_matrix(train, sorted(train)).mean(axis=0)
+        m["baselines"]["train_prevalence"] = competition_loss(y, np.tile(rates, (len(y), 1)))
     m["pred"] = str(cfg.pred)
     m["labels"] = str(cfg.labels)
     out = Path(cfg.out)
@@ -208,7 +215,13 @@ def report_markdown(m: dict[str, Any]) -> str:
         "",
         f"**Competition weighted log loss: {m['competition_loss']:.4f}** (lower is better; "
         f"constant 0.5 gives {m['baselines']['constant_0.5']:.4f}, the RSNA prevalence "
-        f"{m['baselines']['rsna_prevalence']:.4f}).",
+        f"{m['baselines']['rsna_prevalence']:.4f}"
+        + (
+            f", the training labels' prevalence {m['baselines']['train_prevalence']:.4f}"
+            if "train_prevalence" in m["baselines"]
+            else ""
+        )
+        + ").",
         "",
         f"Mean vertebra AUC: {_f(m['mean_vertebra_auc'])}; patient AUC: {_f(m['patient_auc'])}.",
         "",
