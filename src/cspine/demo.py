@@ -30,9 +30,9 @@ class DemoConfig:
     """Sizes chosen so the demo finishes in a few minutes on 2 CPU cores; scale them up for a real look."""
 
     out: Path = Path("cspine-demo")
-    # The lucency statistics need ~100 training studies: with the demo's masks, a model trained on 32 had no
-    # signal on 160 independent studies (loss 0.555 vs 0.546 for the RSNA prevalence, vertebra AUC 0.58), one
-    # trained on 96 had (0.530, AUC 0.70). 64 test studies: on 32 the held-out loss is mostly the draw's base rates.
+    # With the demo's coarse masks the statistics need ~100 training studies: a model trained on 32 had no signal
+    # on 320 fresh studies (mean vertebra AUC 0.41-0.50), one trained on 96 some (0.51-0.65; benchmarks/
+    # cls_results.md). 64 test studies: on 32 the held-out loss is mostly the draw's base rates.
     train_studies: int = 96
     test_studies: int = 64
     segmented: float = 0.5
