@@ -744,29 +744,30 @@ def test_train_cls_cli_seed_baseline_image_split(tiny_cache: Path, tmp_path: Pat
     assert main(["train-cls", "--data", str(tmp_path / "missing"), "--out", str(out)]) == 2
 
 
-def test_bone_region_keeps_a_fracture_gap_and_drops_spilled_soft_tissue_and_the_canal() -> None:
+@pytest.mark.parametrize("px", [1.0, 0.5])  # 0.5 mm scans are computed on a 1 mm grid and brought back
+def test_bone_region_keeps_a_fracture_gap_and_drops_spilled_soft_tissue_and_the_canal(px: float) -> None:
     from scipy import ndimage
 
     from cspine.cls.bone_region import REACH_MM, bone_labels
 
-    spacing = (2.0, 1.0, 1.0)
-    hu = np.full((20, 80, 80), 40.0, np.float32)  # soft tissue
-    yy, xx = np.mgrid[:80, :80]
-    ring = ((yy - 40) ** 2 + (xx - 40) ** 2 <= 25**2) & ((yy - 40) ** 2 + (xx - 40) ** 2 > 8**2)
-    hu[4:16][:, ring] = 400.0  # a bony ring around a 16 mm canal
-    gap = ring & (np.abs(xx - 60) <= 1)  # a 3 mm fracture gap through the ring, filled with blood
+    n = int(80 / px)
+    spacing = (2.0, px, px)
+    hu = np.full((20, n, n), 40.0, np.float32)  # soft tissue
+    yy, xx = np.mgrid[:n, :n] * px  # mm
+    r2 = (yy - 40) ** 2 + (xx - 40) ** 2
+    ring = (r2 <= 25**2) & (r2 > 8**2)  # a bony ring around a 16 mm canal
+    hu[4:16][:, ring] = 400.0
+    gap = ring & (np.abs(xx - 60) <= 1.5)  # a 3 mm fracture gap through the ring, filled with blood
     hu[4:16][:, gap] = 50.0
     truth = np.zeros(hu.shape, np.uint8)
     truth[4:16][:, ring] = 3
-    coarse = ndimage.binary_dilation(truth > 0, iterations=3).astype(np.uint8) * 3  # a blobby mask that spills
-    coarse[:, :, :20] = 0  # and misses a part
+    coarse = ndimage.binary_dilation(truth > 0, iterations=int(3 / px)).astype(np.uint8) * 3  # blobby: spills
+    coarse[:, xx < 20] = 0  # and misses a part
     out = bone_labels(hu, coarse, spacing)
     assert set(np.unique(out)) <= {0, 3}
-    deep = gap & ndimage.binary_erosion(ring, iterations=2)
+    deep = gap & ndimage.binary_erosion(ring, iterations=int(2 / px))
     assert out[8][deep].all() and out[8][gap].mean() > 0.8  # the gap is inside the bone (its mouths partly)
-    assert not out[8][(yy - 40) ** 2 + (xx - 40) ** 2 <= 6**2].any()  # the canal is not
-    spill = (coarse[8] > 0) & ~ring
-    assert not out[8][spill & ((yy - 40) ** 2 + (xx - 40) ** 2 > 27**2)].any()  # soft tissue beyond the bone is not
-    reach = int(REACH_MM)  # px at 1 mm; the mask starts at x = 20
-    assert not out[8][:, : 20 - reach - 1].any()  # bone farther than REACH_MM from the mask is nobody's
-    assert out[8][ring & ~gap & (xx >= 20 - reach)].all()  # bone within REACH_MM outside the mask is the vertebra's
+    assert not out[8][r2 <= 6**2].any()  # the canal is not
+    assert not out[8][(coarse[8] > 0) & (r2 > 27**2)].any()  # soft tissue the mask spilled into is not
+    assert not out[8][xx < 20 - REACH_MM - 1].any()  # bone farther than REACH_MM from the mask is nobody's
+    assert out[8][ring & ~gap & (xx >= 20 - REACH_MM + 1)].all()  # bone within REACH_MM is the vertebra's

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -539,7 +540,10 @@ def test_ddp_two_gloo_processes_train_and_only_rank0_writes(cache: Path, tmp_pat
     if not torchrun.exists():
         pytest.skip("torchrun not installed beside the interpreter")
     out = tmp_path / "ddp"
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
+    with socket.socket() as sock:  # a free port: a fixed one can collide with another run's (a flaky failure once)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "cspine.cli", "train-seg", "--data", str(cache), "--out", str(out), "--arch", "unet-tiny",
            "--spacing", "4", "--patch", "32", "32", "32", "--epochs", "2", "--iters-per-epoch", "1",
            "--batch-size", "1", "--fold", "0", "--folds", "3", "--device", "cpu", "--no-progress"]  # fmt: skip

@@ -18,6 +18,8 @@ reaches into the neighbours and costs (0.78 at a 3 mm reach).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from cspine.labels import CERVICAL_VALUES
@@ -26,6 +28,9 @@ BONE_HU = 120.0
 CLOSE_MM = 3.0
 HOLE_MM2 = 30.0
 REACH_MM = 7.0
+#: In-plane grid the region is computed on: finer scans are block-averaged to it first (the statistics are counted
+#: on a 1 mm in-plane grid anyway), which makes the region of a 0.5 mm neck ~10x cheaper.
+REGION_MM = 1.0
 
 
 def bone_envelope(hu: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
@@ -63,9 +68,27 @@ def bone_labels(hu: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, f
     box = tuple(
         slice(max(0, s.start - r), min(n, s.stop + r)) for s, r, n in zip(found, reach, mask.shape, strict=True)
     )
-    sub = mask[box]  # every label, so that bone nearer to T1 than to C7 is not claimed by C7
-    dist, idx = ndimage.distance_transform_edt(sub == 0, sampling=spacing, return_indices=True)
-    nearest = sub[tuple(idx)]
-    keep = bone_envelope(hu[box].astype(np.float32), spacing) & (dist <= REACH_MM) & np.isin(nearest, CERVICAL_VALUES)
-    out[box] = np.where(keep, nearest, 0)
+    f = (1, *(max(1, int(REGION_MM / sp + 1e-6)) for sp in spacing[1:]))
+    hu_c, mask_c = _coarsen(hu[box].astype(np.float32), f, np.mean), _coarsen(mask[box], f, None)
+    grid = tuple(sp * k for sp, k in zip(spacing, f, strict=True))
+    # every label, so that bone nearer to T1 than to C7 is not claimed by C7
+    dist, idx = ndimage.distance_transform_edt(mask_c == 0, sampling=grid, return_indices=True)
+    nearest = mask_c[tuple(idx)]
+    keep = bone_envelope(hu_c, grid) & (dist <= REACH_MM) & np.isin(nearest, CERVICAL_VALUES)
+    labels = np.where(keep, nearest, 0).astype(np.uint8)
+    for axis, k in enumerate(f):
+        labels = np.repeat(labels, k, axis=axis)
+    out[box] = labels[tuple(slice(0, s.stop - s.start) for s in box)]
     return out
+
+
+def _coarsen(a: np.ndarray, f: tuple[int, ...], reduce: Callable[..., np.ndarray] | None) -> np.ndarray:
+    """Blocks of ``f`` voxels -> one (edges padded by repetition): ``reduce`` over each block (HU), or the block's
+    centre voxel when None (labels)."""
+    if f == (1,) * a.ndim:
+        return a
+    a = np.pad(a, [(0, -n % k) for n, k in zip(a.shape, f, strict=True)], mode="edge")
+    if reduce is None:
+        return a[tuple(slice(k // 2, None, k) for k in f)]
+    blocks = a.reshape([x for n, k in zip(a.shape, f, strict=True) for x in (n // k, k)])
+    return reduce(blocks, axis=tuple(range(1, 2 * a.ndim, 2))).astype(a.dtype)
