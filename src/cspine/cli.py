@@ -164,7 +164,9 @@ def _add_masks_first(p: argparse.ArgumentParser) -> None:
 
 
 def _add_stats_region(p: argparse.ArgumentParser, default: str | None) -> None:
-    p.add_argument("--stats-region", choices=("mask", "bone"), default=default,
+    from cspine.cls.config import STATS_REGIONS  # torch-free
+
+    p.add_argument("--stats-region", choices=STATS_REGIONS, default=default,
                    help="count the lucency statistics inside the vertebra's mask (ground truth, good segmenter) or "
                         "in the bone the image shows, labelled by the nearest masked vertebra (coarse masks)")
 
