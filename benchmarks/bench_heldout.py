@@ -13,7 +13,6 @@ the AUCs, and how often a random draw of ``--draw`` of these studies would show 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import time
@@ -24,8 +23,9 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the cspine CLI does, before torch loads OpenMP
 
 from cspine.bundle import load_bundle
+from cspine.cls.evaluate import as_matrix, compute_metrics, read_labels
 from cspine.data.synth import generate_study
-from cspine.labels import CERVICAL, PATIENT, PREDICTION_TYPES, PREVALENCE
+from cspine.labels import PREDICTION_TYPES, PREVALENCE
 from cspine.metrics import competition_loss
 
 
@@ -39,8 +39,6 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--split", default="test", choices=("train", "test"), help="generator stream")
     args = ap.parse_args()
-    from sklearn.metrics import roc_auc_score
-
     bundle = load_bundle(Path(args.model), device=args.device)
     y, p = [], []
     t0 = time.perf_counter()
@@ -52,30 +50,26 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     y_arr, p_arr = np.asarray(y, np.float64), np.asarray(p, np.float64)
     n = len(y_arr)
-    baselines = {"rsna_prevalence": np.array([PREVALENCE[t] for t in PREDICTION_TYPES])}
+    m = compute_metrics(y_arr, p_arr)  # loss, RSNA-prevalence baseline and AUCs as `cspine evaluate` reports them
+    baselines = {"rsna_prevalence": m["baselines"]["rsna_prevalence"]}
     if args.train_labels:
-        with open(args.train_labels, newline="") as f:
-            rows = list(csv.DictReader(f))
-        baselines["train_prevalence"] = np.array([np.mean([float(r[t]) for r in rows]) for t in PREDICTION_TYPES])
+        train = read_labels(Path(args.train_labels))
+        rates = as_matrix(train, sorted(train)).mean(axis=0)
+        baselines["train_prevalence"] = competition_loss(y_arr, np.tile(rates, (n, 1)))
     rng = np.random.default_rng(0)
     draws = [rng.choice(n, min(args.draw, n), replace=False) for _ in range(2000)]
-    rsna = baselines["rsna_prevalence"]
+    rsna = np.array([PREVALENCE[t] for t in PREDICTION_TYPES])
     diff = np.array(
         [competition_loss(y_arr[d], p_arr[d]) - competition_loss(y_arr[d], np.tile(rsna, (len(d), 1))) for d in draws]
     )
-    aucs = {
-        t: float(roc_auc_score(y_arr[:, j], p_arr[:, j]))
-        for j, t in enumerate(PREDICTION_TYPES)
-        if 0 < y_arr[:, j].sum() < n
-    }
     result = {
         "studies": n,
         "seed": args.seed,
-        "competition_loss": competition_loss(y_arr, p_arr),
-        "baselines": {k: competition_loss(y_arr, np.tile(v, (n, 1))) for k, v in baselines.items()},
-        "mean_vertebra_auc": float(np.mean([aucs[v] for v in CERVICAL if v in aucs])),
-        "patient_auc": aucs.get(PATIENT),
-        "auc": aucs,
+        "competition_loss": m["competition_loss"],
+        "baselines": baselines,
+        "mean_vertebra_auc": m["mean_vertebra_auc"],
+        "patient_auc": m["patient_auc"],
+        "auc": {t: a for t in PREDICTION_TYPES if (a := m["targets"][t]["auc"]) is not None},
         f"draws_of_{args.draw}_model_ahead_of_rsna_prevalence": float((diff < 0).mean()),
         "draw_difference_mean_sd": [float(diff.mean()), float(diff.std())],
         "seconds_per_study": seconds / n,

@@ -338,9 +338,10 @@ def predict_sequence(models: Iterable[nn.Module], ds: Dataset, rt: Runtime, batc
 def _sequence_step(model: ModelConfig) -> Callable[[nn.Module, dict[str, torch.Tensor]], StepResult]:
     def step(net: nn.Module, batch: dict[str, torch.Tensor]) -> StepResult:
         out = net(batch["images"], batch["present"], batch["stats"])
-        joint = model.feature_fit == "joint" or not model.lucency  # a fitted path is frozen: nothing to supervise
+        core = getattr(net, "module", net)
+        joint = not core.fitted  # a fitted path is frozen: nothing to supervise or penalise
         loss = sequence_loss(out, batch, model.aux_weight, model.feature_weight if joint else 0.0)
-        head = getattr(net, "module", net).feature_head if joint and model.feature_l2 > 0 else None
+        head = core.feature_head if joint and model.feature_l2 > 0 else None
         if head is not None:
             loss = loss + model.feature_l2 * head.weight.pow(2).sum()
         with torch.no_grad():
