@@ -456,6 +456,7 @@ def train_segmentation(
             )
         return summary
     finally:
+        model = None  # the DDP wrapper's reducer holds the group: release it before the group is destroyed
         if created_group:
             shutdown(rt)
 
