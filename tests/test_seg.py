@@ -535,6 +535,16 @@ def test_cli_train_segment_evaluate_pseudo_label(cache: Path, tmp_path: Path, ca
     assert main(["segment", str(study), "--model", str(tmp_path), "--out", str(tmp_path / "x.nii.gz")]) == 2
 
 
+def test_exit_worker_flushes_and_keeps_the_code_only_under_torchrun() -> None:
+    from cspine.runtime import exit_worker
+
+    assert exit_worker(3) == 3  # not a torchrun worker: an ordinary return
+    code = "import sys; from cspine.runtime import exit_worker; print('done'); sys.stderr.write('log'); exit_worker(3)"
+    proc = subprocess.run([sys.executable, "-c", code + "; print('not reached')"], capture_output=True, text=True,
+                          env={**os.environ, "WORLD_SIZE": "2"}, timeout=60)  # fmt: skip
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "done\n", "log")
+
+
 def test_ddp_two_gloo_processes_train_and_only_rank0_writes(cache: Path, tmp_path: Path) -> None:
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():

@@ -564,16 +564,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
+        code = func(args)
     except KeyboardInterrupt:
         print("cspine: interrupted", file=sys.stderr)
-        return 130
+        code = 130
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
         # DicomError, UsageError, config errors: the message already names the file and the problem.
         if args.verbose:
             log.exception("failed")
         print(f"cspine {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        code = EXIT_BAD_INPUT
+    if argv is None:  # the process's own entry point (console script, python -m): a torchrun worker ends here
+        from cspine.runtime import exit_worker
+
+        return exit_worker(code)
+    return code
 
 
 if __name__ == "__main__":
