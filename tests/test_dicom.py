@@ -294,6 +294,14 @@ def test_several_series_take_largest_or_selected(tmp_path: Path, make_series) ->
         load_series(tmp_path / "s", series_uid="9.9")
 
 
+def test_folder_of_several_studies_is_refused(tmp_path: Path, make_series) -> None:
+    make_series(tmp_path / "data" / "a", n=4, series_uid="1.2.3.4.1", study_uid="1.2.3.1")
+    make_series(tmp_path / "data" / "b", n=5, series_uid="1.2.3.4.2", study_uid="1.2.3.2")
+    with pytest.raises(DicomError, match=r"holds 2 studies \(2 series\), not one; point at a single study"):
+        load_series(tmp_path / "data")
+    assert load_series(tmp_path / "data", series_uid="1.2.3.4.2").array.shape[0] == 5  # an explicit choice stands
+
+
 def test_scout_of_another_size_first_in_folder(tmp_path: Path, make_series) -> None:
     """The one-pass decode sizes its slots from the first image; a differently sized series must still load."""
     _, vol = make_series(tmp_path / "s", n=10)

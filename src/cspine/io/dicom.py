@@ -433,10 +433,22 @@ def _pool(workers: int) -> ProcessPoolExecutor:
 
 
 def _choose_series(headers: list[_Header], series_uid: str | None, source: Path) -> tuple[list[_Header], list[str]]:
-    """Pick the requested series, or the one with most slices; return it and a note per skipped series."""
+    """Pick the requested series, or the one with most slices; return it and a note per skipped series.
+
+    Several series of one study (a scout, a soft-tissue reconstruction) are normal; several studies are not: that is
+    a dataset folder given where one study was meant (test_images/ instead of test_images/<uid>/), and answering
+    for the largest of them would be a silent wrong answer.
+    """
     groups: dict[str, list[_Header]] = defaultdict(list)
     for h in headers:
         groups[h.series_uid].append(h)
+    studies = {h.study_uid for h in headers}
+    if series_uid is None and len(studies) > 1:
+        first = Path(headers[0].path).parent
+        raise DicomError(
+            f"{source}: holds {len(studies)} studies ({len(groups)} series), not one; point at a single study's "
+            f"folder or zip (e.g. {first})"
+        )
     if series_uid is not None:
         if series_uid not in groups:
             raise DicomError(
@@ -448,7 +460,8 @@ def _choose_series(headers: list[_Header], series_uid: str | None, source: Path)
         chosen = max(groups, key=lambda uid: (len(groups[uid]), uid))
     skipped = [f"{uid} ({len(g)} files)" for uid, g in groups.items() if uid != chosen]
     if skipped:
-        log.info("%s: using series %s (%d files); skipped %s", source, chosen, len(groups[chosen]), "; ".join(skipped))
+        listed = "; ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+        log.info("%s: using series %s (%d files); skipped %s", source, chosen, len(groups[chosen]), listed)
     return groups[chosen], skipped
 
 
