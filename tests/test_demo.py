@@ -72,6 +72,29 @@ def test_predict_outputs_aligned_mask(demo: dict) -> None:
     assert (out / "report.png").stat().st_size > 10_000
 
 
+def test_predict_on_nifti_in_any_orientation_equals_dicom(demo: dict, tmp_path: Path) -> None:
+    """The study as a sagittal (PIR) NIfTI: the same answer as from its DICOM, and a mask that overlays it."""
+    from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+
+    from cspine.io import load_series, load_study, save_nifti
+    from cspine.predict import PredictConfig, predict_study
+
+    result = json.loads((Path(demo["predict"]) / "result.json").read_text())
+    vol = load_series(Path(demo["out"]) / "data" / "test_images" / result["StudyInstanceUID"])
+    axial = nib.load(save_nifti(vol.array, vol, tmp_path / "axial.nii.gz"))
+    pir = axial.as_reoriented(ornt_transform(io_orientation(axial.affine), axcodes2ornt(("P", "I", "R"))))
+    nib.save(pir, tmp_path / "pir.nii.gz")
+    back = load_study(tmp_path / "pir.nii.gz")
+    np.testing.assert_array_equal(back.array, vol.array)
+    np.testing.assert_allclose(back.affine, vol.affine, atol=1e-4)
+    got = predict_study(PredictConfig(study=tmp_path / "pir.nii.gz", model=Path(demo["model"]), out=tmp_path / "p"))
+    for k in PREDICTION_TYPES:
+        assert got[k] == pytest.approx(result[k], abs=1e-5)
+    dicom_mask = np.asarray(nib.load(Path(demo["predict"]) / "mask.nii.gz").dataobj)
+    nifti_mask = np.asarray(nib.load(tmp_path / "p" / "mask.nii.gz").dataobj)
+    np.testing.assert_array_equal(nifti_mask, dicom_mask)
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "cspine.cli", *args], capture_output=True, text=True, timeout=300)
 

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cspine.io import DicomError, Volume, load_segmentation, load_series, save_nifti
+from cspine.io import DicomError, Volume, load_segmentation, load_series, load_study, save_nifti
 from cspine.io.nifti import LPS_TO_RAS, nifti_affine, read_nifti
 from cspine.io.volume import crop, resample, window
 from cspine.labels import LABEL_NAMES, LABEL_VALUES
@@ -121,6 +121,54 @@ def test_real_vertebra_masks_read_with_project_labels(real: Path) -> None:
     assert 22 in present  # L3
     assert vol.array[seg == 22].mean() > 150
     assert LABEL_NAMES[7] == "C7" and LABEL_VALUES["T1"] == 8 and LABEL_VALUES["T12"] == 19
+
+
+def _world_values(vol: Volume, path: Path, n: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """HU at random voxels of ``vol`` and, at the same patient positions, in the file as nibabel reads it."""
+    img = nib.load(path)
+    data = np.asanyarray(img.dataobj)
+    rng = np.random.default_rng(0)
+    zyx = np.stack([rng.integers(0, s, n) for s in vol.shape], axis=1)
+    lps = (vol.affine @ np.c_[zyx, np.ones(n)].T)[:3]
+    ijk = np.rint(np.linalg.inv(img.affine) @ np.r_[LPS_TO_RAS[:3, :3] @ lps, np.ones((1, n))])[:3].astype(int)
+    return vol.array[tuple(zyx.T)], np.rint(data[tuple(ijk)]).astype(np.int16)
+
+
+def test_real_pir_ct_reads_as_axial_with_positions_kept(real: Path) -> None:
+    """TPTBox's CT is stored PIR (sagittal): it must reach the pipeline as the DICOM reader lays out an axial series
+    (axis 0 superior, 1 posterior, 2 left), every voxel at its patient position, and its VerSe mask must line up."""
+    path = real / "nifti/tptbox_lumbar_ct/sub-ct_label-22_ct.nii.gz"
+    vol = load_study(path)
+    assert vol.shape == (47, 73, 73) and vol.spacing == pytest.approx((1.5, 1.5, 1.5))
+    directions = vol.affine[:3, :3] / 1.5
+    np.testing.assert_allclose(directions, [[0, 0, 1], [0, 1, 0], [1, 0, 0]], atol=1e-6)  # columns: S, P, L in LPS
+    ours, theirs = _world_values(vol, path)
+    np.testing.assert_array_equal(ours, theirs)
+    assert (int(vol.array.min()), int(vol.array.max())) == (-1030, 1961)
+    seg = load_segmentation(real / "nifti/tptbox_lumbar_ct/sub-ct_seg-vert_label-22_msk.nii.gz", vol)
+    assert vol.array[seg == 22].mean() > 150 and vol.array[seg == 0].mean() < vol.array[seg == 22].mean() - 100
+
+
+def test_real_ras_ct_reads_as_axial_and_its_totalsegmentator_mask_lines_up(real: Path) -> None:
+    ts = real / "nifti/totalsegmentator"
+    vol = load_study(ts / "example_ct.nii.gz")
+    assert vol.affine[2, 0] > 0 and vol.affine[1, 1] > 0 and vol.affine[0, 2] > 0  # S, P, L ascending
+    ours, theirs = _world_values(vol, ts / "example_ct.nii.gz")
+    np.testing.assert_array_equal(ours, theirs)
+    seg = load_segmentation(ts / "example_seg_fast_force_split.nii.gz", vol)
+    vertebrae = (seg >= 27) & (seg <= 33)  # TotalSegmentator v2: L5 .. T11
+    assert vertebrae.sum() > 1000 and vol.array[vertebrae].mean() > 150
+
+
+def test_mri_and_stored_values_are_refused(real: Path, tmp_path: Path) -> None:
+    with pytest.raises(DicomError, match="not CT Hounsfield units"):
+        load_study(real / "nifti/sct_cervical_mri/t2.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), tmp_path / "flat.nii.gz")
+    with pytest.raises(DicomError, match="nothing below 0"):
+        load_study(tmp_path / "flat.nii.gz")
+    nib.save(nib.Nifti1Image(np.full((4, 4, 4), -1, np.int16), np.eye(4)), tmp_path / "x.nii")
+    with pytest.raises(DicomError, match="NIfTI file holds one volume"):
+        load_study(tmp_path / "x.nii", series_uid="1.2.3")
 
 
 def test_window_and_resample_geometry() -> None:

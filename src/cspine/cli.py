@@ -41,9 +41,9 @@ def _existing(path: str) -> Path:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Print the geometry and encoding of a study."""
-    from cspine.io import load_series
+    from cspine.io import load_study
 
-    vol = load_series(_existing(args.study), series_uid=args.series_uid)
+    vol = load_study(_existing(args.study), series_uid=args.series_uid)
     hu = vol.array
     print(
         json.dumps(
@@ -63,10 +63,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     """Axial/coronal/sagittal view with the mask overlaid."""
-    from cspine.io import load_segmentation, load_series
+    from cspine.io import load_segmentation, load_study
     from cspine.plots import show_spine
 
-    vol = load_series(_existing(args.study), series_uid=args.series_uid)
+    vol = load_study(_existing(args.study), series_uid=args.series_uid)
     mask = load_segmentation(_existing(args.seg), vol) if args.seg else None
     out = show_spine(vol, mask, args.out)
     print(out)
@@ -347,13 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_progress(p)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("info", help="geometry and encoding of a DICOM study (folder, .zip or file)")
-    p.add_argument("study")
+    p = sub.add_parser("info", help="geometry and encoding of a study (DICOM folder, .zip or file, or NIfTI)")
+    p.add_argument("study", help="DICOM folder, .zip or file, or a NIfTI CT (.nii / .nii.gz)")
     p.add_argument("--series-uid", default=None, help="pick this SeriesInstanceUID (default: the largest series)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("show", help="axial/coronal/sagittal views with the vertebra mask overlaid (PNG)")
-    p.add_argument("study")
+    p.add_argument("study", help="DICOM folder, .zip or file, or a NIfTI CT (.nii / .nii.gz)")
     p.add_argument("--seg", default=None, help="NIfTI label mask (RSNA segmentations/*.nii or cspine output)")
     p.add_argument("--out", default="view.png")
     p.add_argument("--series-uid", default=None)
@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("predict", help="one CT study -> fracture probabilities, vertebra masks and a report")
-    p.add_argument("study", help="DICOM folder, .zip or file")
+    p.add_argument("study", help="DICOM folder, .zip or file, or a NIfTI CT (.nii / .nii.gz)")
     p.add_argument("--model", required=True, help="model bundle directory")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

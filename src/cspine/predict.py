@@ -43,7 +43,7 @@ def predict_study(cfg: PredictConfig, bundle: Any = None) -> dict[str, Any]:
         The result dict written to result.json.
     """
     from cspine.bundle import load_bundle
-    from cspine.io import load_series, save_nifti
+    from cspine.io import load_study, save_nifti
     from cspine.report import write_report
 
     timings: dict[str, float] = {}
@@ -52,7 +52,7 @@ def predict_study(cfg: PredictConfig, bundle: Any = None) -> dict[str, Any]:
         bundle = load_bundle(cfg.model, device=cfg.device)
     timings["load_model"] = time.perf_counter() - t
     t = time.perf_counter()
-    vol = load_series(cfg.study, series_uid=cfg.series_uid)
+    vol = load_study(cfg.study, series_uid=cfg.series_uid)
     timings["decode"] = time.perf_counter() - t
     out = bundle.predict(vol, timings=timings)
     result: dict[str, Any] = {

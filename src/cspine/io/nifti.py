@@ -1,4 +1,4 @@
-"""NIfTI masks aligned to a DICOM volume through geometry, and NIfTI writing.
+"""NIfTI masks aligned to a DICOM volume through geometry, NIfTI CT volumes, and NIfTI writing.
 
 RSNA's masks come out mirrored and reversed when read naively, and public solutions
 fixed that with hard-coded flips that break on studies scanned the other way. Here
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cspine.io.dicom import DicomError
-from cspine.io.volume import Volume
+from cspine.io.volume import Volume, spacing_from_affine
 
 #: LPS <-> RAS: negate the first two world axes.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -45,6 +45,48 @@ def read_nifti(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
     if data.ndim != 3:
         raise DicomError(f"{p}: expected a 3-D image, got shape {data.shape}")
     return data, LPS_TO_RAS @ img.affine
+
+
+def load_nifti_volume(path: str | os.PathLike[str]) -> Volume:
+    """A NIfTI CT (dcm2niix, TotalSegmentator, VerSe ...) as a :class:`Volume` laid out as the DICOM reader lays out
+    an axial series: axis 0 towards the head, 1 towards the back, 2 towards the patient's left.
+
+    Why the reorientation: the classifier cuts its crops across axis 0 and counts its statistics on a grid
+    anisotropic along it, so a sagittal (PIR) or a RAS-stored volume must reach it as axial slices seen the way
+    the training series were. Voxels are only permuted and flipped, never interpolated; the affine follows, so a
+    mask written with :func:`save_nifti` overlays the input in any viewer. Values are taken as Hounsfield units
+    (the file's scaling applied); a volume with nothing below 0 (MRI, or stored values without the rescale) is
+    refused, since every prediction on it would be wrong.
+    """
+    from nibabel.orientations import io_orientation
+
+    data, affine_lps = read_nifti(path)
+    if data.size == 0 or min(data.shape) < 2:
+        raise DicomError(f"{path}: a 3-D volume needs at least 2 voxels along each axis, got shape {data.shape}")
+    lo, hi = float(np.min(data)), float(np.max(data))
+    if lo >= 0:
+        raise DicomError(
+            f"{path}: values {lo:g}..{hi:g} have nothing below 0, so they are not CT Hounsfield units (air is -1000); "
+            "an MRI, or stored values without their rescale"
+        )
+    ornt = io_orientation(affine_lps)  # per file axis: (LPS world axis it runs along, +1 or -1)
+    src = [int(np.flatnonzero(ornt[:, 0] == world)[0]) for world in (2, 1, 0)]  # file axis read by z, y, x
+    flip = [ornt[a, 1] < 0 for a in src]
+    index = np.zeros((4, 4))  # (z, y, x, 1) -> file index (i, j, k, 1)
+    index[3, 3] = 1.0
+    for out_axis, (a, f) in enumerate(zip(src, flip, strict=True)):
+        index[a, out_axis] = -1.0 if f else 1.0
+        index[a, 3] = data.shape[a] - 1.0 if f else 0.0
+    array = np.transpose(data, src)[tuple(slice(None, None, -1) if f else slice(None) for f in flip)]
+    hu = np.clip(np.rint(np.asarray(array, dtype=np.float32)), -32768, 32767).astype(np.int16)
+    affine = affine_lps @ index
+    return Volume(
+        array=np.ascontiguousarray(hu),
+        spacing=spacing_from_affine(affine),
+        affine=affine,
+        instance_numbers=np.arange(1, hu.shape[0] + 1, dtype=np.int64),
+        meta={"format": "nifti"},
+    )
 
 
 def load_segmentation(path: str | os.PathLike[str], vol: Volume) -> np.ndarray:

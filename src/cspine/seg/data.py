@@ -36,8 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Index (i, j, k) <-> (k, j, i): NIfTI data are stored with the column axis first.
-_SWAP_IJK = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
 #: World (LPS) axis read by each canonical axis: 0 <- S (z), 1 <- P (y), 2 <- L (x).
 _CANONICAL_WORLD = (2, 1, 0)
 
@@ -444,28 +442,14 @@ def discover_studies(data: Path, split: str = "train") -> list[StudyRef]:
 def load_study_volume(path: Path) -> Volume:
     """A study for inference: DICOM folder / zip / file, NIfTI volume, or prepared study folder."""
     from cspine.data.cache import META_FILE, load_prepared
+    from cspine.io import load_study
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     if path.is_dir() and (path / META_FILE).exists():
         return load_prepared(path).volume
-    if path.name.endswith((".nii", ".nii.gz")):
-        return volume_from_nifti(path)
-    from cspine.io import load_series
-
-    return load_series(path)
-
-
-def volume_from_nifti(path: Path) -> Volume:
-    """A NIfTI CT as a :class:`Volume` whose grid writes back to the same NIfTI layout (via ``save_nifti``)."""
-    from cspine.io.nifti import read_nifti
-
-    data, affine_lps = read_nifti(path)
-    hu = np.clip(np.rint(np.asarray(data, dtype=np.float32)), -32768, 32767).astype(np.int16)
-    array = np.ascontiguousarray(hu.transpose(2, 1, 0))
-    affine = affine_lps @ _SWAP_IJK
-    return Volume(array=array, spacing=spacing_from_affine(affine), affine=affine, meta={"source": str(path)})
+    return load_study(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
