@@ -68,6 +68,8 @@ def test_predict_outputs_aligned_mask(demo: dict) -> None:
         assert 0.0 <= result[k] <= 1.0
     assert set(result["vertebrae"]) == {f"C{i}" for i in range(1, 8)}
     assert {"decode", "segment", "crop", "classify"} <= set(result["timings_s"])
+    assert isinstance(result["mask_cleanup"], list)  # stray pieces are listed there, not among the warnings
+    assert not any("extra piece" in w for w in result["warnings"])
     assert 'data-images="ok:' not in (out / "report.html").read_text()  # set by the browser, not written
     assert (out / "report.png").stat().st_size > 10_000
 

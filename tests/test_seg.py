@@ -279,10 +279,11 @@ def test_postprocess_keeps_one_piece_per_vertebra() -> None:
     z4 = c4[0, 0]
     mask[z4, 3, 3] = 3  # a C3 speck inside C4: becomes C4
     mask[0, 0, 0] = 5  # a detached C5 speck: removed
-    out, notes = postprocess(mask, aff, PostprocessConfig(min_volume_mm3=0))
+    out, warnings, cleanup = postprocess(mask, aff, PostprocessConfig(min_volume_mm3=0))
     assert out[z4, 3, 3] == 4 and out[0, 0, 0] == 0
-    assert "C3: 1 extra piece(s): 1 voxels to C4" in notes
-    assert "C5: 1 extra piece(s): 1 voxels removed" in notes
+    assert "C3: 1 extra piece(s): 1 voxels to C4" in cleanup
+    assert "C5: 1 extra piece(s): 1 voxels removed" in cleanup
+    assert warnings == []  # routine cleanup is not a warning
     assert keep_largest_components(out) == []  # idempotent
 
 

@@ -48,6 +48,7 @@ class Prediction:
     vertebrae: dict[str, dict[str, Any]]
     slice_scores: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    cleanup: list[str] = field(default_factory=list)
 
 
 def _major(version: str) -> int:
@@ -149,6 +150,7 @@ class Bundle:
             vertebrae=seg.vertebrae,
             slice_scores=scores,
             warnings=list(seg.warnings),
+            cleanup=list(seg.cleanup),
         )
 
     def predict_probabilities(self, vol: Any) -> dict[str, float]:

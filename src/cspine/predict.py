@@ -62,6 +62,7 @@ def predict_study(cfg: PredictConfig, bundle: Any = None) -> dict[str, Any]:
         "threshold": cfg.threshold,
         "vertebrae": out.vertebrae,
         "warnings": list(vol.meta.get("warnings", [])) + list(out.warnings),
+        "mask_cleanup": list(out.cleanup),
         "model": bundle.summary(),
     }
     t = time.perf_counter()

@@ -117,14 +117,16 @@ class SegResult:
             OTHER_VALUE (255) = other vertebrae (when kept).
         vertebrae: per C1..C7 name: present, voxels, volume_ml, slices, instance_numbers, bbox_zyx,
             centroid_zyx, centroid_lps, cut_off (see :func:`cspine.seg.postprocess.describe`).
-        warnings: missing or cut-off vertebrae and every change post-processing made.
+        warnings: missing or cut-off vertebrae, vertebrae removed or relabelled by post-processing.
         timings: seconds per step.
+        cleanup: the stray pieces post-processing handed to a neighbour or dropped (routine).
     """
 
     mask: np.ndarray
     vertebrae: dict[str, dict[str, Any]]
     warnings: list[str]
     timings: dict[str, float]
+    cleanup: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The report without the mask (for JSON files and the pseudo-label quality record)."""
@@ -132,6 +134,7 @@ class SegResult:
             "vertebrae": self.vertebrae,
             "found": [k for k, v in self.vertebrae.items() if v["present"]],
             "warnings": self.warnings,
+            "cleanup": self.cleanup,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
         }
 
@@ -281,11 +284,11 @@ def segment_volume(vol: Volume, model: SegModel | str | Path, cfg: InferConfig |
     mask = gm.from_canonical(values)
     timings["resample_back"] = time.perf_counter() - t
     t = time.perf_counter()
-    mask, notes = postprocess(mask, vol.affine, cfg.postprocess)
+    mask, changes, cleanup = postprocess(mask, vol.affine, cfg.postprocess)
     vertebrae, warnings = describe(mask, vol)
     timings["postprocess"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
-    return SegResult(mask, vertebrae, warnings + notes, timings)
+    return SegResult(mask, vertebrae, warnings + changes, timings, cleanup)
 
 
 def segment_study(
