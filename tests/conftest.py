@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -93,3 +97,21 @@ def make_series() -> Callable[..., tuple[Path, np.ndarray]]:
         return folder, vol
 
     return make
+
+
+@pytest.fixture
+def torchrun() -> Callable[[list[str]], subprocess.CompletedProcess[str]]:
+    """Runs ``torchrun --nproc_per_node 2 -m cspine.cli ARGS`` on a free port, one thread per process."""
+    exe = Path(sys.executable).with_name("torchrun")
+    if not exe.exists():
+        pytest.skip("torchrun not installed beside the interpreter")
+
+    def run(args: list[str]) -> subprocess.CompletedProcess[str]:
+        with socket.socket() as sock:  # a free port: a fixed one can collide with another run's (a flaky failure)
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [str(exe), "--nproc_per_node", "2", "--master_port", str(port), "-m", "cspine.cli", *args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+
+    return run

@@ -706,6 +706,22 @@ def test_train_sequence_resumes_after_a_kill_and_predicts(tiny_cache: Path, tmp_
     assert not clf.predict(st.volume, no_c7).present["C7"]
 
 
+def test_train_cls_under_torchrun_two_gloo_processes(tiny_cache: Path, tmp_path: Path, torchrun) -> None:
+    out = tmp_path / "ddp"
+    args = ["train-cls", "--data", str(tiny_cache), "--out", str(out), "--folds", "2", "--epochs", "2",
+            "--batch-size", "2", "--slices", "4", "--size", "32", "--encoder", "resnet10", "--width", "0.25",
+            "--hidden", "16", "--stem-stride", "2", "--device", "cpu", "--no-progress"]  # fmt: skip
+    proc = torchrun(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('"competition_loss"') == 1 and proc.stdout.count("model directory") == 1  # rank 0 only
+    assert proc.stderr.count("fold1 epoch 2:") == 1  # one log, not one per rank
+    run = json.loads((out / "run.json").read_text())
+    assert run["world_size"] == 2 and run["summary"]["studies"] == 8
+    with open(out / "oof_calibrated.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and all(0.0 <= float(r["patient_overall"]) <= 1.0 for r in rows)
+
+
 def test_train_cls_cli_seed_baseline_image_split(tiny_cache: Path, tmp_path: Path) -> None:
     from cspine.cli import main
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -546,20 +545,12 @@ def test_exit_worker_flushes_and_keeps_the_code_only_under_torchrun() -> None:
     assert (proc.returncode, proc.stdout, proc.stderr) == (3, "done\n", "log")
 
 
-def test_ddp_two_gloo_processes_train_and_only_rank0_writes(cache: Path, tmp_path: Path) -> None:
-    torchrun = Path(sys.executable).with_name("torchrun")
-    if not torchrun.exists():
-        pytest.skip("torchrun not installed beside the interpreter")
+def test_ddp_two_gloo_processes_train_and_only_rank0_writes(cache: Path, tmp_path: Path, torchrun) -> None:
     out = tmp_path / "ddp"
-    with socket.socket() as sock:  # a free port: a fixed one can collide with another run's (a flaky failure once)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "cspine.cli", "train-seg", "--data", str(cache), "--out", str(out), "--arch", "unet-tiny",
-           "--spacing", "4", "--patch", "32", "32", "32", "--epochs", "2", "--iters-per-epoch", "1",
-           "--batch-size", "1", "--fold", "0", "--folds", "3", "--device", "cpu", "--no-progress"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    args = ["train-seg", "--data", str(cache), "--out", str(out), "--arch", "unet-tiny", "--spacing", "4",
+            "--patch", "32", "32", "32", "--epochs", "2", "--iters-per-epoch", "1", "--batch-size", "1",
+            "--fold", "0", "--folds", "3", "--device", "cpu", "--no-progress"]  # fmt: skip
+    proc = torchrun(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = json.loads((out / "run.json").read_text())
     assert run["world_size"] == 2 and run["epochs_run"] == 2

@@ -217,6 +217,8 @@ def cmd_train_cls(args: argparse.Namespace) -> int:
         _existing(args.pretrained)
     cfg = resolve_train_config(args.recipe, _existing(args.data), Path(args.out), overrides)
     summary = train_cls(cfg, progress=not args.no_progress)
+    if not summary:  # under torchrun the other ranks return nothing: rank 0 prints
+        return 0
     keys = ("status", "recipe", "split", "studies", "competition_loss", "competition_loss_uncalibrated",
             "mean_vertebra_auc", "patient_auc", "speed", "folds_done")
     print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2, default=str))

@@ -80,6 +80,8 @@ def init_runtime(device: str = "auto") -> Runtime:
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local)
+    if rank != 0:  # one log for the run: the other ranks say only what goes wrong
+        logging.getLogger("cspine").setLevel(logging.WARNING)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":

@@ -186,6 +186,13 @@ def fit(
             bar.set_postfix(loss=f"{tot_loss / n_batches:.4f}")
         bar.close()
         train_s = time.perf_counter() - t0
+        if rt.distributed:  # each rank saw its own shard: the logged loss and accuracy are over all of them
+            import torch.distributed as dist
+
+            sums = torch.tensor([tot_loss, n_batches, tot_correct, n_targets], dtype=torch.float64, device=rt.device)
+            dist.all_reduce(sums)
+            tot_loss, n, tot_correct, t = sums.tolist()
+            n_batches, n_targets = int(n), int(t)
         t1 = time.perf_counter()
         ev = validate(model)
         row = {
