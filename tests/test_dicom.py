@@ -144,6 +144,7 @@ def test_slicer_neck_series(real: Path) -> None:
     assert vol.shape == (93, 64, 64)
     assert vol.spacing == pytest.approx((1.5, 3.2, 3.2))
     assert vol.array.min() == 0 and vol.array.max() == 3926  # intercept 0: stored values as given
+    assert any("RescaleIntercept (0.0) is probably wrong" in w for w in vol.meta["warnings"])  # air reads 0
     # Slices sorted by position: the z coordinate of consecutive slices ascends by the step.
     z = vol.index_to_patient(np.c_[np.arange(93), np.zeros(93), np.zeros(93)])[:, 2]
     assert np.allclose(np.diff(z), 1.5)
@@ -194,6 +195,7 @@ def test_slices_sorted_by_position_not_name(tmp_path: Path, make_series, top_fir
     expect = list(range(7, 0, -1)) if top_first else list(range(1, 8))
     assert list(got.instance_numbers) == expect
     assert got.spacing == pytest.approx((1.0, 0.5, 0.5))
+    assert not got.meta.get("warnings")  # air present: no rescale warning
 
 
 def test_parallel_decode_equals_serial(tmp_path: Path, make_series) -> None:

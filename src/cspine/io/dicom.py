@@ -645,6 +645,15 @@ def load_series(path: str | os.PathLike[str], series_uid: str | None = None, wor
         array = _correct_tilt(array, geo.shear_px, fill=float(array.min()))
     kept = [series[i] for i in geo.order]
     meta = _meta(kept, skipped, geo)
+    low = int(array.min()) if array.size else 0
+    if low >= 0:
+        # Every CT holds air (-1000 HU) or padding below it. Values from 0 up are stored values whose rescale
+        # the header lost (the Slicer neck CT: 0..3926 with intercept 0, i.e. HU + 1024): bone thresholds and
+        # windows would all read ~1024 HU too high. Said, not guessed at: the intercept is not in the file.
+        note = (f"no value below 0 (lowest {low}): air should be -1000 HU, so the series' RescaleIntercept "
+                f"({meta['rescale_intercept']}) is probably wrong; every HU threshold is off")  # fmt: skip
+        log.warning("%s: %s", src, note)
+        meta["warnings"] = [*meta.get("warnings", []), note]
     return Volume(
         array=array,
         spacing=geo.spacing,
