@@ -58,7 +58,7 @@ def load_nifti_volume(path: str | os.PathLike[str]) -> Volume:
     (the file's scaling applied); a volume with nothing below 0 (MRI, or stored values without the rescale) is
     refused, since every prediction on it would be wrong.
     """
-    from nibabel.orientations import io_orientation
+    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
 
     data, affine_lps = read_nifti(path)
     if data.size == 0 or min(data.shape) < 2:
@@ -69,17 +69,11 @@ def load_nifti_volume(path: str | os.PathLike[str]) -> Volume:
             f"{path}: values {lo:g}..{hi:g} have nothing below 0, so they are not CT Hounsfield units (air is -1000); "
             "an MRI, or stored values without their rescale"
         )
-    ornt = io_orientation(affine_lps)  # per file axis: (LPS world axis it runs along, +1 or -1)
-    src = [int(np.flatnonzero(ornt[:, 0] == world)[0]) for world in (2, 1, 0)]  # file axis read by z, y, x
-    flip = [ornt[a, 1] < 0 for a in src]
-    index = np.zeros((4, 4))  # (z, y, x, 1) -> file index (i, j, k, 1)
-    index[3, 3] = 1.0
-    for out_axis, (a, f) in enumerate(zip(src, flip, strict=True)):
-        index[a, out_axis] = -1.0 if f else 1.0
-        index[a, 3] = data.shape[a] - 1.0 if f else 0.0
-    array = np.transpose(data, src)[tuple(slice(None, None, -1) if f else slice(None) for f in flip)]
+    # z, y, x run along LPS world axes 2, 1, 0 (superior, posterior, left), each ascending
+    transform = ornt_transform(io_orientation(affine_lps), np.array([[2, 1], [1, 1], [0, 1]]))
+    array = apply_orientation(data, transform)
     hu = np.clip(np.rint(np.asarray(array, dtype=np.float32)), -32768, 32767).astype(np.int16)
-    affine = affine_lps @ index
+    affine = affine_lps @ inv_ornt_aff(transform, data.shape)
     return Volume(
         array=np.ascontiguousarray(hu),
         spacing=spacing_from_affine(affine),
