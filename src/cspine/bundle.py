@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from cspine import __version__
+from cspine.errors import CspineInputError
 from cspine.labels import PREDICTION_TYPES
 from cspine.runtime import versions, write_json
 
@@ -35,7 +36,7 @@ BUNDLE_FORMAT = 1
 REQUIRED = {"seg": ("config.json",), "cls": ("config.json",)}
 
 
-class BundleError(ValueError):
+class BundleError(CspineInputError):
     """A model directory that cannot be used; the message says what is wrong and where."""
 
 

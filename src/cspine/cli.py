@@ -16,15 +16,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cspine import __version__
+from cspine.errors import UsageError
 
 log = logging.getLogger("cspine")
 
 #: Exit code for bad input (missing path, unreadable DICOM, broken model directory ...).
 EXIT_BAD_INPUT = 2
-
-
-class UsageError(ValueError):
-    """Bad input detected by the CLI itself."""
 
 
 def _existing(path: str) -> Path:

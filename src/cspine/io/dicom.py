@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from cspine.errors import CspineInputError
 from cspine.io.volume import Volume, affine_from_dicom
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ _TILT_TOLERANCE_DEG = 0.5
 _GAP_FACTOR = 1.5
 
 
-class DicomError(ValueError):
+class DicomError(CspineInputError):
     """A DICOM input cannot be read as a consistent CT volume; the message names the file(s) and the problem."""
 
 
