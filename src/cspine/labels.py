@@ -6,6 +6,10 @@ these names from here so that C1..C7 can never drift between stages.
 
 from __future__ import annotations
 
+import numpy as np
+
+from cspine.errors import ConfigError, CspineInputError
+
 CERVICAL: tuple[str, ...] = ("C1", "C2", "C3", "C4", "C5", "C6", "C7")
 THORACIC: tuple[str, ...] = tuple(f"T{i}" for i in range(1, 13))
 
@@ -59,3 +63,38 @@ def split_row_id(rid: str) -> tuple[str, str]:
 def label_name(value: int) -> str:
     """Name of a mask value; unknown values are reported as ``label<N>``."""
     return LABEL_NAMES.get(int(value), f"label{int(value)}")
+
+
+def _totalsegmentator_lut() -> np.ndarray:
+    """TotalSegmentator v2 "total" task -> project values (50..32 = C1..T12 -> 1..19; 31..27 = L1..L5 -> 20..24;
+    26 = S1 and 25 = sacrum -> 26 sacrum; everything else, organs included -> 0)."""
+    lut = np.zeros(256, dtype=np.uint8)
+    for ts in range(32, 51):
+        lut[ts] = 51 - ts
+    for ts in range(27, 32):
+        lut[ts] = 20 + (31 - ts)
+    lut[25] = lut[26] = 26
+    return lut
+
+
+#: Label conventions a user's vertebra mask may come in -> uint8 lookup table onto project values. RSNA's
+#: segmentations and VerSe / TPTBox masks already use the project's values (1..7 = C1..C7, 8..19 = T1..T12,
+#: 20..25 = L1..L6, 26 = sacrum, 28 = T13).
+MASK_CONVENTIONS: dict[str, np.ndarray] = {
+    "rsna": np.arange(256, dtype=np.uint8),
+    "verse": np.arange(256, dtype=np.uint8),
+    "totalsegmentator": _totalsegmentator_lut(),
+}
+#: Older names kept for ``eval-seg --pred-labels/--truth-labels``.
+MASK_CONVENTION_ALIASES: dict[str, str] = {"project": "rsna", "totalseg": "totalsegmentator"}
+
+
+def to_project_labels(mask: np.ndarray, convention: str) -> np.ndarray:
+    """Map a label mask of a named convention (:data:`MASK_CONVENTIONS` or an alias) onto project values."""
+    name = MASK_CONVENTION_ALIASES.get(convention, convention)
+    if name not in MASK_CONVENTIONS:
+        valid = ", ".join([*MASK_CONVENTIONS, *MASK_CONVENTION_ALIASES])
+        raise ConfigError(f"unknown label convention {convention!r}; valid: {valid}")
+    if mask.size and (mask.min() < 0 or mask.max() > 255):
+        raise CspineInputError(f"label values {mask.min()}..{mask.max()} do not fit 0..255")
+    return MASK_CONVENTIONS[name][mask.astype(np.uint8, copy=False)]
