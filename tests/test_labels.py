@@ -39,3 +39,48 @@ def test_real_verse_mask_keeps_its_lumbar_values(real: Path) -> None:
     img = nib.load(real / "nifti" / "tptbox_lumbar_ct" / "sub-ct_seg-vert_label-22_msk.nii.gz")
     seg = to_project_labels(np.asarray(img.dataobj), "verse")
     assert set(np.unique(seg).tolist()) - {0} == {L2, L3, L4}
+
+
+def test_totalsegmentator_engine_maps_and_aligns_its_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in for TotalSegmentator's Python API that labels voxels as TotalSegmentator would (50 = C1, 44 = C7,
+    43 = T1, 5 = liver), written on the NIfTI grid it was handed: the engine returns C1..C7 on the study's grid."""
+    import sys
+    import types
+
+    from cspine.io.volume import Volume
+    from cspine.seg.totalsegmentator import ROI_SUBSET, segment_with_totalsegmentator
+
+    affine = np.array([[0, 0, -0.8, 40], [0, 0.7, 0, -20], [2.0, 0, 0, -300], [0, 0, 0, 1]], dtype=float)
+    vol = Volume(np.zeros((6, 5, 4), dtype=np.int16), (2.0, 0.7, 0.8), affine)
+    expected = np.zeros(vol.shape, dtype=np.uint8)
+    expected[0, 1, 2], expected[5, 4, 0] = 7, 1
+    calls = {}
+
+    def fake(inp: str, out: str, ml: bool, roi_subset: list[str], **kw: object) -> None:
+        img = nib.load(inp)
+        ct = np.asarray(img.dataobj)  # (x, y, z) RAS: the study's voxels transposed
+        ts = np.zeros(ct.shape, dtype=np.uint8)
+        ts[2, 1, 0], ts[0, 4, 5], ts[1, 1, 1], ts[3, 3, 3] = 44, 50, 43, 5
+        nib.save(nib.Nifti1Image(ts, img.affine), out)
+        calls.update(ml=ml, roi=roi_subset)
+
+    api = types.ModuleType("totalsegmentator.python_api")
+    api.totalsegmentator = fake  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "totalsegmentator", types.ModuleType("totalsegmentator"))
+    monkeypatch.setitem(sys.modules, "totalsegmentator.python_api", api)
+    got = segment_with_totalsegmentator(vol)
+    assert calls == {"ml": True, "roi": list(ROI_SUBSET)}
+    assert np.array_equal(got, expected)
+
+
+def test_totalsegmentator_engine_missing_is_a_clear_input_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from cspine.errors import UsageError
+    from cspine.io.volume import Volume
+    from cspine.seg.totalsegmentator import segment_with_totalsegmentator
+
+    monkeypatch.setitem(sys.modules, "totalsegmentator", None)
+    monkeypatch.setitem(sys.modules, "totalsegmentator.python_api", None)
+    with pytest.raises(UsageError, match="pip install TotalSegmentator"):
+        segment_with_totalsegmentator(Volume(np.zeros((2, 2, 2), dtype=np.int16), (1.0, 1.0, 1.0), np.eye(4)))
