@@ -34,13 +34,17 @@ class PresenceConfig:
         min_mean_hu: mean HU inside the label; less is soft tissue (cancellous bone with its cortex is 200-500).
         max_volume_ml: larger than any adult cervical vertebra with its posterior elements; a lumbar one is
             several times this.
+        min_volume_ml: smaller than any cervical vertebra the field of view holds whole (a cut-off one may be
+            smaller and is not judged by size).
         min_step_mm, max_step_mm: centroid distance between two consecutive levels (per level between them).
         max_offset_mm: in-plane distance of a level's centroid from its neighbours' (the spine is a column).
-        min_levels: fewer plausible levels in one chain means no cervical spine (a single blob is not a spine).
+        min_levels: fewer plausible levels in one chain means no cervical spine (a single blob is not a spine);
+            at least one of them must lie whole inside the field of view.
     """
 
     min_mean_hu: float = 100.0
     max_volume_ml: float = 40.0
+    min_volume_ml: float = 1.5
     min_step_mm: float = 7.0
     max_step_mm: float = 35.0
     max_offset_mm: float = 30.0
@@ -48,7 +52,7 @@ class PresenceConfig:
 
 
 def _level_facts(mask: np.ndarray, vol: Volume) -> dict[int, dict[str, Any]]:
-    """Per present cervical value: volume (ml), mean HU inside, centroid in LPS mm."""
+    """Per present cervical value: volume (ml), mean HU inside, centroid in LPS mm, whether it touches the edge."""
     voxel_ml = float(abs(np.linalg.det(vol.affine[:3, :3]))) / 1000.0
     objects = ndimage.find_objects(mask)
     facts: dict[int, dict[str, Any]] = {}
@@ -65,6 +69,7 @@ def _level_facts(mask: np.ndarray, vol: Volume) -> dict[int, dict[str, Any]]:
             "volume_ml": n * voxel_ml,
             "mean_hu": float(vol.array[sl][local].mean()),
             "lps": vol.index_to_patient(centroid)[0],
+            "cut_off": any(s.start == 0 or s.stop == n for s, n in zip(sl, mask.shape, strict=True)),
         }
     return facts
 
@@ -113,9 +118,11 @@ def check_presence(
             rejected[name] = f"mean {f['mean_hu']:.0f} HU inside, not bone (< {cfg.min_mean_hu:.0f})"
         elif f["volume_ml"] > cfg.max_volume_ml:
             rejected[name] = f"{f['volume_ml']:.0f} ml, larger than a cervical vertebra (> {cfg.max_volume_ml:.0f})"
+        elif f["volume_ml"] < cfg.min_volume_ml and not f["cut_off"]:
+            rejected[name] = f"{f['volume_ml']:.1f} ml whole in view, smaller than a cervical vertebra"
     candidates = [v for v in sorted(facts) if CERVICAL[v - 1] not in rejected]
     chain = _longest_chain(candidates, facts, cfg)
-    if len(chain) < cfg.min_levels:
+    if len(chain) < cfg.min_levels or all(facts[v]["cut_off"] for v in chain):
         chain = []
     for v in candidates:
         if v not in chain:
