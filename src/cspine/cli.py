@@ -37,13 +37,14 @@ def _existing(path: str) -> Path:
     return p
 
 
-def _output_file(path: str, suffixes: tuple[str, ...]) -> Path:
+def _output_file(path: str, suffixes: tuple[str, ...] = ()) -> Path:
     """Check an output file's name before any work: the right extension, not a folder, a parent that can be made."""
     p = Path(path)
-    if not p.name.lower().endswith(suffixes):
-        raise UsageError(f"{p}: the output must end in {' or '.join(suffixes)}")
     if p.is_dir():
-        raise UsageError(f"{p}: is a folder; give a file name ending in {' or '.join(suffixes)}")
+        ending = f" ending in {' or '.join(suffixes)}" if suffixes else ""
+        raise UsageError(f"{p}: is a folder; give a file name{ending}")
+    if suffixes and not p.name.lower().endswith(suffixes):
+        raise UsageError(f"{p}: the output must end in {' or '.join(suffixes)}")
     _writable_parent(p)
     return p
 
@@ -111,7 +112,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from cspine.io import load_segmentation, load_study
     from cspine.plots import show_spine
 
-    out = _output_file(args.out, (".png",))
+    out = _output_file(args.out)
     vol = load_study(_existing(args.study), series_uid=args.series_uid)
     mask = load_segmentation(_existing(args.seg), vol) if args.seg else None
     out = show_spine(vol, mask, out)
@@ -180,7 +181,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """test.csv + test_images/ -> submission.csv."""
     from cspine.submit import SubmitConfig, submit
 
-    cfg = SubmitConfig(data=_existing(args.data), model=_existing(args.model), out=_output_file(args.out, (".csv",)),
+    cfg = SubmitConfig(data=_existing(args.data), model=_existing(args.model), out=_output_file(args.out),
                        device=args.device, retry_failed=not args.no_retry_failed)
     summary = submit(cfg, progress=not args.no_progress)
     print(json.dumps(summary, indent=2))

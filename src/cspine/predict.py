@@ -77,21 +77,23 @@ def predict_study(cfg: PredictConfig, bundle: Any = None) -> dict[str, Any]:
     Returns:
         The result dict written to result.json.
     """
-    from cspine.bundle import load_bundle
+    from cspine.bundle import check_bundle, load_bundle
     from cspine.io import load_study, save_nifti
     from cspine.io.volume import check_can_hold_vertebra
     from cspine.report import write_report
 
     check_out_folder(cfg.out)
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
     if bundle is None:
-        bundle = load_bundle(cfg.model, device=cfg.device)
-    timings["load_model"] = time.perf_counter() - t
+        check_bundle(cfg.model)  # its files, cheaply, before the study is read
+    timings: dict[str, float] = {}
     t = time.perf_counter()
     vol = load_study(cfg.study, series_uid=cfg.series_uid, hu_offset=cfg.hu_offset)
     check_can_hold_vertebra(vol, str(cfg.study))
     timings["decode"] = time.perf_counter() - t
+    t = time.perf_counter()
+    if bundle is None:
+        bundle = load_bundle(cfg.model, device=cfg.device)
+    timings["load_model"] = time.perf_counter() - t
     out = bundle.predict(vol, timings=timings)
     result: dict[str, Any] = {
         "StudyInstanceUID": vol.meta.get("StudyInstanceUID"),

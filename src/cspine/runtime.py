@@ -17,6 +17,7 @@ import platform
 import random
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -153,7 +154,12 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not path.exists():
         raise ConfigError(f"{path}: checkpoint not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings(record=True) as caught:  # torch's notes on a foreign file: not for the user
+            warnings.simplefilter("always")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        for w in caught:
+            log.debug("%s: %s", path, w.message)
+        return ckpt
     except pickle.UnpicklingError:
         # torch's message suggests retrying with weights_only=False: advice nobody must take with a file from
         # elsewhere (that would run whatever code the file holds). One line, no such advice.

@@ -475,7 +475,10 @@ def _to_hu(ds: Any, stored: np.ndarray, path: str) -> np.ndarray:
             hu = np.rint(stored.astype(np.float64) * slope + intercept)
     lo, hi = np.iinfo(np.int16).min, np.iinfo(np.int16).max
     if hu.size and (hu.min() < lo or hu.max() > hi):
-        raise DicomError(f"{path}: HU values {hu.min()}..{hu.max()} do not fit int16; check RescaleSlope/Intercept")
+        raise DicomError(
+            f"{path}: HU values {hu.min()}..{hu.max()} do not fit int16: a wrong RescaleSlope/Intercept, or corrupt "
+            "pixel data"
+        )
     return hu.astype(np.int16)
 
 
@@ -974,8 +977,8 @@ def load_series(
         # the header lost (the Slicer neck CT: 0..3926 with intercept 0, i.e. HU + 1024): bone thresholds and
         # windows would all read ~1024 HU too high. Said, not guessed at: the intercept is not in the file.
         note = (f"no value below 0 (lowest {low}): air should be -1000 HU, so the series' RescaleIntercept "
-                f"({meta['rescale_intercept']}) is probably wrong; every HU threshold is off "
-                f"(if air reads {low}, rerun with --hu-offset {-1000 - low})")  # fmt: skip
+                f"({meta['rescale_intercept']}) is probably wrong; every HU threshold is off (stored values "
+                "are usually HU + 1024: check the scan, then rerun with --hu-offset -1024)")  # fmt: skip
         log.warning("%s: %s", src, note)
         meta["warnings"] = [*meta.get("warnings", []), note]
     vol = Volume(array=array, spacing=geo.spacing, affine=geo.affine, instance_numbers=instance_numbers, meta=meta)
@@ -1000,33 +1003,33 @@ def _check_modality(series: list[_Header]) -> None:
         raise DicomError(f"{first.path}: Modality {modality}, not CT; cspine reads CT only")
 
 
-#: HU difference counted as a disagreement between two slices.
-_SLICE_DISAGREE_HU = 300
-#: A slice disagreeing with both neighbours on more than this share of pixels, while they agree with each other
-#: far better, is garbage (a corrupt codestream decoded without error), not anatomy.
-_SLICE_GARBAGE_SHARE = 0.25
+#: A slice whose mean difference to each neighbour exceeds this factor times the neighbours' mutual difference,
+#: plus the margin (HU), is garbage (a corrupt codestream decoded without error), not anatomy.
+_SLICE_GARBAGE_FACTOR = 2.0
+_SLICE_GARBAGE_MARGIN_HU = 20.0
 
 
 def _check_neighbours(array: np.ndarray, paths: list[str]) -> None:
     """Refuse a slice that is unlike both of its neighbours while they are alike.
 
-    Why: a JPEG 2000 codestream with flipped bytes decodes without any error to pixels that are mostly wrong,
-    and no codec can tell. Anatomy changes smoothly, so slice z must not differ from z-1 and z+1 far more than
-    they differ from each other (they are twice as far apart). Noise-only series pass: every slice differs alike.
+    Why: a JPEG 2000 codestream with flipped bytes decodes without any error to pixels that are all wrong (wavelet
+    noise over the whole slice), and no codec can tell. Anatomy changes smoothly, so slice z cannot differ from
+    z-1 and from z+1 much more than those two differ from each other (they are twice as far apart). A series of
+    pure noise passes: every slice differs alike.
     """
     n = array.shape[0]
     if n < 3:
         return
     step = max(1, int(np.ceil(np.sqrt(array[0].size / 65536))))  # a 256 x 256 sample is enough
-    a = array[:, ::step, ::step].astype(np.int32)
-    adjacent = (np.abs(np.diff(a, axis=0)) > _SLICE_DISAGREE_HU).mean(axis=(1, 2))  # z vs z+1
-    skip = (np.abs(a[2:] - a[:-2]) > _SLICE_DISAGREE_HU).mean(axis=(1, 2))  # z-1 vs z+1
+    a = array[:, ::step, ::step].astype(np.float32)
+    adjacent = np.abs(np.diff(a, axis=0)).mean(axis=(1, 2))  # z vs z+1
+    skip = np.abs(a[2:] - a[:-2]).mean(axis=(1, 2))  # z-1 vs z+1
     for z in range(1, n - 1):
-        worst_fit = min(adjacent[z - 1], adjacent[z])
-        if worst_fit > _SLICE_GARBAGE_SHARE and skip[z - 1] < 0.25 * worst_fit:
+        closest = min(adjacent[z - 1], adjacent[z])
+        if closest > _SLICE_GARBAGE_FACTOR * skip[z - 1] + _SLICE_GARBAGE_MARGIN_HU:
             raise DicomError(
-                f"{paths[z]}: decoded pixels disagree with both neighbouring slices on {100 * worst_fit:.0f} % of "
-                f"the image while those agree with each other ({100 * skip[z - 1]:.0f} %); corrupt pixel data"
+                f"{paths[z]}: decoded pixels differ from both neighbouring slices by {closest:.0f} HU on average "
+                f"while those differ from each other by {skip[z - 1]:.0f} HU; corrupt pixel data"
             )
 
 

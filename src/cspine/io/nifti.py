@@ -92,8 +92,8 @@ def load_nifti_volume(path: str | os.PathLike[str], hu_offset: float | None = No
     if lo >= 0:
         raise DicomError(
             f"{path}: values {lo:g}..{hi:g} have nothing below 0, so they are not CT Hounsfield units (air is -1000); "
-            f"an MRI, or stored values without their rescale (if air reads {lo:g}, --hu-offset {-1000 - lo:g} "
-            "corrects it)"
+            "an MRI, or stored values without their rescale (usually HU + 1024: if so, --hu-offset -1024 corrects "
+            "it)"
         )
     # z, y, x run along LPS world axes 2, 1, 0 (superior, posterior, left), each ascending
     transform = ornt_transform(io_orientation(affine_lps), np.array([[2, 1], [1, 1], [0, 1]]))
