@@ -512,6 +512,15 @@ def test_non_utf8_out_path_with_strict_stdout_exits_0(tmp_path: Path) -> None:
     assert os.path.exists(out) and b"view" in run.stdout
 
 
+def test_info_json_stays_valid_with_nan_header_fields(tmp_path: Path, capsys) -> None:
+    s = series(tmp_path / "s")
+    for f in s.iterdir():
+        edit(f, SliceThickness="nan", KVP="inf")
+    assert main(["info", str(s)]) == 0
+    info = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"{c} in info's JSON"))
+    assert info["slice_thickness"] is None
+
+
 def test_missing_modality_is_read_as_ct(tmp_path: Path) -> None:
     from cspine.io import load_series
 

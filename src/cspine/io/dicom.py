@@ -337,12 +337,16 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
         return [_plain(v) for v in value]
     if isinstance(value, (int, float)):
+        if not math.isfinite(float(value)):
+            return None
         return int(value) if float(value).is_integer() and not isinstance(value, float) else float(value)
     text = str(value)
     try:
         number = float(text)
     except ValueError:
         return text
+    if not math.isfinite(number):
+        return None  # NaN / inf in a header field: not a value (and not valid JSON)
     return int(number) if number.is_integer() and "." not in text else number
 
 
