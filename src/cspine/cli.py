@@ -66,7 +66,7 @@ def _output_folder(path: str) -> Path:
 
     p = Path(path)
     check_out_folder(p)
-    _writable_parent(p / "x")
+    _writable_parent(p)  # the folder is built beside it, then renamed into place
     return p
 
 

@@ -78,6 +78,7 @@ def predict_study(cfg: PredictConfig, bundle: Any = None) -> dict[str, Any]:
         The result dict written to result.json.
     """
     from cspine.bundle import check_bundle, load_bundle
+    from cspine.errors import ResourceLimitError
     from cspine.io import load_study, save_nifti
     from cspine.io.volume import check_can_hold_vertebra
     from cspine.report import write_report
@@ -94,7 +95,10 @@ def predict_study(cfg: PredictConfig, bundle: Any = None) -> dict[str, Any]:
     if bundle is None:
         bundle = load_bundle(cfg.model, device=cfg.device)
     timings["load_model"] = time.perf_counter() - t
-    out = bundle.predict(vol, timings=timings)
+    try:
+        out = bundle.predict(vol, timings=timings)
+    except ResourceLimitError as exc:  # the model grid of this study: say which study
+        raise ResourceLimitError(f"{cfg.study}: {exc}") from None
     result: dict[str, Any] = {
         "StudyInstanceUID": vol.meta.get("StudyInstanceUID"),
         "SeriesInstanceUID": vol.meta.get("SeriesInstanceUID"),

@@ -614,7 +614,10 @@ _WORKER_EXTRA_BYTES = 4 << 30
 def _init_worker(active: limits.Limits) -> None:
     """Set up a decoding process: the parent's limits, native stderr silenced (a Rust panic prints a backtrace
     there; the failure is reported as one line by the parent), and a cap on its address space (Linux)."""
+    import faulthandler
+
     limits.configure(active)
+    faulthandler.disable()  # a crash here is the parent's to report, in one line
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
