@@ -415,6 +415,14 @@ def test_bombs_are_refused_before_allocating(name: str, corpus) -> None:
     assert int(peak.split()[1]) / 1024 < PEAK_LIMIT_MB
 
 
+@pytest.mark.parametrize("name", ["deflate_bomb", "zip_bomb", "frames_bomb", "nifti_header_bomb", "pixel_spacing_100"])
+def test_bombs_raise_the_limit_error_type(name: str, corpus) -> None:
+    from cspine.io import load_study
+
+    with pytest.raises(ResourceLimitError, match="raises it"):
+        load_study(corpus[name][0][1])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Defects one by one
 # ----------------------------------------------------------------------------------------------------------------------

@@ -945,12 +945,15 @@ def load_series(
             scanned.sort(key=lambda t: t[0])
             errors = [h for _, (h, _) in scanned if isinstance(h, str)]
             headers = [h for _, (h, _) in scanned if isinstance(h, _Header)]
+            if not headers and errors and limits.names_a_limit(errors[0]):
+                raise ResourceLimitError(errors[0])
             if not headers:
                 detail = f"; {len(errors)} corrupt: {errors[0]}" if errors else ""
                 raise DicomError(f"{src}: no DICOM image found among {len(files)} file(s){detail}")
             if errors:
                 more = f" (and {len(errors) - 1} more corrupt files)" if len(errors) > 1 else ""
-                raise DicomError(errors[0] + more)
+                kind = ResourceLimitError if limits.names_a_limit(errors[0]) else DicomError
+                raise kind(errors[0] + more)
             series, skipped = _choose_series(headers, series_uid, src)
             _check_modality(series)
             for h in series:

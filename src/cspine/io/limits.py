@@ -71,7 +71,13 @@ def check(name: str, value: float, what: str) -> None:
     """
     limit = getattr(_active, name)
     if value > limit:
-        raise ResourceLimitError(f"{what} exceeds the limit of {limit:,} ({OPTIONS[name]} raises it)")
+        shown = f"{limit:,}" if isinstance(limit, int) else f"{limit:g}"
+        raise ResourceLimitError(f"{what} exceeds the limit of {shown} ({OPTIONS[name]} raises it)")
+
+
+def names_a_limit(message: str) -> bool:
+    """True for a refusal message written by :func:`check` (or naming a limit's option), e.g. from a worker."""
+    return any(f"{option} raises it" in message for option in OPTIONS.values())
 
 
 def parse_size(text: str) -> int:
