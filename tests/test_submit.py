@@ -33,6 +33,15 @@ class StubBundle:
         return {k: round(base / (i + 1), 6) for i, k in enumerate(PREDICTION_TYPES)}
 
 
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    """A model folder of its own (its files are hashed into the journal; outputs must not live in it)."""
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "bundle.json").write_text("{}")
+    return d
+
+
 @pytest.fixture(scope="module")
 def test_set(tmp_path_factory) -> Path:
     from cspine.data.synth import SynthConfig, generate_dataset
@@ -55,11 +64,11 @@ def _expected_rows(root: Path) -> list[str]:
     return [r[0] for r in _read(root / "test.csv")[1:]]
 
 
-def test_submit_writes_every_row_and_records_failure(tmp_path: Path, test_set: Path, monkeypatch) -> None:
+def test_submit_writes_every_row_and_records_failure(tmp_path: Path, test_set: Path, model: Path, monkeypatch) -> None:
     stub = StubBundle()
     monkeypatch.setattr(bundle_mod, "load_bundle", lambda *a, **k: stub)
     out = tmp_path / "submission.csv"
-    summary = submit(SubmitConfig(data=test_set, model=tmp_path, out=out))
+    summary = submit(SubmitConfig(data=test_set, model=model, out=out))
     rows = _read(out)
     assert rows[0] == ["row_id", "fractured"]
     assert [r[0] for r in rows[1:]] == _expected_rows(test_set)  # exactly test.csv's rows, in its order
@@ -73,25 +82,26 @@ def test_submit_writes_every_row_and_records_failure(tmp_path: Path, test_set: P
     assert summary["failed"] == 1 and summary["rows"] == len(rows) - 1
 
 
-def test_submit_resumes_after_kill_without_duplicates(tmp_path: Path, test_set: Path, monkeypatch) -> None:
+def test_submit_resumes_after_kill_without_duplicates(tmp_path: Path, test_set: Path, model: Path, monkeypatch) -> None:
     out = tmp_path / "submission.csv"
     killer = StubBundle(fail_on_call=3)
     monkeypatch.setattr(bundle_mod, "load_bundle", lambda *a, **k: killer)
     with pytest.raises(KeyboardInterrupt):
-        submit(SubmitConfig(data=test_set, model=tmp_path, out=out))
+        submit(SubmitConfig(data=test_set, model=model, out=out))
     assert not out.exists()  # no half submission
     journal = [json.loads(line) for line in (tmp_path / "submission.csv.journal.jsonl").read_text().splitlines()]
     predicted_before = sum("pred" in r for r in journal)
     assert predicted_before == 2  # the third model call was killed and left nothing behind
     fresh = StubBundle()
     monkeypatch.setattr(bundle_mod, "load_bundle", lambda *a, **k: fresh)
-    summary = submit(SubmitConfig(data=test_set, model=tmp_path, out=out))
-    assert summary["reused_from_journal"] == len(journal)
+    summary = submit(SubmitConfig(data=test_set, model=model, out=out))
+    # The predicted rows are reused; the failed one (the truncated study) is tried again, as every rerun does.
+    assert summary["reused_from_journal"] == predicted_before and summary["recomputed"]["retry_failed"] == 1
     assert predicted_before + fresh.calls == 3  # each of the 3 readable studies predicted exactly once
     rows = _read(out)
     assert [r[0] for r in rows[1:]] == _expected_rows(test_set)
     # Same numbers as an uninterrupted run.
     monkeypatch.setattr(bundle_mod, "load_bundle", lambda *a, **k: StubBundle())
     ref = tmp_path / "ref.csv"
-    submit(SubmitConfig(data=test_set, model=tmp_path, out=ref))
+    submit(SubmitConfig(data=test_set, model=model, out=ref))
     assert _read(ref) == rows

@@ -8,6 +8,8 @@ and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -16,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cspine import __version__
-from cspine.errors import UsageError
+from cspine.errors import CspineInputError, UsageError
 
 log = logging.getLogger("cspine")
 
@@ -26,9 +28,56 @@ EXIT_BAD_INPUT = 2
 
 def _existing(path: str) -> Path:
     p = Path(path)
-    if not p.exists():
-        raise UsageError(f"{p}: no such file or folder")
+    try:
+        p.stat()
+    except FileNotFoundError:
+        raise UsageError(f"{p}: no such file or folder") from None
+    except OSError as exc:  # a name longer than PATH_MAX, a loop of links, a folder we may not enter ...
+        raise UsageError(f"{p}: {exc.strerror or exc}") from None
     return p
+
+
+def _output_file(path: str, suffixes: tuple[str, ...] = ()) -> Path:
+    """Check an output file's name before any work: the right extension, not a folder, a parent that can be made."""
+    p = Path(path)
+    if p.is_dir():
+        ending = f" ending in {' or '.join(suffixes)}" if suffixes else ""
+        raise UsageError(f"{p}: is a folder; give a file name{ending}")
+    if suffixes and not p.name.lower().endswith(suffixes):
+        raise UsageError(f"{p}: the output must end in {' or '.join(suffixes)}")
+    _writable_parent(p)
+    return p
+
+
+def _writable_parent(p: Path) -> None:
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{p}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{p}: cannot write in {parent} (permission denied)")
+
+
+def _output_folder(path: str) -> Path:
+    """Check an output folder before any work: not a file, writable, and (if it has files) an earlier output of
+    the same command (it is then replaced as a whole), never someone's folder of other files."""
+    from cspine.predict import check_out_folder
+
+    p = Path(path)
+    check_out_folder(p)
+    _writable_parent(p)  # the folder is built beside it, then renamed into place
+    return p
+
+
+def _limits(args: argparse.Namespace) -> None:
+    """Apply the resource-limit options (commands that read studies have them) process-wide."""
+    from cspine.io.limits import Limits, configure
+
+    if not hasattr(args, "max_slice_pixels"):
+        configure(Limits())
+        return
+    configure(Limits(**{name: getattr(args, name) for name in Limits.__dataclass_fields__}))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -63,9 +112,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     from cspine.io import load_segmentation, load_study
     from cspine.plots import show_spine
 
+    out = _output_file(args.out)
     vol = load_study(_existing(args.study), series_uid=args.series_uid)
     mask = load_segmentation(_existing(args.seg), vol) if args.seg else None
-    out = show_spine(vol, mask, args.out)
+    out = show_spine(vol, mask, out)
     print(out)
     return 0
 
@@ -112,11 +162,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     cfg = PredictConfig(
         study=_existing(args.study),
         model=_existing(args.model),
-        out=Path(args.out),
+        out=_output_folder(args.out),
         device=args.device,
         threshold=args.threshold,
         series_uid=args.series_uid,
         report=not args.no_report,
+        hu_offset=args.hu_offset,
     )
     result = predict_study(cfg)
     print(format_table(result))
@@ -130,7 +181,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """test.csv + test_images/ -> submission.csv."""
     from cspine.submit import SubmitConfig, submit
 
-    cfg = SubmitConfig(data=_existing(args.data), model=_existing(args.model), out=Path(args.out), device=args.device)
+    cfg = SubmitConfig(data=_existing(args.data), model=_existing(args.model), out=_output_file(args.out),
+                       device=args.device, retry_failed=not args.no_retry_failed)
     summary = submit(cfg, progress=not args.no_progress)
     print(json.dumps(summary, indent=2))
     return 0
@@ -262,7 +314,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from cspine.seg.infer import InferConfig, segment_study
 
     cfg = InferConfig(device=args.device, threads=args.threads)
-    res = segment_study(_existing(args.study), _existing(args.model), Path(args.out), args.report, cfg)
+    study, model = _existing(args.study), _existing(args.model)
+    out = _output_file(args.out, (".nii.gz", ".nii"))
+    if args.report:
+        _output_file(args.report, (".json",))
+    res = segment_study(study, model, out, args.report, cfg)
     report = res.to_json()
     if args.report:  # details are in the file; print the gist
         report = {"report": args.report, "found": report["found"], "warnings": report["warnings"]}
@@ -329,6 +385,37 @@ def _add_progress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
 
 
+def _size(text: str) -> int:
+    from cspine.io.limits import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_reading(p: argparse.ArgumentParser, hu_offset: bool = True) -> None:
+    """Options of commands that read studies: resource limits (README "Limits and reruns") and --hu-offset."""
+    from cspine.io.limits import Limits
+
+    d = Limits()
+    g = p.add_argument_group("input limits (checked from headers before anything is allocated)")
+    g.add_argument("--max-slice-pixels", type=_size, default=d.max_slice_pixels,
+                   help=f"rows x columns of one DICOM image (default {d.max_slice_pixels:,})")
+    g.add_argument("--max-series-voxels", type=_size, default=d.max_series_voxels,
+                   help=f"voxels of one series or NIfTI volume (default {d.max_series_voxels:,})")
+    g.add_argument("--max-grid-voxels", type=_size, default=d.max_grid_voxels,
+                   help=f"voxels of a grid a study is resampled onto (default {d.max_grid_voxels:,})")
+    g.add_argument("--max-zip-bytes", type=_size, default=d.max_zip_bytes,
+                   help="total uncompressed size of a zip's members, e.g. 8G (default 4G)")
+    g.add_argument("--max-fov-mm", type=float, default=d.max_fov_mm,
+                   help=f"field of view along any axis in mm (default {d.max_fov_mm:g})")
+    if hu_offset:
+        p.add_argument("--hu-offset", type=float, default=None,
+                       help="add this to every value: for a series whose rescale was lost (air reads 0: "
+                            "--hu-offset -1024); never guessed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command-line interface, for ``main`` and for documentation."""
     parser = argparse.ArgumentParser(
@@ -349,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="geometry and encoding of a study (DICOM folder, .zip or file, or NIfTI)")
     p.add_argument("study", help="DICOM folder, .zip or file, or a NIfTI CT (.nii / .nii.gz)")
     p.add_argument("--series-uid", default=None, help="pick this SeriesInstanceUID (default: the largest series)")
+    _add_reading(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("show", help="axial/coronal/sagittal views with the vertebra mask overlaid (PNG)")
@@ -356,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seg", default=None, help="NIfTI label mask (RSNA segmentations/*.nii or cspine output)")
     p.add_argument("--out", default="view.png")
     p.add_argument("--series-uid", default=None)
+    _add_reading(p)
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("synth", help="generate a synthetic RSNA-layout dataset")
@@ -374,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="cache folder")
     p.add_argument("--workers", type=int, default=1, help="studies prepared in parallel")
     p.add_argument("--shard", default=None, help="i/n: prepare only every n-th study starting at i")
+    _add_reading(p, hu_offset=False)
     _add_progress(p)
     p.set_defaults(func=cmd_prepare)
 
@@ -385,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5, help="probability marked as positive in the report")
     p.add_argument("--series-uid", default=None)
     p.add_argument("--no-report", action="store_true", help="skip report.png / report.html")
+    _add_reading(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("submit", help="RSNA test set -> Kaggle submission.csv (resumable)")
@@ -392,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model bundle directory")
     p.add_argument("--out", default="submission.csv")
     p.add_argument("--device", default="auto")
+    p.add_argument("--no-retry-failed", action="store_true",
+                   help="on a rerun, keep the journal's failed studies failed instead of trying them again")
+    _add_reading(p, hu_offset=False)
     _add_progress(p)
     p.set_defaults(func=cmd_submit)
 
@@ -518,6 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, help="JSON report file (default: printed)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    _add_reading(p)
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("pseudo-label", help="masks + quality records for studies without masks (resumable)")
@@ -549,10 +644,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``cspine`` console script."""
+    """Entry point of the ``cspine`` console script.
+
+    Exit codes: 0 done, 2 bad input (a :class:`~cspine.errors.CspineInputError`, or an OS error about a path the
+    user gave: one line on stderr), 130 interrupted; anything else is a bug and shows its traceback (1).
+    """
     # Before torch loads OpenMP: idle threads sleep instead of spinning. On a shared or busy machine spinning
     # threads wait for a core another job holds; the segmenter's many small windows took 8.2 s instead of 2.4 s.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    _tolerant_streams()
     parser = build_parser()
     args = parser.parse_args(argv)
     # Our own messages at INFO; third-party libraries (openjpeg logs every tile) only from WARNING up.
@@ -561,23 +661,59 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_BAD_INPUT
+    from cspine.runtime import remove_stale_decode_buffers
+
+    remove_stale_decode_buffers()
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        _limits(args)
+        from cspine.io import set_default_hu_offset
+
+        set_default_hu_offset(getattr(args, "hu_offset", None))
         code = func(args)
     except KeyboardInterrupt:
         print("cspine: interrupted", file=sys.stderr)
         code = 130
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
-        # DicomError, UsageError, config errors: the message already names the file and the problem.
+    except (CspineInputError, OSError) as exc:
+        message = _input_error(exc)
+        if message is None:
+            raise  # an OS error that is not about a path the user gave: a bug or the machine, shown as such
         if args.verbose:
             log.exception("failed")
-        print(f"cspine {args.command}: error: {exc}", file=sys.stderr)
+        print(f"cspine {args.command}: error: {message}", file=sys.stderr)
         code = EXIT_BAD_INPUT
     if argv is None:  # the process's own entry point (console script, python -m): a torchrun worker ends here
         from cspine.runtime import exit_worker
 
         return exit_worker(code)
     return code
+
+
+#: OS errors that say something about a path the user gave (missing, not allowed, wrong kind, too long, full).
+_PATH_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
+                errno.ENAMETOOLONG, errno.ELOOP, errno.ENOSPC, errno.EROFS, errno.EDQUOT}  # fmt: skip
+
+
+def _input_error(exc: BaseException) -> str | None:
+    """The one line for a bad-input exception, or None when it is not one (then it is re-raised as a bug)."""
+    if isinstance(exc, CspineInputError):
+        return str(exc).strip().replace("\n", " ")
+    if isinstance(exc, OSError):
+        if exc.errno in _PATH_ERRNOS and exc.filename is not None:
+            return f"{exc.filename}: {exc.strerror}"
+        if exc.errno is None and isinstance(exc, (FileNotFoundError, NotADirectoryError)) and exc.args:
+            return str(exc)  # raised by cspine itself with a message naming the path
+    return None
+
+
+def _tolerant_streams() -> None:
+    """Never fail on printing: a path that is not valid UTF-8 (kept by Python as surrogates) is printed escaped
+    instead of raising UnicodeEncodeError after every output was written."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            with contextlib.suppress(ValueError, OSError):
+                reconfigure(errors="backslashreplace")
 
 
 if __name__ == "__main__":

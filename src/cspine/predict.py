@@ -8,6 +8,8 @@ probabilities and per-slice scores), report (PNG + HTML). Every output carries t
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +32,43 @@ class PredictConfig:
     threshold: float = 0.5
     series_uid: str | None = None
     report: bool = True
+    hu_offset: float | None = None
+
+
+#: The file that marks a folder as predict's output (a folder holding it may be replaced as a whole).
+RESULT_FILE = "result.json"
+
+
+def check_out_folder(out: Path) -> None:
+    """Refuse an output folder that cannot be predict's: an existing file, or a folder of other files.
+
+    Checked before any work, because predict replaces the folder as a whole: it must never delete someone's files.
+    """
+    from cspine.errors import UsageError
+
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a folder; --out names the output folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / RESULT_FILE).is_file():
+        raise UsageError(
+            f"{out}: a folder that holds other files and no {RESULT_FILE}; give a new or empty folder (an earlier "
+            "predict output folder is replaced as a whole)"
+        )
+
+
+def _replace_folder(tmp: Path, out: Path) -> None:
+    """Put the finished ``tmp`` folder at ``out``; an earlier output there is moved aside first, then deleted."""
+    old = out.with_name(f".{out.name}.old{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def predict_study(cfg: PredictConfig, bundle: Any = None) -> dict[str, Any]:
     """Run the whole pipeline on one study and write result.json, mask.nii.gz, report.png, report.html.
+
+    The output folder is checked before any work and written as a whole (a temporary sibling renamed into place).
+    A study too thin to hold a vertebra (one slice, a few millimetres) is refused.
 
     Args:
         cfg: paths and options.
@@ -42,19 +77,28 @@ def predict_study(cfg: PredictConfig, bundle: Any = None) -> dict[str, Any]:
     Returns:
         The result dict written to result.json.
     """
-    from cspine.bundle import load_bundle
+    from cspine.bundle import check_bundle, load_bundle
+    from cspine.errors import ResourceLimitError
     from cspine.io import load_study, save_nifti
+    from cspine.io.volume import check_can_hold_vertebra
     from cspine.report import write_report
 
+    check_out_folder(cfg.out)
+    if bundle is None:
+        check_bundle(cfg.model)  # its files, cheaply, before the study is read
     timings: dict[str, float] = {}
+    t = time.perf_counter()
+    vol = load_study(cfg.study, series_uid=cfg.series_uid, hu_offset=cfg.hu_offset)
+    check_can_hold_vertebra(vol, str(cfg.study))
+    timings["decode"] = time.perf_counter() - t
     t = time.perf_counter()
     if bundle is None:
         bundle = load_bundle(cfg.model, device=cfg.device)
     timings["load_model"] = time.perf_counter() - t
-    t = time.perf_counter()
-    vol = load_study(cfg.study, series_uid=cfg.series_uid)
-    timings["decode"] = time.perf_counter() - t
-    out = bundle.predict(vol, timings=timings)
+    try:
+        out = bundle.predict(vol, timings=timings)
+    except ResourceLimitError as exc:  # the model grid of this study: say which study
+        raise ResourceLimitError(f"{cfg.study}: {exc}") from None
     result: dict[str, Any] = {
         "StudyInstanceUID": vol.meta.get("StudyInstanceUID"),
         "SeriesInstanceUID": vol.meta.get("SeriesInstanceUID"),
@@ -65,16 +109,25 @@ def predict_study(cfg: PredictConfig, bundle: Any = None) -> dict[str, Any]:
         "mask_cleanup": list(out.cleanup),
         "model": bundle.summary(),
     }
-    t = time.perf_counter()
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    save_nifti(out.mask, vol, cfg.out / "mask.nii.gz")
-    timings["write"] = time.perf_counter() - t
-    if cfg.report:
+    # Everything goes into a temporary sibling first, renamed into place as a whole: a failure part-way never
+    # leaves one study's result.json beside another's mask.
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cfg.out.with_name(f".{cfg.out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
         t = time.perf_counter()
-        write_report(cfg.out, vol, out.mask, result, out.slice_scores, threshold=cfg.threshold)
-        timings["report"] = time.perf_counter() - t
-    result["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-    write_json(cfg.out / "result.json", result)
+        save_nifti(out.mask, vol, tmp / "mask.nii.gz")
+        timings["write"] = time.perf_counter() - t
+        if cfg.report:
+            t = time.perf_counter()
+            write_report(tmp, vol, out.mask, result, out.slice_scores, threshold=cfg.threshold)
+            timings["report"] = time.perf_counter() - t
+        result["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+        write_json(tmp / RESULT_FILE, result)
+        _replace_folder(tmp, cfg.out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return result
 
 

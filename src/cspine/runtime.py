@@ -12,10 +12,12 @@ import dataclasses
 import json
 import logging
 import os
+import pickle
 import platform
 import random
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from cspine.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -64,11 +68,11 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
         return torch.device(name if ":" in name else f"cuda:{local_rank}")
     if name == "cpu":
         return torch.device("cpu")
-    raise ValueError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N")
+    raise ConfigError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N")
 
 
 def init_runtime(device: str = "auto") -> Runtime:
@@ -148,11 +152,63 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     import torch
 
     if not path.exists():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
+        raise ConfigError(f"{path}: checkpoint not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings(record=True) as caught:  # torch's notes on a foreign file: not for the user
+            warnings.simplefilter("always")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        for w in caught:
+            log.debug("%s: %s", path, w.message)
+        return ckpt
+    except pickle.UnpicklingError:
+        # torch's message suggests retrying with weights_only=False: advice nobody must take with a file from
+        # elsewhere (that would run whatever code the file holds). One line, no such advice.
+        raise ConfigError(
+            f"{path}: refused: the checkpoint holds objects other than tensors and plain containers "
+            "(loading them could run code); it was not written by cspine"
+        ) from None
     except Exception as exc:
-        raise ValueError(f"{path}: not a readable cspine checkpoint ({type(exc).__name__}: {exc})") from exc
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ConfigError(f"{path}: not a readable cspine checkpoint ({type(exc).__name__}: {first})") from None
+
+
+def remove_stale_decode_buffers(folder: str = "/dev/shm") -> list[str]:
+    """Delete decode buffers (``cspine-decode-<pid>-*``) whose owner process is gone; return their names.
+
+    Why: a run killed with SIGKILL cannot remove its buffer, and /dev/shm is RAM: each left behind holds a study's
+    worth of memory until reboot. Called at start-up; buffers of live processes (other runs) are left alone.
+    """
+    from cspine.io.dicom import DECODE_BUFFER_PREFIX
+
+    removed: list[str] = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(DECODE_BUFFER_PREFIX):
+            continue
+        pid_text = name[len(DECODE_BUFFER_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        try:
+            os.unlink(os.path.join(folder, name))
+            removed.append(name)
+        except OSError:
+            pass
+    if removed:
+        log.info("removed %d decode buffer(s) left in %s by killed runs", len(removed), folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def write_json(path: Path, obj: Any) -> None:

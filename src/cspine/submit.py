@@ -5,11 +5,18 @@ dies on one corrupt study, or loses hours of work to a kill, is worse than usele
 finished study is appended to a journal (one JSON line, flushed) beside the output; a rerun
 reads the journal and skips what is done. A study that fails gets the training prevalence as
 its prediction, a warning and a line in the failures file. DICOM decoding of the next study
-runs in a background thread while the model works on the current one.
+runs in a background thread while the model works on the current one (and the decoding itself
+in child processes, so a decoder that panics or crashes fails one study, not the batch).
+
+A journal line is reused only when it is still true: each records the model's identity (a hash
+of the bundle's files) and the study's input (names, sizes and modification times of its files).
+A rerun with another model or a changed study recomputes those rows, and failed rows are tried
+again (a study fixed since) unless ``retry_failed`` is off. The summary says what happened.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -28,13 +35,44 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SubmitConfig:
-    """Where the test set and the model are, where the submission goes."""
+    """Where the test set and the model are, where the submission goes; whether failed studies are retried."""
 
     data: Path
     model: Path
     out: Path
     device: str = "auto"
     split: str = "test"
+    retry_failed: bool = True
+
+
+def model_identity(model: Path) -> str:
+    """sha256 over the bundle's files (relative names and contents): the same bytes, the same answers."""
+    h = hashlib.sha256()
+    root = Path(model)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    for f in files:
+        name = f.relative_to(root) if f != root else Path(f.name)
+        if f != root and any(part.startswith(".") for part in name.parts):
+            continue  # temporary files of an interrupted write
+        h.update(str(name).encode("utf-8", "surrogateescape") + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def input_identity(study: Path) -> str:
+    """Names, sizes and modification times of a study's files, hashed: a study changed since is read again."""
+    h = hashlib.sha256()
+    try:
+        files = sorted(p for p in study.rglob("*") if p.is_file()) if study.is_dir() else [study]
+        for f in files:
+            st = f.stat()
+            name = str(f.relative_to(study) if f != study else f.name)
+            h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    except OSError:
+        return "unreadable"
+    return h.hexdigest()[:16]
 
 
 def _journal_path(out: Path) -> Path:
@@ -66,10 +104,28 @@ def _append(path: Path, rec: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+#: Why a journal row is computed again on a rerun.
+_RECOMPUTE_REASONS = ("model_changed", "input_changed", "retry_failed")
+
+
+def _reusable(rec: dict[str, Any] | None, model_id: str, input_id: str, retry_failed: bool) -> str:
+    """Why a journal line is (not) reused: 'reuse', or the reason it is recomputed."""
+    if rec is None:
+        return "new"
+    if rec.get("model") != model_id:
+        return "model_changed"
+    if rec.get("input") != input_id:
+        return "input_changed"
+    if "error" in rec and retry_failed:
+        return "retry_failed"
+    return "reuse"
+
+
 def submit(cfg: SubmitConfig, progress: bool = False) -> dict[str, Any]:
     """Predict every study of test.csv and write the submission in test.csv's row order.
 
-    Returns a summary: studies predicted, reused from the journal, failed; seconds; output paths.
+    Returns a summary: studies predicted now, reused from the journal, recomputed (and why), failed; seconds;
+    output paths.
     """
     from tqdm import tqdm
 
@@ -80,10 +136,17 @@ def submit(cfg: SubmitConfig, progress: bool = False) -> dict[str, Any]:
     rows = ds.test_rows()
     uids = list(dict.fromkeys(r["StudyInstanceUID"] for r in rows))
     bundle = load_bundle(cfg.model, device=cfg.device)  # a broken bundle fails here, before any work
+    model_id = model_identity(cfg.model)
     journal = _journal_path(cfg.out)
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     done = _read_journal(journal)
-    todo = [u for u in uids if u not in done]
+    input_ids = {uid: input_identity(ds.study_dir(cfg.split, uid)) for uid in uids}
+    reasons = {uid: _reusable(done.get(uid), model_id, input_ids[uid], cfg.retry_failed) for uid in uids}
+    todo = [u for u in uids if reasons[u] != "reuse"]
+    for why in _RECOMPUTE_REASONS:
+        n = sum(reasons[u] == why for u in todo)
+        if n:
+            log.info("recomputing %d journal row(s): %s", n, why.replace("_", " "))
     t0 = time.perf_counter()
     n_new = n_failed = 0
 
@@ -97,14 +160,17 @@ def submit(cfg: SubmitConfig, progress: bool = False) -> dict[str, Any]:
             assert nxt is not None
             fut = nxt
             nxt = prefetch.submit(load, todo[i + 1]) if i + 1 < len(todo) else None
-            rec: dict[str, Any] = {"uid": uid}
+            rec: dict[str, Any] = {"uid": uid, "model": model_id, "input": input_ids[uid]}
             try:
                 vol = fut.result()
                 probs = bundle.predict_probabilities(vol)
                 rec["pred"] = {k: float(probs[k]) for k in PREDICTION_TYPES}
-            except Exception as exc:  # one bad study never stops the batch
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # one bad study never stops the batch (native panics included)
                 n_failed += 1
-                rec["error"] = f"{type(exc).__name__}: {exc}"
+                first = (str(exc).strip().splitlines() or [""])[0]
+                rec["error"] = f"{type(exc).__name__}: {first}"
                 log.warning("study %s failed, using prevalence fallback: %s", uid, rec["error"])
             _append(journal, rec)
             done[uid] = rec
@@ -129,9 +195,12 @@ def submit(cfg: SubmitConfig, progress: bool = False) -> dict[str, Any]:
     summary = {
         "studies": len(uids),
         "predicted_now": n_new - n_failed,
+        "failed_now": n_failed,
         "reused_from_journal": len(uids) - len(todo),
+        "recomputed": {why: sum(reasons[u] == why for u in todo) for why in _RECOMPUTE_REASONS},
         "failed": len(failures),
         "rows": len(out_rows),
+        "model_id": model_id,
         "seconds": round(seconds, 2),
         "studies_per_min": round(60 * n_new / seconds, 2) if seconds > 0 and n_new else None,
         "submission": str(cfg.out),

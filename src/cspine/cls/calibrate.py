@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cspine.errors import ConfigError
 from cspine.labels import CERVICAL, PATIENT, PREDICTION_TYPES, PREVALENCE
 from cspine.metrics import EPS, competition_loss
 from cspine.runtime import write_json
@@ -77,15 +78,22 @@ class Calibration:
         path = Path(model_dir) / CALIBRATION_JSON
         if not path.exists():
             return Calibration()
-        d = json.loads(path.read_text())
-        return Calibration(
-            temperatures={k: float(v) for k, v in d["temperatures"].items()},
-            centres={k: float(v) for k, v in d.get("centres", {}).items()},
-            fitted=bool(d.get("fitted", True)),
-            n_studies=int(d.get("n_studies", 0)),
-            before=d.get("before", {}),
-            after=d.get("after", {}),
-        )
+        try:
+            d = json.loads(path.read_text())
+            cal = Calibration(
+                temperatures={k: float(v) for k, v in d["temperatures"].items()},
+                centres={k: float(v) for k, v in d.get("centres", {}).items()},
+                fitted=bool(d.get("fitted", True)),
+                n_studies=int(d.get("n_studies", 0)),
+                before=d.get("before", {}),
+                after=d.get("after", {}),
+            )
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:  # null, text, missing or misshapen
+            raise ConfigError(f"{path}: broken calibration file ({type(exc).__name__}: {exc})") from None
+        bad = {k: v for k, v in (cal.temperatures | cal.centres).items() if not np.isfinite(v)}
+        if bad or any(v <= 0 for v in cal.temperatures.values()):
+            raise ConfigError(f"{path}: temperatures must be finite and > 0, centres finite; got {d['temperatures']}")
+        return cal
 
 
 def fit_temperature(y: np.ndarray, probs: np.ndarray, bounds: tuple[float, float] = (0.25, 64.0)) -> Calibration:

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from cspine.errors import ConfigError
+
 #: Bump when the crop arrays change meaning; old caches are then rebuilt instead of misread.
 CROP_FORMAT = 2
 #: Bump when the model directory layout changes.
@@ -56,11 +58,11 @@ class CropConfig:
 
     def __post_init__(self) -> None:
         if self.stats_region not in STATS_REGIONS:
-            raise ValueError(f"stats_region must be one of {', '.join(STATS_REGIONS)}, got {self.stats_region!r}")
+            raise ConfigError(f"stats_region must be one of {', '.join(STATS_REGIONS)}, got {self.stats_region!r}")
         if self.slices < 1 or self.size < 8:
-            raise ValueError(f"crop slices must be >= 1 and size >= 8, got {self.slices} and {self.size}")
+            raise ConfigError(f"crop slices must be >= 1 and size >= 8, got {self.slices} and {self.size}")
         if self.context < 0 or self.context_stride < 1 or self.margin < 0:
-            raise ValueError("crop context >= 0, context_stride >= 1 and margin >= 0 are required")
+            raise ConfigError("crop context >= 0, context_stride >= 1 and margin >= 0 are required")
 
     @property
     def channels(self) -> int:
@@ -144,17 +146,17 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
-            raise ValueError(f"unknown encoder {self.encoder!r}; expected one of {', '.join(ENCODERS)}")
+            raise ConfigError(f"unknown encoder {self.encoder!r}; expected one of {', '.join(ENCODERS)}")
         if self.patient_from not in PATIENT_SOURCES:
-            raise ValueError(f"patient_from must be one of {', '.join(PATIENT_SOURCES)}, got {self.patient_from!r}")
+            raise ConfigError(f"patient_from must be one of {', '.join(PATIENT_SOURCES)}, got {self.patient_from!r}")
         if self.pool not in POOLS:
-            raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
+            raise ConfigError(f"pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
         if self.density_bins < 0 or self.density_hu[0] >= self.density_hu[1]:
-            raise ValueError("density_bins must be >= 0 and density_hu an increasing (low, high) pair")
+            raise ConfigError("density_bins must be >= 0 and density_hu an increasing (low, high) pair")
         if self.feature_fit not in FEATURE_FITS or self.feature_c <= 0:
-            raise ValueError(f"feature_fit must be one of {', '.join(FEATURE_FITS)} and feature_c > 0")
+            raise ConfigError(f"feature_fit must be one of {', '.join(FEATURE_FITS)} and feature_c > 0")
         if self.width <= 0 or self.stem_stride not in (1, 2):
-            raise ValueError("width must be > 0 and stem_stride 1 or 2")
+            raise ConfigError("width must be > 0 and stem_stride 1 or 2")
 
 
 PATIENT_SOURCES: tuple[str, ...] = ("head", "noisy-or")
@@ -201,25 +203,25 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
-            raise ValueError(f"unknown recipe {self.recipe!r}; expected one of {', '.join(RECIPES)}")
+            raise ConfigError(f"unknown recipe {self.recipe!r}; expected one of {', '.join(RECIPES)}")
         if self.split not in SPLITS:
-            raise ValueError(f"unknown split {self.split!r}; expected one of {', '.join(SPLITS)}")
+            raise ConfigError(f"unknown split {self.split!r}; expected one of {', '.join(SPLITS)}")
         if self.split == "image" and self.recipe != "seed-baseline":
-            raise ValueError("split 'image' (the seed's leaky split over images) exists only for seed-baseline")
+            raise ConfigError("split 'image' (the seed's leaky split over images) exists only for seed-baseline")
         if self.split == "folds" and self.folds < 2:
-            raise ValueError(f"folds must be >= 2, got {self.folds}")
+            raise ConfigError(f"folds must be >= 2, got {self.folds}")
         if self.fold is not None and not (self.split == "folds" and 0 <= self.fold < self.folds):
-            raise ValueError(f"fold {self.fold} needs split 'folds' and 0 <= fold < {self.folds}")
+            raise ConfigError(f"fold {self.fold} needs split 'folds' and 0 <= fold < {self.folds}")
         if not 0.05 <= self.holdout <= 0.8 or not 0.0 < self.val_fraction < 0.5:
-            raise ValueError("holdout must be in [0.05, 0.8] and val_fraction in (0, 0.5)")
+            raise ConfigError("holdout must be in [0.05, 0.8] and val_fraction in (0, 0.5)")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.patience < 1:
-            raise ValueError("epochs, batch_size and patience must be >= 1 and lr > 0")
+            raise ConfigError("epochs, batch_size and patience must be >= 1 and lr > 0")
         if self.optimizer not in ("adam", "adamw"):
-            raise ValueError(f"optimizer must be adam or adamw, got {self.optimizer!r}")
+            raise ConfigError(f"optimizer must be adam or adamw, got {self.optimizer!r}")
         if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be cosine or constant, got {self.schedule!r}")
+            raise ConfigError(f"schedule must be cosine or constant, got {self.schedule!r}")
         if not 0.0 < self.operating_sensitivity < 1.0:
-            raise ValueError("operating_sensitivity must be in (0, 1)")
+            raise ConfigError("operating_sensitivity must be in (0, 1)")
 
 
 @dataclass(frozen=True)
@@ -275,7 +277,7 @@ def resolve_train_config(recipe: str, data: Path, out: Path, overrides: dict[str
     Unknown keys are an error that lists the valid ones (a typo must not be silently ignored).
     """
     if recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {recipe!r}; expected one of {', '.join(RECIPES)}")
+        raise ConfigError(f"unknown recipe {recipe!r}; expected one of {', '.join(RECIPES)}")
     merged: dict[str, Any] = {}
     _deep_update(merged, RECIPES[recipe].defaults)
     _deep_update(merged, overrides or {})
@@ -300,7 +302,7 @@ def from_dict(cls: type, values: dict[str, Any]) -> Any:
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+        raise ConfigError(f"unknown {cls.__name__} setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
     kwargs = {k: _coerce(k, hints[k], v) for k, v in values.items()}
     return cls(**kwargs)
 
@@ -364,9 +366,9 @@ def config_from_dict(d: dict[str, Any]) -> TrainConfig:
     d = dict(d)
     fmt = d.pop("format", MODEL_DIR_FORMAT)
     if fmt > MODEL_DIR_FORMAT:
-        raise ValueError(f"model directory format {fmt} is newer than this cspine understands ({MODEL_DIR_FORMAT})")
+        raise ConfigError(f"model directory format {fmt} is newer than this cspine understands ({MODEL_DIR_FORMAT})")
     if fmt < MODEL_DIR_FORMAT:
-        raise ValueError(
+        raise ConfigError(
             f"model directory format {fmt} is older than this cspine's ({MODEL_DIR_FORMAT}): its classifier lacks "
             "the fitted lucency path; retrain it with `cspine train-cls`"
         )

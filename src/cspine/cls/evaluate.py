@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from cspine.errors import CspineInputError
 from cspine.labels import CERVICAL, PATIENT, PREDICTION_TYPES, PREVALENCE, split_row_id
 from cspine.metrics import as_matrix, auc, competition_loss, sens_spec, threshold_for_sensitivity
 from cspine.runtime import write_json
@@ -68,13 +69,13 @@ def read_predictions(path: Path) -> dict[str, dict[str, float]]:
         for r in rows:
             out[r[WIDE_ID]] = {t: _prob(r[t], path) for t in PREDICTION_TYPES}
     else:
-        raise ValueError(
+        raise CspineInputError(
             f"{path}: expected columns row_id,fractured (Kaggle) or {WIDE_ID},{','.join(PREDICTION_TYPES)} "
             f"(wide); found {','.join(cols)}"
         )
     incomplete = [u for u, d in out.items() if len(d) != len(PREDICTION_TYPES)]
     if incomplete:
-        raise ValueError(f"{path}: {len(incomplete)} studies lack some prediction types, e.g. {incomplete[0]}")
+        raise CspineInputError(f"{path}: {len(incomplete)} studies lack some prediction types, e.g. {incomplete[0]}")
     return out
 
 
@@ -82,9 +83,9 @@ def _prob(text: str, path: Path) -> float:
     try:
         v = float(text)
     except ValueError as exc:
-        raise ValueError(f"{path}: {text!r} is not a probability") from exc
+        raise CspineInputError(f"{path}: {text!r} is not a probability") from exc
     if not 0.0 <= v <= 1.0 or np.isnan(v):
-        raise ValueError(f"{path}: probability {v} outside [0, 1]")
+        raise CspineInputError(f"{path}: probability {v} outside [0, 1]")
     return v
 
 
@@ -159,9 +160,9 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     labels = read_labels(cfg.labels)
     missing = [u for u in preds if u not in labels]
     if missing:
-        raise ValueError(f"{cfg.labels}: no labels for {len(missing)} predicted studies, e.g. {missing[0]}")
+        raise CspineInputError(f"{cfg.labels}: no labels for {len(missing)} predicted studies, e.g. {missing[0]}")
     if not preds:
-        raise ValueError(f"{cfg.pred}: no predictions")
+        raise CspineInputError(f"{cfg.pred}: no predictions")
     uids = sorted(preds)
     y = as_matrix(labels, uids)
     p = as_matrix(preds, uids)

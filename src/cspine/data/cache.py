@@ -20,6 +20,7 @@ import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from cspine.data.rsna import RsnaDataset
+from cspine.errors import CspineInputError
 from cspine.io import load_segmentation, load_series
 from cspine.io.nifti import read_nifti, save_nifti
 from cspine.io.volume import Volume
@@ -97,7 +99,7 @@ def load_prepared(study_dir: Path, with_volume: bool = True) -> PreparedStudy:
     """Read a cached study back (volume and mask on the same grid, exact affine from meta.json)."""
     meta_path = study_dir / META_FILE
     if not meta_path.exists():
-        raise FileNotFoundError(f"{study_dir}: not a prepared study (no {META_FILE})")
+        raise CspineInputError(f"{study_dir}: not a prepared study (no {META_FILE})")
     meta = json.loads(meta_path.read_text())
     affine = np.array(meta["affine_zyx_lps"], dtype=np.float64)
     shape = tuple(meta["shape_zyx"])
@@ -106,7 +108,7 @@ def load_prepared(study_dir: Path, with_volume: bool = True) -> PreparedStudy:
         data, _ = read_nifti(study_dir / VOLUME_FILE)
         array = np.ascontiguousarray(data.transpose(2, 1, 0)).astype(np.int16, copy=False)
         if array.shape != shape:
-            raise ValueError(f"{study_dir}: volume shape {array.shape} differs from meta {shape}")
+            raise CspineInputError(f"{study_dir}: volume shape {array.shape} differs from meta {shape}")
     vol = Volume(
         array=array if with_volume else np.zeros(shape, dtype=np.int16),
         spacing=tuple(meta["spacing_zyx"]),
@@ -145,8 +147,33 @@ def _prepare_one(job: tuple[str, str, str, str | None, dict[str, Any], int]) -> 
         mask = load_segmentation(seg_path, vol) if seg_path else None
         save_prepared(Path(extra.pop("_dest")), vol, mask, {"split": split, **extra})
         return split, uid, None, time.perf_counter() - t0
-    except Exception as exc:  # one bad study must not stop the batch
-        return split, uid, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # one bad study must not stop the batch (a native panic included)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return split, uid, f"{type(exc).__name__}: {first}", time.perf_counter() - t0
+
+
+def _run_pool(jobs: list[Any], workers: int, record: Any) -> None:
+    """Run ``_prepare_one`` over the jobs in ``workers`` processes; a process that dies (a native crash, the OOM
+    killer) is replaced: the jobs that did not answer are run again one per fresh process, so the study that kills
+    its process is recorded as failed and the others are still prepared."""
+    pending = {id(j): j for j in jobs}
+    try:
+        with ProcessPoolExecutor(max_workers=workers) as ex:
+            futures = {ex.submit(_prepare_one, j): j for j in jobs}
+            for fut in as_completed(futures):
+                record(fut.result())
+                pending.pop(id(futures[fut]), None)
+    except BrokenProcessPool:
+        log.warning("a prepare process died; running %d unfinished study(ies) one per process", len(pending))
+        for job in pending.values():
+            try:
+                with ProcessPoolExecutor(max_workers=1) as ex:
+                    record(ex.submit(_prepare_one, job).result())
+            except BrokenProcessPool:
+                record((job[0], job[1], f"{job[2]}: the process preparing this study died (a crash in a native "
+                                        "library, or out of memory)", 0.0))  # fmt: skip
 
 
 def prepare_dataset(cfg: PrepareConfig, progress: bool = False) -> dict[str, Any]:
@@ -213,9 +240,7 @@ def prepare_dataset(cfg: PrepareConfig, progress: bool = False) -> dict[str, Any
         for job in full_jobs:
             record(_prepare_one(job))
     else:
-        with ProcessPoolExecutor(max_workers=workers) as ex:
-            for fut in as_completed([ex.submit(_prepare_one, j) for j in full_jobs]):
-                record(fut.result())
+        _run_pool(full_jobs, workers, record)
     bar.close()
     write_json(failures_path, sorted(failures.values(), key=lambda r: (r["split"], r["uid"])))
     report = {

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cspine.errors import CspineInputError
 from cspine.labels import PREDICTION_TYPES, split_row_id
 
 TRAIN_COLUMNS = ("StudyInstanceUID", *PREDICTION_TYPES)
@@ -39,7 +40,7 @@ class RsnaDataset:
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: dataset folder not found")
         if not any((self.root / f"{s}_images").is_dir() for s in SPLITS):
-            raise ValueError(f"{self.root}: not an RSNA-layout dataset (no train_images/ or test_images/ folder)")
+            raise CspineInputError(f"{self.root}: not an RSNA-layout dataset (no train_images/ or test_images/ folder)")
 
     def images_dir(self, split: str) -> Path:
         return self.root / f"{split}_images"
@@ -82,7 +83,7 @@ class RsnaDataset:
         for r in rows:
             uid, ptype = split_row_id(r["row_id"])
             if uid != r["StudyInstanceUID"] or ptype != r["prediction_type"]:
-                raise ValueError(f"{self.root / 'test.csv'}: row_id {r['row_id']!r} does not match its columns")
+                raise CspineInputError(f"{self.root / 'test.csv'}: row_id {r['row_id']!r} does not match its columns")
         return rows
 
 
@@ -99,7 +100,7 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
         reader = csv.DictReader(f)
         missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; found {reader.fieldnames}")
+            raise CspineInputError(f"{path}: missing column(s) {', '.join(missing)}; found {reader.fieldnames}")
         return list(reader)
 
 

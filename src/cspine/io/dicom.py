@@ -8,7 +8,10 @@ measured from positions, every transfer syntax is decoded by pydicom's backends
 :class:`DicomError` naming the file and what is wrong with it.
 
 Decoding runs in a process pool that writes straight into a shared RAM-backed buffer, so a
-300-slice JPEG-Lossless study costs one header pass plus a parallel decode.
+300-slice JPEG-Lossless study costs one header pass plus a parallel decode. It always runs in child processes:
+a native decoder that panics (pyo3's PanicException is a BaseException, which ``except Exception`` misses) or
+crashes takes down a worker, never the caller; a worker that dies is replaced and the file it was decoding is
+reported by name. Declared sizes are checked against :mod:`cspine.io.limits` before anything is allocated.
 """
 
 from __future__ import annotations
@@ -18,20 +21,25 @@ import math
 import multiprocessing as mp
 import os
 import shutil
+import signal
+import stat
 import tempfile
 import zipfile
+import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager, nullcontext
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
-from cspine.errors import CspineInputError
-from cspine.io.volume import Volume, affine_from_dicom
+from cspine.errors import CspineInputError, ResourceLimitError
+from cspine.io import limits
+from cspine.io.volume import Volume, affine_from_dicom, check_geometry
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +108,7 @@ _HEADER_TAGS = [
 _CT_IMAGE_CLASSES = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"}
 #: Angle (degrees) between the slice normal and the slice-to-slice direction above which a series is tilted.
 _TILT_TOLERANCE_DEG = 0.5
-#: A position step larger than this multiple of the median step means a slice is missing.
+#: A single position step that is a whole multiple (at least this factor) of the step beside it: a missing slice.
 _GAP_FACTOR = 1.5
 
 
@@ -133,10 +141,16 @@ class _Header:
 @contextmanager
 def _input_files(path: Path) -> Iterable[list[Path]]:
     """Yield the candidate files of a folder, a zip (extracted safely to a temporary folder) or one file."""
-    if not path.exists():
-        raise DicomError(f"{path}: no such file or folder")
-    if path.is_dir():
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise DicomError(f"{path}: no such file or folder") from None
+    except OSError as exc:  # a name longer than PATH_MAX, a loop of links, no permission ...
+        raise DicomError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(st.st_mode):
         yield sorted(p for p in path.rglob("*") if p.is_file())
+    elif not stat.S_ISREG(st.st_mode):  # a named pipe would block the first read forever
+        raise DicomError(f"{path}: not a regular file or folder (a named pipe, socket or device); give a file")
     elif zipfile.is_zipfile(path):
         with tempfile.TemporaryDirectory(prefix="cspine-zip-") as tmp:
             yield _extract_zip(path, Path(tmp))
@@ -145,8 +159,11 @@ def _input_files(path: Path) -> Iterable[list[Path]]:
 
 
 def _extract_zip(path: Path, dest: Path) -> list[Path]:
-    """Extract every member of a zip under ``dest``; refuse members that would land outside it."""
+    """Extract every member of a zip under ``dest``; refuse members that would land outside it, and zips whose
+    members add up to more than the ``max_zip_bytes`` limit (declared sizes checked first, bytes counted while
+    extracting, since a forged header can understate them)."""
     out: list[Path] = []
+    cap = limits.active().max_zip_bytes
     try:
         with zipfile.ZipFile(path) as zf:
             members = [m for m in zf.infolist() if not m.is_dir()]
@@ -156,14 +173,23 @@ def _extract_zip(path: Path, dest: Path) -> list[Path]:
                     raise DicomError(
                         f"{path}: zip member {m.filename!r} has an absolute or '..' path; refusing to extract"
                     )
+            limits.check("max_zip_bytes", sum(m.file_size for m in members), f"{path}: uncompressed size of the zip")
+            written = 0
             for i, m in enumerate(members):
                 target = dest / f"{i:06d}"  # flat, numbered names: member names never become paths
                 with zf.open(m) as src, open(target, "wb") as dst:
                     while chunk := src.read(1 << 20):
+                        written += len(chunk)
+                        if written > cap:
+                            limits.check("max_zip_bytes", written, f"{path}: uncompressed size of the zip (at least)")
                         dst.write(chunk)
                 out.append(target)
-    except zipfile.BadZipFile as exc:
-        raise DicomError(f"{path}: corrupt zip file ({exc})") from exc
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+        raise DicomError(f"{path}: corrupt zip file ({type(exc).__name__}: {exc})") from exc
+    except RuntimeError as exc:  # encrypted members
+        raise DicomError(f"{path}: cannot extract zip ({exc})") from exc
+    except OSError as exc:
+        raise DicomError(f"{path}: cannot extract zip ({exc.strerror or exc})") from exc
     return out
 
 
@@ -178,13 +204,72 @@ def _read_header(path: str) -> _Header | str | None:
     from pydicom.errors import InvalidDicomError
 
     try:
+        _check_deflated(path)
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
         ds._cspine_header_only = True
     except InvalidDicomError:
         return None  # not DICOM at all (text file, thumbnail, ...): ignore
+    except ResourceLimitError as exc:
+        return str(exc)
     except Exception as exc:  # truncated header, bad VR ...
         return f"{path}: corrupt DICOM header ({type(exc).__name__}: {exc})"
     return _header_from(ds, path)
+
+
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def _check_deflated(path: str) -> None:
+    """A Deflated Explicit VR data set is inflated whole by pydicom; refuse one that inflates past what a slice
+    within the ``max_slice_pixels`` limit can hold, counting in bounded chunks (a 2 MB file can inflate to 2 GB)."""
+    from pydicom.errors import InvalidDicomError
+    from pydicom.filereader import read_file_meta_info
+
+    try:
+        meta = read_file_meta_info(path)
+    except (InvalidDicomError, OSError, ValueError, KeyError, EOFError, TypeError, AttributeError):
+        return  # no usable file meta: dcmread says what is wrong
+    if str(meta.get("TransferSyntaxUID", "")) != _DEFLATED:
+        return
+    cap = limits.active().max_slice_pixels * 4 + (16 << 20)
+    inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    with open(path, "rb") as f:
+        f.seek(_meta_end(f))
+        while chunk := f.read(1 << 16):
+            data = chunk
+            while data:
+                total += len(inflate.decompress(data, 1 << 20))
+                data = inflate.unconsumed_tail
+                if total > cap:
+                    raise ResourceLimitError(
+                        f"{path}: deflated DICOM inflates to more than {cap:,} bytes, more than a slice within the "
+                        f"limit of {limits.active().max_slice_pixels:,} pixels holds "
+                        f"({limits.OPTIONS['max_slice_pixels']} raises it)"
+                    )
+            if inflate.eof:
+                break
+
+
+def _meta_end(f: Any) -> int:
+    """Byte offset where the data set starts after the preamble and the group-2 file meta elements."""
+    import struct
+
+    f.seek(0)
+    start = 132 if f.read(132)[128:132] == b"DICM" else 0
+    f.seek(start)
+    while True:
+        head = f.read(6)
+        if len(head) < 6 or struct.unpack("<H", head[:2])[0] != 2:
+            return start
+        vr = head[4:6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+            length = struct.unpack("<I", f.read(6)[2:])[0]
+            start += 12 + length
+        else:
+            length = struct.unpack("<H", f.read(2))[0]
+            start += 8 + length
+        f.seek(start)
 
 
 def _header_from(ds: Any, path: str) -> _Header | str | None:
@@ -201,6 +286,9 @@ def _header_from(ds: Any, path: str) -> _Header | str | None:
         iop = ds.get("ImageOrientationPatient")
         ps = ds.get("PixelSpacing")
         info = {key: _plain(ds.get(key)) for key in _INFO_TAGS if key in ds}
+        rows, columns, frames = int(ds.Rows), int(ds.Columns), int(ds.get("NumberOfFrames") or 1)
+        declared = f"{path}: {rows} x {columns} pixels x {frames} frame(s)"
+        limits.check("max_slice_pixels", rows * columns * frames, declared)
         return _Header(
             path=path,
             study_uid=str(ds.get("StudyInstanceUID", "")),
@@ -214,6 +302,8 @@ def _header_from(ds: Any, path: str) -> _Header | str | None:
             transfer_syntax=ts,
             info=info,
         )
+    except ResourceLimitError as exc:
+        return str(exc)
     except Exception as exc:
         return f"{path}: unreadable geometry in DICOM header ({type(exc).__name__}: {exc})"
 
@@ -229,6 +319,7 @@ def _read_dataset(path: str) -> Any:
 
     import pydicom
 
+    _check_deflated(path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ds = pydicom.dcmread(path)
@@ -246,12 +337,16 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
         return [_plain(v) for v in value]
     if isinstance(value, (int, float)):
+        if not math.isfinite(float(value)):
+            return None
         return int(value) if float(value).is_integer() and not isinstance(value, float) else float(value)
     text = str(value)
     try:
         number = float(text)
     except ValueError:
         return text
+    if not math.isfinite(number):
+        return None  # NaN / inf in a header field: not a value (and not valid JSON)
     return int(number) if number.is_integer() and "." not in text else number
 
 
@@ -268,9 +363,26 @@ def read_hu(path: str) -> np.ndarray:
 
     try:
         ds = _read_dataset(path)
+    except ResourceLimitError:
+        raise
     except Exception as exc:
         raise DicomError(f"{path}: corrupt DICOM file ({type(exc).__name__}: {exc})") from exc
-    return _decode_ds(ds, path)
+    header = _header_from(ds, path)
+    if isinstance(header, str):
+        raise DicomError(header)
+    try:
+        return _decode_ds(ds, path)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except DicomError:
+        raise
+    except BaseException as exc:  # a native decoder's panic (pyo3 PanicException is a BaseException)
+        raise DicomError(_decoder_failed(path, exc)) from None
+
+
+def _decoder_failed(path: str, exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{path}: the pixel decoder failed on this file ({type(exc).__name__}: {first}); corrupt pixel data"
 
 
 def _decode_ds(ds: Any, path: str) -> np.ndarray:
@@ -295,7 +407,25 @@ def _decode_ds(ds: Any, path: str) -> np.ndarray:
         raise DicomError(f"{path}: expected a 2-D grayscale slice, got pixel array of shape {stored.shape}")
     if ts in _J2K and int(ds.get("PixelRepresentation", 0)) == 0:
         stored = _j2k_signed_fix(ds, stored)
+    _check_bit_depth(ds, stored, path)
     return _to_hu(ds, stored, path)
+
+
+def _check_bit_depth(ds: Any, stored: np.ndarray, path: str) -> None:
+    """Stored values must fit the declared BitsStored: a codec fed a corrupt stream can return any numbers."""
+    bits = int(ds.get("BitsStored") or 0)
+    if not 1 <= bits < 32 or not stored.size:
+        return
+    if stored.dtype.kind == "i" or int(ds.get("PixelRepresentation", 0)) == 1:
+        lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    else:
+        lo, hi = 0, (1 << bits) - 1
+    smin, smax = int(stored.min()), int(stored.max())
+    if smin < lo or smax > hi:
+        raise DicomError(
+            f"{path}: decoded values {smin}..{smax} lie outside the declared {bits}-bit range {lo}..{hi}; "
+            "corrupt pixel data"
+        )
 
 
 def _first_frame(ds: Any) -> bytes:
@@ -349,7 +479,10 @@ def _to_hu(ds: Any, stored: np.ndarray, path: str) -> np.ndarray:
             hu = np.rint(stored.astype(np.float64) * slope + intercept)
     lo, hi = np.iinfo(np.int16).min, np.iinfo(np.int16).max
     if hu.size and (hu.min() < lo or hu.max() > hi):
-        raise DicomError(f"{path}: HU values {hu.min()}..{hu.max()} do not fit int16; check RescaleSlope/Intercept")
+        raise DicomError(
+            f"{path}: HU values {hu.min()}..{hu.max()} do not fit int16: a wrong RescaleSlope/Intercept, or corrupt "
+            "pixel data"
+        )
     return hu.astype(np.int16)
 
 
@@ -374,6 +507,9 @@ def _scan(args: tuple[str | None, tuple[int, int, int], list[tuple[int, str]]]) 
             except InvalidDicomError:
                 results.append((slot, (None, None)))
                 continue
+            except ResourceLimitError as exc:
+                results.append((slot, (str(exc), None)))
+                continue
             except Exception as exc:
                 results.append((slot, (f"{path}: corrupt DICOM file ({type(exc).__name__}: {exc})", None)))
                 continue
@@ -384,6 +520,10 @@ def _scan(args: tuple[str | None, tuple[int, int, int], list[tuple[int, str]]]) 
                     out[slot] = _decode_ds(ds, path)
                 except DicomError as exc:
                     err = str(exc)
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except BaseException as exc:  # a native decoder's panic or any other failure on this file
+                    err = _decoder_failed(path, exc)
             elif isinstance(header, _Header):
                 err = ""  # not decoded here (other size): decode on demand
             results.append((slot, (header, err)))
@@ -392,6 +532,39 @@ def _scan(args: tuple[str | None, tuple[int, int, int], list[tuple[int, str]]]) 
         return results
     finally:
         del out
+
+
+@contextmanager
+def _decode_buffer(nbytes: int) -> Iterable[Any]:
+    """A file of ``nbytes`` the decoding workers write slices into, named after this process so that one left by a
+    killed run can be recognised and removed (:func:`cspine.runtime.remove_stale_decode_buffers`)."""
+    prefix = f"{DECODE_BUFFER_PREFIX}{os.getpid()}-"
+    with tempfile.NamedTemporaryFile(prefix=prefix, suffix=".i16", dir=_shared_dir(nbytes)) as buf:
+        buf.truncate(nbytes)
+        yield buf
+
+
+#: Name prefix of the decode buffers (followed by the owner's process id and a dash).
+DECODE_BUFFER_PREFIX = "cspine-decode-"
+
+
+def _decode_in_children(paths: list[str], rows: int, columns: int) -> np.ndarray:
+    """Decode the given same-size slices in a child process (see :func:`_run_scan`) and return them stacked."""
+    shape = (len(paths), rows, columns)
+    limits.check("max_series_voxels", int(np.prod(shape)), f"{paths[0]} ...: {len(paths)} slices of {rows} x {columns}")
+    with _decode_buffer(max(1, int(np.prod(shape)) * 2)) as buf:
+        scanned = _run_scan(buf.name, shape, list(enumerate(paths)), 1)
+        for slot, (header, err) in sorted(scanned, key=lambda t: t[0]):
+            if isinstance(header, str):
+                raise DicomError(header)
+            if header is None or err == "":
+                raise DicomError(f"{paths[slot]}: not a {rows} x {columns} DICOM image")
+            if err:
+                raise DicomError(err)
+        mm = np.memmap(buf.name, dtype=np.int16, mode="r", shape=shape)
+        array = np.array(mm)
+        del mm
+    return array
 
 
 def _shared_dir(nbytes: int) -> str | None:
@@ -422,10 +595,100 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _mp_context() -> Any:
+    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+
+
 def _pool(workers: int) -> ProcessPoolExecutor:
     _warm_decoders()
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method))
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=_mp_context(), initializer=_init_worker, initargs=(limits.active(),)
+    )
+
+
+#: Address space a decoding worker may add to what it inherits: a decoder that believes a corrupt stream's
+#: dimensions fails with MemoryError instead of taking the machine's memory.
+_WORKER_EXTRA_BYTES = 4 << 30
+
+
+def _init_worker(active: limits.Limits) -> None:
+    """Set up a decoding process: the parent's limits, native stderr silenced (a Rust panic prints a backtrace
+    there; the failure is reported as one line by the parent), and a cap on its address space (Linux)."""
+    import faulthandler
+
+    limits.configure(active)
+    faulthandler.disable()  # a crash here is the parent's to report, in one line
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+    except OSError:
+        pass
+    try:
+        import resource
+
+        with open("/proc/self/statm") as f:
+            current = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        extra = max(_WORKER_EXTRA_BYTES, 8 * active.max_slice_pixels * 8)
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+        want = current + extra
+        if hard == resource.RLIM_INFINITY or want < hard:
+            resource.setrlimit(resource.RLIMIT_AS, (want, hard))
+    except (OSError, ValueError, ImportError):
+        pass
+
+
+def _run_scan(
+    buf_name: str | None, shape: tuple[int, int, int], jobs: list[tuple[int, str]], workers: int
+) -> list[tuple[int, _ScanResult]]:
+    """Header pass + decode of every job in child processes (never in this one).
+
+    Workers take interleaved chunks. If one dies (a native crash, the kernel's OOM killer), the files whose results
+    did not come back are decoded again one per fresh process, so the file that kills its process is named and the
+    others are still read.
+    """
+    if not jobs:
+        return []
+    n_chunks = workers * 4 if workers > 1 else 1
+    chunks = [jobs[k::n_chunks] for k in range(n_chunks) if jobs[k::n_chunks]]
+    results: list[tuple[int, _ScanResult]] = []
+    try:
+        with _pool(min(workers, len(chunks))) as pool:
+            futures = [pool.submit(_scan, (buf_name, shape, c)) for c in chunks]
+            for fut in as_completed(futures):
+                results.extend(fut.result())
+    except BrokenProcessPool:
+        got = {slot for slot, _ in results}
+        left = [j for j in jobs if j[0] not in got]
+        log.warning("a decoding process died; decoding %d file(s) again one per process", len(left))
+        for job in left:
+            results.extend(_scan_alone(buf_name, shape, job))
+    return results
+
+
+def _scan_alone(buf_name: str | None, shape: tuple[int, int, int], job: tuple[int, str]) -> list[tuple[int, Any]]:
+    """Scan one file in its own process; a process that dies is reported as a decoder crash on that file."""
+    ctx = _mp_context()
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_scan_child, args=(send, limits.active(), (buf_name, shape, [job])))
+    proc.start()
+    send.close()
+    result: Any = None
+    with suppress(EOFError):  # EOF: died before answering
+        result = recv.recv()
+    proc.join()
+    recv.close()
+    if result is not None:
+        return result
+    code = proc.exitcode
+    how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+    return [(job[0], (f"{job[1]}: the pixel decoder crashed on this file ({how}); corrupt pixel data", None))]
+
+
+def _scan_child(conn: Any, active: limits.Limits, args: Any) -> None:
+    _init_worker(active)
+    conn.send(_scan(args))
+    conn.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -492,6 +755,19 @@ def _check_consistent(series: list[_Header]) -> None:
         ]
         if len(series) > 1 or first.pixel_spacing is None:
             raise DicomError(f"{first.path}: missing {', '.join(missing)}; cannot place the slice in space")
+    assert first.pixel_spacing is not None
+    if not all(math.isfinite(v) and v > 0 for v in first.pixel_spacing):
+        raise DicomError(f"{first.path}: PixelSpacing {list(first.pixel_spacing)} is not a positive size in mm")
+    if first.orientation is not None:
+        row, col = np.array(first.orientation[:3]), np.array(first.orientation[3:])
+        if not np.isfinite(first.orientation).all() or min(np.linalg.norm(row), np.linalg.norm(col)) < 1e-3:
+            raise DicomError(f"{first.path}: ImageOrientationPatient {list(first.orientation)} is not two directions")
+        if np.linalg.norm(np.cross(row / np.linalg.norm(row), col / np.linalg.norm(col))) < 0.5:
+            raise DicomError(f"{first.path}: ImageOrientationPatient {list(first.orientation)}: rows and columns "
+                             "are (nearly) parallel")  # fmt: skip
+    for h in series:
+        if h.position is not None and not all(math.isfinite(v) for v in h.position):
+            raise DicomError(f"{h.path}: ImagePositionPatient {list(h.position)} is not a finite position")
 
 
 @dataclass(frozen=True)
@@ -502,6 +778,32 @@ class _Geometry:
     spacing: tuple[float, float, float]
     shear_px: tuple[float, float]  # per-slice in-plane shift (rows, columns) correcting gantry tilt
     tilt_deg: float
+    resample_z: np.ndarray | None = None  # fractional source slice per output slice (slice spacing in regimes)
+    regimes: str = ""  # what the regimes were, for the warning
+
+
+def _step_runs(steps: np.ndarray) -> list[tuple[float, int]]:
+    """Consecutive position steps grouped into runs of (nearly) the same step: [(mean step, count), ...]."""
+    runs: list[list[float]] = []
+    for st in steps:
+        if runs and abs(st - np.mean(runs[-1])) <= max(0.02, 0.05 * st):
+            runs[-1].append(float(st))
+        else:
+            runs.append([float(st)])
+    return [(float(np.mean(r)), len(r)) for r in runs]
+
+
+def _is_gap(runs: list[tuple[float, int]], i: int) -> bool:
+    """A single step that is a whole multiple (2, 3 ...) of the step beside it: slices are missing there."""
+    step, count = runs[i]
+    if count != 1:
+        return False
+    for j in (i - 1, i + 1):
+        if 0 <= j < len(runs):
+            ratio = step / runs[j][0]
+            if ratio > _GAP_FACTOR and abs(ratio - round(ratio)) < 0.1:
+                return True
+    return False
 
 
 def _geometry(series: list[_Header]) -> _Geometry:
@@ -535,17 +837,34 @@ def _geometry(series: list[_Header]) -> _Geometry:
         raise DicomError(f"all {n} slices share one position ({series[0].path} ...); not a volume")
     kd = dist[keep]
     ksteps = np.diff(kd)
-    median = float(np.median(ksteps))
-    gaps = np.flatnonzero(ksteps > _GAP_FACTOR * median)
-    if gaps.size:
-        i = int(gaps[0])
+    runs = _step_runs(ksteps)
+    gap_runs = [i for i in range(len(runs)) if _is_gap(runs, i)]
+    if gap_runs:
+        # A gap: one step a whole multiple of the step beside it. Regimes (4 mm through the skull base, then
+        # 7 mm) hold each step over several slices and are resampled below.
+        at = sum(c for _, c in runs[: gap_runs[0]])
+        big = float(ksteps[at])
+        ref = float(np.median([st for i, (st, _) in enumerate(runs) if i not in gap_runs]))
         raise DicomError(
-            f"missing slice: position step {ksteps[i]:.3g} mm between {series[keep[i]].path} and "
-            f"{series[keep[i + 1]].path} is more than {_GAP_FACTOR}x the median step {median:.3g} mm "
-            f"({gaps.size} gap(s) in {len(keep)} slices)"
+            f"missing slice: position step {big:.3g} mm between {series[keep[at]].path} and "
+            f"{series[keep[at + 1]].path} is more than {_GAP_FACTOR}x the step {ref:.3g} mm beside it "
+            f"({len(gap_runs) or 1} gap(s) in {len(keep)} slices)"
         )
     kpos = positions[keep]
-    step_vec = (kpos[-1] - kpos[0]) / (len(keep) - 1)
+    resample_z = None
+    regimes = ""
+    n_out = len(keep)
+    if len(runs) > 1:  # regimes: onto a uniform grid at the finest step, linear along the slice axis
+        finest = min(st for st, _ in runs)
+        n_out = round(float(kd[-1] - kd[0]) / finest) + 1
+        targets = kd[0] + np.arange(n_out) * (kd[-1] - kd[0]) / (n_out - 1)
+        resample_z = np.interp(targets, kd, np.arange(len(keep), dtype=np.float64))
+        regimes = (
+            "slice spacing changes within the series ("
+            + ", ".join(f"{c} step(s) of {st:.3g} mm" for st, c in runs)
+            + f"); resampled to {n_out} slices every {(kd[-1] - kd[0]) / (n_out - 1):.3g} mm"
+        )
+    step_vec = (kpos[-1] - kpos[0]) / (n_out - 1)
     cosang = abs(float(step_vec @ normal)) / float(np.linalg.norm(step_vec))
     tilt = math.degrees(math.acos(min(1.0, cosang)))
     dy, dx = first.pixel_spacing
@@ -556,13 +875,13 @@ def _geometry(series: list[_Header]) -> _Geometry:
         inplane = step_vec - (step_vec @ normal) * normal
         shear = (float(inplane @ col) / dy, float(inplane @ row) / dx)
         step_vec = (step_vec @ normal) * normal
-        mid = (len(keep) - 1) / 2.0
+        mid = (n_out - 1) / 2.0
         origin0 = kpos[0] + mid * inplane  # centre the corrected grid on the middle slice
     else:
         origin0 = kpos[0]
     aff = affine_from_dicom(origin0, row, col, step_vec, first.pixel_spacing)
     dz = float(np.linalg.norm(step_vec))
-    return _Geometry(keep, drop, aff, (dz, dy, dx), shear, tilt)
+    return _Geometry(keep, drop, aff, (dz, dy, dx), shear, tilt, resample_z, regimes)
 
 
 def _correct_tilt(array: np.ndarray, shear_px: tuple[float, float], fill: float) -> np.ndarray:
@@ -582,17 +901,26 @@ def _correct_tilt(array: np.ndarray, shear_px: tuple[float, float], fill: float)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def load_series(path: str | os.PathLike[str], series_uid: str | None = None, workers: int | None = None) -> Volume:
+def load_series(
+    path: str | os.PathLike[str],
+    series_uid: str | None = None,
+    workers: int | None = None,
+    hu_offset: float | None = None,
+) -> Volume:
     """Read a CT series into a :class:`Volume` (int16 HU, (z, y, x), sorted along the slice normal).
 
     Args:
         path: a folder (searched recursively, any file names), a .zip, or one DICOM file.
         series_uid: pick this SeriesInstanceUID; by default the series with the most slices.
         workers: decoding processes; default one per available core.
+        hu_offset: added to every value, for a series whose rescale was lost (air reads 0: ``-1024``). Never
+            guessed: only the user can say it.
 
     Raises:
-        DicomError: empty input, corrupt or undecodable slices, missing or duplicate slices, inconsistent
-            geometry, unsafe zip members. The message names the file(s) and the problem.
+        DicomError: empty input, corrupt or undecodable slices, missing or duplicate slices, inconsistent or
+            impossible geometry, a modality other than CT, unsafe zip members. The message names the file(s)
+            and the problem.
+        ResourceLimitError: declared sizes beyond :mod:`cspine.io.limits`.
 
     Example:
         >>> vol = load_series("study_dir")  # doctest: +SKIP
@@ -605,31 +933,29 @@ def load_series(path: str | os.PathLike[str], series_uid: str | None = None, wor
             raise DicomError(f"{src}: empty input (no files)")
         size = _probe_size(files)
         shape = (len(files), *size) if size else (0, 0, 0)
+        if size:
+            declared = f"{src}: {len(files)} files of {size[0]} x {size[1]} pixels"
+            limits.check("max_series_voxels", int(np.prod(shape)), declared)
         nbytes = max(1, int(np.prod(shape)) * 2)
-        use_pool = workers > 1 and len(files) >= 4 * workers
-        with (
-            tempfile.NamedTemporaryFile(prefix="cspine-decode-", suffix=".i16", dir=_shared_dir(nbytes)) as buf,
-            _pool(workers) if use_pool else nullcontext() as pool,
-        ):
-            buf.truncate(nbytes)
+        workers = workers if len(files) >= 4 * workers else 1
+        with _decode_buffer(nbytes) as buf:
             jobs = [(slot, str(f)) for slot, f in enumerate(files)]
             buf_name = buf.name if size else None
-            if pool is None:
-                scanned = _scan((buf_name, shape, jobs))
-            else:
-                n_chunks = workers * 4
-                chunks = [(buf_name, shape, jobs[k::n_chunks]) for k in range(n_chunks) if jobs[k::n_chunks]]
-                scanned = [r for part in pool.map(_scan, chunks) for r in part]
+            scanned = _run_scan(buf_name, shape, jobs, workers)
             scanned.sort(key=lambda t: t[0])
             errors = [h for _, (h, _) in scanned if isinstance(h, str)]
             headers = [h for _, (h, _) in scanned if isinstance(h, _Header)]
+            if not headers and errors and limits.names_a_limit(errors[0]):
+                raise ResourceLimitError(errors[0])
             if not headers:
                 detail = f"; {len(errors)} corrupt: {errors[0]}" if errors else ""
                 raise DicomError(f"{src}: no DICOM image found among {len(files)} file(s){detail}")
             if errors:
                 more = f" (and {len(errors) - 1} more corrupt files)" if len(errors) > 1 else ""
-                raise DicomError(errors[0] + more)
+                kind = ResourceLimitError if limits.names_a_limit(errors[0]) else DicomError
+                raise kind(errors[0] + more)
             series, skipped = _choose_series(headers, series_uid, src)
+            _check_modality(series)
             for h in series:
                 if h.transfer_syntax in UNSUPPORTED_SYNTAXES:
                     raise DicomError(
@@ -641,27 +967,91 @@ def load_series(path: str | os.PathLike[str], series_uid: str | None = None, wor
             decode_error = {h.path: err for _, (h, err) in scanned if isinstance(h, _Header)}
             slot_of = {h.path: slot for slot, (h, _) in scanned if isinstance(h, _Header)}
             array = _assemble(series, geo, buf_name, shape, slot_of, decode_error)
+    _check_neighbours(array, [series[i].path for i in geo.order])
+    kept = [series[i] for i in geo.order]
+    instance_numbers = np.array([h.instance_number for h in kept], dtype=np.int64)
+    if geo.resample_z is not None:
+        array, nearest = _resample_slices(array, geo.resample_z)
+        instance_numbers = instance_numbers[nearest]
+        log.warning("%s: %s", src, geo.regimes)
     if geo.tilt_deg > _TILT_TOLERANCE_DEG:
         log.warning("%s: gantry tilt %.1f deg corrected by in-plane shift per slice", src, geo.tilt_deg)
         array = _correct_tilt(array, geo.shear_px, fill=float(array.min()))
-    kept = [series[i] for i in geo.order]
     meta = _meta(kept, skipped, geo)
+    if hu_offset:
+        array = apply_hu_offset(array, hu_offset)
+        meta["hu_offset"] = hu_offset
     low = int(array.min()) if array.size else 0
     if low >= 0:
         # Every CT holds air (-1000 HU) or padding below it. Values from 0 up are stored values whose rescale
         # the header lost (the Slicer neck CT: 0..3926 with intercept 0, i.e. HU + 1024): bone thresholds and
         # windows would all read ~1024 HU too high. Said, not guessed at: the intercept is not in the file.
         note = (f"no value below 0 (lowest {low}): air should be -1000 HU, so the series' RescaleIntercept "
-                f"({meta['rescale_intercept']}) is probably wrong; every HU threshold is off")  # fmt: skip
+                f"({meta['rescale_intercept']}) is probably wrong; every HU threshold is off (stored values "
+                "are usually HU + 1024: check the scan, then rerun with --hu-offset -1024)")  # fmt: skip
         log.warning("%s: %s", src, note)
         meta["warnings"] = [*meta.get("warnings", []), note]
-    return Volume(
-        array=array,
-        spacing=geo.spacing,
-        affine=geo.affine,
-        instance_numbers=np.array([h.instance_number for h in kept], dtype=np.int64),
-        meta=meta,
-    )
+    vol = Volume(array=array, spacing=geo.spacing, affine=geo.affine, instance_numbers=instance_numbers, meta=meta)
+    check_geometry(vol, str(src))
+    return vol
+
+
+def apply_hu_offset(array: np.ndarray, offset: float) -> np.ndarray:
+    """``array + offset`` as int16 (clipped): the user's correction of a lost RescaleIntercept."""
+    return np.clip(np.rint(array.astype(np.float32) + float(offset)), -32768, 32767).astype(np.int16)
+
+
+#: Modalities read as CT: CT itself, and none at all (RSNA's anonymised files carry no Modality).
+_CT_MODALITIES = {"CT", ""}
+
+
+def _check_modality(series: list[_Header]) -> None:
+    """MR, PT, US ... pixels are not Hounsfield units: every probability computed on them would be a guess."""
+    first = series[0]
+    modality = str(first.info.get("Modality") or "").strip().upper()
+    if modality not in _CT_MODALITIES:
+        raise DicomError(f"{first.path}: Modality {modality}, not CT; cspine reads CT only")
+
+
+#: A slice whose mean difference to each neighbour exceeds this factor times the neighbours' mutual difference,
+#: plus the margin (HU), is garbage (a corrupt codestream decoded without error), not anatomy.
+_SLICE_GARBAGE_FACTOR = 2.0
+_SLICE_GARBAGE_MARGIN_HU = 20.0
+
+
+def _check_neighbours(array: np.ndarray, paths: list[str]) -> None:
+    """Refuse a slice that is unlike both of its neighbours while they are alike.
+
+    Why: a JPEG 2000 codestream with flipped bytes decodes without any error to pixels that are all wrong (wavelet
+    noise over the whole slice), and no codec can tell. Anatomy changes smoothly, so slice z cannot differ from
+    z-1 and from z+1 much more than those two differ from each other (they are twice as far apart). A series of
+    pure noise passes: every slice differs alike.
+    """
+    n = array.shape[0]
+    if n < 3:
+        return
+    step = max(1, int(np.ceil(np.sqrt(array[0].size / 65536))))  # a 256 x 256 sample is enough
+    a = array[:, ::step, ::step].astype(np.float32)
+    adjacent = np.abs(np.diff(a, axis=0)).mean(axis=(1, 2))  # z vs z+1
+    skip = np.abs(a[2:] - a[:-2]).mean(axis=(1, 2))  # z-1 vs z+1
+    for z in range(1, n - 1):
+        closest = min(adjacent[z - 1], adjacent[z])
+        if closest > _SLICE_GARBAGE_FACTOR * skip[z - 1] + _SLICE_GARBAGE_MARGIN_HU:
+            raise DicomError(
+                f"{paths[z]}: decoded pixels differ from both neighbouring slices by {closest:.0f} HU on average "
+                f"while those differ from each other by {skip[z - 1]:.0f} HU; corrupt pixel data"
+            )
+
+
+def _resample_slices(array: np.ndarray, z_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Linear interpolation along axis 0 at fractional slice indices; also the nearest source slice of each."""
+    lo = np.clip(np.floor(z_index).astype(np.int64), 0, array.shape[0] - 1)
+    hi = np.minimum(lo + 1, array.shape[0] - 1)
+    w = (z_index - lo).astype(np.float32)
+    out = np.empty((len(z_index), *array.shape[1:]), dtype=np.int16)
+    for k in range(len(z_index)):
+        out[k] = np.rint(array[lo[k]] * (1.0 - w[k]) + array[hi[k]] * w[k])
+    return out, np.where(w < 0.5, lo, hi)
 
 
 def _probe_size(files: Sequence[Path]) -> tuple[int, int] | None:
@@ -693,10 +1083,8 @@ def _assemble(
         mm = np.memmap(buf_name, dtype=np.int16, mode="r", shape=shape)
         array = np.asarray(mm[[slot_of[p] for p in paths]])
         del mm
-    else:  # the series differs in size from the probed file (e.g. a scout came first): decode it here
-        array = np.empty((len(paths), first.rows, first.columns), dtype=np.int16)
-        for z, p in enumerate(paths):
-            array[z] = read_hu(p)
+    else:  # the series differs in size from the probed file (e.g. a scout came first): decode it now
+        array = _decode_in_children(paths, first.rows, first.columns)
     _check_duplicates(series, geo, array)
     return array
 
@@ -706,9 +1094,10 @@ def _check_duplicates(series: list[_Header], geo: _Geometry, array: np.ndarray) 
     if not geo.drop:
         return
     z_of = {i: z for z, i in enumerate(geo.order)}
-    for i, k in geo.drop:
+    first = series[0]
+    others = _decode_in_children([series[i].path for i, _ in geo.drop], first.rows, first.columns)
+    for (i, k), other in zip(geo.drop, others, strict=True):
         z = z_of[k]
-        other = read_hu(series[i].path)
         if other.shape != array[z].shape or not np.array_equal(other, array[z]):
             raise DicomError(
                 f"duplicate slice position {series[i].position} with different pixels: "
@@ -745,4 +1134,7 @@ def _meta(kept: list[_Header], skipped: list[str], geo: _Geometry) -> dict[str, 
     }
     if geo.tilt_deg > _TILT_TOLERANCE_DEG:
         meta["warnings"] = [f"gantry tilt {geo.tilt_deg:.1f} deg corrected by in-plane resampling"]
+    if geo.regimes:
+        meta["warnings"] = [*meta.get("warnings", []), geo.regimes]
+        meta["n_slices_resampled"] = len(geo.resample_z) if geo.resample_z is not None else len(kept)
     return meta

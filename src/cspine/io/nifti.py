@@ -11,12 +11,14 @@ nearest-neighbour sampling. Anything else is refused with both geometries shown.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
 
+from cspine.io import limits
 from cspine.io.dicom import DicomError
-from cspine.io.volume import Volume, spacing_from_affine
+from cspine.io.volume import Volume, check_geometry, spacing_from_affine
 
 #: LPS <-> RAS: negate the first two world axes.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -33,10 +35,26 @@ def read_nifti(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
 
     p = Path(path)
-    if not p.exists():
-        raise DicomError(f"{p}: no such file")
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise DicomError(f"{p}: no such file") from None
+    except OSError as exc:
+        raise DicomError(f"{p}: cannot be read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise DicomError(f"{p}: not a regular file (a folder, named pipe, socket or device)")
     try:
         img = nib.load(str(p))
+        shape = tuple(int(v) for v in img.shape)
+    except Exception as exc:
+        raise DicomError(f"{p}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
+    limits.check("max_series_voxels", int(np.prod(np.asarray(shape, dtype=np.float64))),
+                 f"{p}: {' x '.join(map(str, shape))} voxels")  # fmt: skip
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise DicomError(f"{p}: the NIfTI affine {_fmt(affine)} is not finite or is singular; no geometry to place "
+                         "the voxels in space")  # fmt: skip
+    try:
         data = np.asanyarray(img.dataobj)
     except Exception as exc:
         raise DicomError(f"{p}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
@@ -44,10 +62,10 @@ def read_nifti(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
         data = data[..., 0]
     if data.ndim != 3:
         raise DicomError(f"{p}: expected a 3-D image, got shape {data.shape}")
-    return data, LPS_TO_RAS @ img.affine
+    return data, LPS_TO_RAS @ affine
 
 
-def load_nifti_volume(path: str | os.PathLike[str]) -> Volume:
+def load_nifti_volume(path: str | os.PathLike[str], hu_offset: float | None = None) -> Volume:
     """A NIfTI CT (dcm2niix, TotalSegmentator, VerSe ...) as a :class:`Volume` laid out as the DICOM reader lays out
     an axial series: axis 0 towards the head, 1 towards the back, 2 towards the patient's left.
 
@@ -56,31 +74,41 @@ def load_nifti_volume(path: str | os.PathLike[str]) -> Volume:
     the training series were. Voxels are only permuted and flipped, never interpolated; the affine follows, so a
     mask written with :func:`save_nifti` overlays the input in any viewer. Values are taken as Hounsfield units
     (the file's scaling applied); a volume with nothing below 0 (MRI, or stored values without the rescale) is
-    refused, since every prediction on it would be wrong.
+    refused, since every prediction on it would be wrong; ``hu_offset`` (the user's word, e.g. -1024 for stored
+    values) is added first. NaN or infinite voxels are refused rather than turned into numbers.
     """
     from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
 
     data, affine_lps = read_nifti(path)
     if data.size == 0 or min(data.shape) < 2:
         raise DicomError(f"{path}: a 3-D volume needs at least 2 voxels along each axis, got shape {data.shape}")
+    if np.issubdtype(data.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        if bad:
+            raise DicomError(f"{path}: {bad} of {data.size} voxels are NaN or infinite; not a CT volume")
+    if hu_offset:
+        data = np.asarray(data, dtype=np.float32) + float(hu_offset)
     lo, hi = float(np.min(data)), float(np.max(data))
     if lo >= 0:
         raise DicomError(
             f"{path}: values {lo:g}..{hi:g} have nothing below 0, so they are not CT Hounsfield units (air is -1000); "
-            "an MRI, or stored values without their rescale"
+            "an MRI, or stored values without their rescale (usually HU + 1024: if so, --hu-offset -1024 corrects "
+            "it)"
         )
     # z, y, x run along LPS world axes 2, 1, 0 (superior, posterior, left), each ascending
     transform = ornt_transform(io_orientation(affine_lps), np.array([[2, 1], [1, 1], [0, 1]]))
     array = apply_orientation(data, transform)
     hu = np.clip(np.rint(np.asarray(array, dtype=np.float32)), -32768, 32767).astype(np.int16)
     affine = affine_lps @ inv_ornt_aff(transform, data.shape)
-    return Volume(
+    vol = Volume(
         array=np.ascontiguousarray(hu),
         spacing=spacing_from_affine(affine),
         affine=affine,
         instance_numbers=np.arange(1, hu.shape[0] + 1, dtype=np.int64),
-        meta={"format": "nifti"},
+        meta={"format": "nifti", **({"hu_offset": hu_offset} if hu_offset else {})},
     )
+    check_geometry(vol, str(path))
+    return vol
 
 
 def load_segmentation(path: str | os.PathLike[str], vol: Volume) -> np.ndarray:

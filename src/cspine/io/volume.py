@@ -87,6 +87,54 @@ def affine_from_dicom(
     return aff
 
 
+def check_geometry(vol: Volume, source: str) -> None:
+    """Refuse geometry no scanner writes: non-finite or singular affine, zero spacing, an absurd field of view.
+
+    Raises:
+        cspine.errors.CspineInputError: naming ``source`` and what is wrong.
+        cspine.errors.ResourceLimitError: a field of view beyond the ``max_fov_mm`` limit.
+    """
+    from cspine.errors import CspineInputError
+    from cspine.io import limits
+
+    aff = np.asarray(vol.affine, dtype=np.float64)
+    if not np.isfinite(aff).all():
+        raise CspineInputError(f"{source}: the image's position or orientation is not finite (NaN or infinity)")
+    spacing = np.linalg.norm(aff[:3, :3], axis=0)
+    if not (spacing > 1e-6).all() or abs(np.linalg.det(aff[:3, :3])) < 1e-9 * float(np.prod(spacing)):
+        raise CspineInputError(
+            f"{source}: singular geometry (voxel axes {_fmt_axes(aff)}); a zero spacing or parallel axes"
+        )
+    fov = [float(n * s) for n, s in zip(vol.shape, spacing, strict=True)]
+    limits.check("max_fov_mm", max(fov), f"{source}: field of view {' x '.join(f'{v:.0f}' for v in fov)} mm")
+
+
+def _fmt_axes(aff: np.ndarray) -> str:
+    return np.array2string(aff[:3, :3].T, precision=3, suppress_small=True).replace("\n", "")
+
+
+def check_can_hold_vertebra(vol: Volume, source: str) -> None:
+    """Refuse a volume too thin to hold one cervical vertebra (a single slice, a few millimetres of stack).
+
+    Why: C-spine vertebrae are about 15 mm high and 40 mm wide; on less, every per-vertebra number is made up
+    (a single CT slice got C3 = 0.00008 and "present" vertebrae).
+    """
+    from cspine.errors import CspineInputError
+
+    extent = [float(n * s) for n, s in zip(vol.shape, vol.spacing, strict=True)]
+    if vol.shape[0] < MIN_SLICES or extent[0] < MIN_EXTENT_MM[0] or min(extent[1:]) < MIN_EXTENT_MM[1]:
+        raise CspineInputError(
+            f"{source}: {vol.shape[0]} slice(s), {extent[0]:.0f} x {extent[1]:.0f} x {extent[2]:.0f} mm: too "
+            f"small to hold a vertebra (needs at least {MIN_SLICES} slices over {MIN_EXTENT_MM[0]:.0f} mm and "
+            f"{MIN_EXTENT_MM[1]:.0f} mm in-plane)"
+        )
+
+
+#: Smallest study predict accepts: slices, and extent (along the slices, in-plane) in mm.
+MIN_SLICES = 3
+MIN_EXTENT_MM = (15.0, 40.0)
+
+
 def spacing_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
     """(dz, dy, dx): the lengths of the affine's columns."""
     norms = np.linalg.norm(affine[:3, :3], axis=0)
@@ -130,6 +178,14 @@ def crop(vol: Volume, start: tuple[int, int, int], stop: tuple[int, int, int]) -
     )
 
 
+def check_grid(shape: tuple[int, ...], what: str) -> None:
+    """Refuse to allocate a resampled grid beyond the ``max_grid_voxels`` limit (checked before allocating)."""
+    from cspine.io import limits
+
+    limits.check("max_grid_voxels", int(np.prod(np.asarray(shape, dtype=np.float64))),
+                 f"{what} {' x '.join(str(v) for v in shape)} voxels")  # fmt: skip
+
+
 def resample(vol: Volume, spacing: tuple[float, float, float], order: int = 1) -> Volume:
     """Resample to a new (dz, dy, dx) spacing over the same extent (order 0 for label maps, 1 for images).
 
@@ -141,6 +197,7 @@ def resample(vol: Volume, spacing: tuple[float, float, float], order: int = 1) -
     old = np.asarray(vol.spacing, dtype=np.float64)
     new = np.asarray(spacing, dtype=np.float64)
     shape = np.maximum(1, np.round((np.array(vol.shape) - 1) * old / new).astype(int) + 1)
+    check_grid(tuple(int(v) for v in shape), "resampled grid")
     coords_scale = new / old
     dtype = vol.array.dtype
     src = vol.array if order == 0 else vol.array.astype(np.float32)

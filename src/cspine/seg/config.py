@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cspine.errors import ConfigError
 from cspine.labels import CERVICAL, CERVICAL_VALUES
 
 #: Network output classes, index = class id.
@@ -65,11 +66,11 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         if len(self.spacing) != 3 or min(self.spacing) <= 0:
-            raise ValueError(f"spacing must be three positive mm values, got {self.spacing}")
+            raise ConfigError(f"spacing must be three positive mm values, got {self.spacing}")
         if self.window_width <= 0:
-            raise ValueError(f"window_width must be positive, got {self.window_width}")
+            raise ConfigError(f"window_width must be positive, got {self.window_width}")
         if self.divisor < 1:
-            raise ValueError(f"divisor must be >= 1, got {self.divisor}")
+            raise ConfigError(f"divisor must be >= 1, got {self.divisor}")
 
 
 @dataclass(frozen=True)
@@ -160,24 +161,24 @@ class TrainSegConfig:
 
     def __post_init__(self) -> None:
         if self.stage not in STAGE_CLASSES:
-            raise ValueError(f"stage must be one of {', '.join(STAGE_CLASSES)}, got {self.stage!r}")
+            raise ConfigError(f"stage must be one of {', '.join(STAGE_CLASSES)}, got {self.stage!r}")
         if self.folds < 2 and self.fold >= 0:
-            raise ValueError(f"--folds must be >= 2 to hold out a fold (got {self.folds}); use --fold -1 for none")
+            raise ConfigError(f"--folds must be >= 2 to hold out a fold (got {self.folds}); use --fold -1 for none")
         if self.fold >= self.folds:
-            raise ValueError(f"--fold {self.fold} out of range for --folds {self.folds} (0..{self.folds - 1}, or -1)")
+            raise ConfigError(f"--fold {self.fold} out of range for --folds {self.folds} (0..{self.folds - 1}, or -1)")
         if self.fold < -1:
-            raise ValueError(f"--fold must be -1 (no validation) or 0..{self.folds - 1}, got {self.fold}")
+            raise ConfigError(f"--fold must be -1 (no validation) or 0..{self.folds - 1}, got {self.fold}")
         for name in ("epochs", "iters_per_epoch", "batch_size", "val_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if any(p < 8 for p in self.patch) or len(self.patch) != 3:
-            raise ValueError(f"patch must be three sides >= 8 voxels, got {self.patch}")
+            raise ConfigError(f"patch must be three sides >= 8 voxels, got {self.patch}")
         if any(p % self.preprocess.divisor for p in self.patch):
-            raise ValueError(f"patch sides {self.patch} must be multiples of {self.preprocess.divisor}")
+            raise ConfigError(f"patch sides {self.patch} must be multiples of {self.preprocess.divisor}")
         if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            raise ConfigError(f"lr must be positive, got {self.lr}")
         if not 0.0 <= self.fg_fraction <= 1.0:
-            raise ValueError(f"fg_fraction must be in [0, 1], got {self.fg_fraction}")
+            raise ConfigError(f"fg_fraction must be in [0, 1], got {self.fg_fraction}")
 
 
 #: What ``stage="refine"`` changes from the coarse defaults (the measured recipe, docs/segmentation.md): a slim
@@ -210,7 +211,7 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     valid = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - valid)
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+        raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
     kwargs = {k: _convert(hints[k], v, f"{cls.__name__}.{k}") for k, v in data.items()}
     return cls(**kwargs)
 
@@ -226,22 +227,22 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         return _convert(inner[0], value, where)
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected an object, got {value!r}")
+            raise ConfigError(f"{where}: expected an object, got {value!r}")
         return from_dict(tp, value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_convert(args[0], v, where) for v in value)
         if len(args) != len(value):
-            raise ValueError(f"{where}: expected {len(args)} values, got {len(value)}")
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
         return tuple(_convert(a, v, where) for a, v in zip(args, value, strict=True))
     if tp is Path:
         return Path(value)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp in (int, str, bool) and not isinstance(value, tp):
-        raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
 
 
@@ -252,5 +253,5 @@ def load_model_config(model_dir: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{model_dir}: not a segmentation model directory (no config.json)")
     data = json.loads(path.read_text())
     if data.get("format") != CONFIG_FORMAT or "train" not in data:
-        raise ValueError(f"{path}: unsupported model config (format {data.get('format')!r}, expected {CONFIG_FORMAT})")
+        raise ConfigError(f"{path}: unsupported model config (format {data.get('format')!r}, expected {CONFIG_FORMAT})")
     return data

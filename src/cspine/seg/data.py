@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from cspine.io.volume import Volume, spacing_from_affine
+from cspine.io.volume import Volume, check_grid, spacing_from_affine
 from cspine.seg.config import CLASS_TO_VALUE, OTHER_CLASS, AugmentConfig, PreprocessConfig
 
 if TYPE_CHECKING:
@@ -133,6 +133,7 @@ def make_gridmap(shape: Sequence[int], affine: np.ndarray, model_spacing: Sequen
     c_spacing = tuple(float(spacing_all[p]) for p in perm)
     new = tuple(float(s) for s in model_spacing)
     m_shape = tuple(max(1, round((n - 1) * old / s) + 1) for n, old, s in zip(c_shape, c_spacing, new, strict=True))
+    check_grid(m_shape, "model grid")  # before anything of that size is allocated
     return GridMap(perm, flip, c_shape, c_spacing, new, m_shape)  # type: ignore[arg-type]
 
 
