@@ -6,6 +6,7 @@ import csv
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -32,7 +33,17 @@ def demo(tmp_path_factory) -> dict:
         cls_folds=2,
         device="cpu",
     )
-    return run_demo(cfg, progress=False)
+    summary = run_demo(cfg, progress=False)
+    # A 3-step segmenter's labels rarely pass the anatomical checks (cspine.seg.presence); the tests below follow
+    # the study through classification, so its prediction is made as for a known cervical spine CT.
+    from cspine.predict import PredictConfig, predict_study
+
+    study = Path(summary["out"]) / "data" / "test_images" / json.loads(
+        (Path(summary["predict"]) / "result.json").read_text()
+    )["StudyInstanceUID"]
+    predict_study(PredictConfig(study=study, model=Path(summary["model"]), out=Path(summary["predict"]),
+                                device="cpu", assume_cervical=True))
+    return summary
 
 
 def test_demo_outputs(demo: dict) -> None:
@@ -89,7 +100,8 @@ def test_predict_on_nifti_in_any_orientation_equals_dicom(demo: dict, tmp_path: 
     back = load_study(tmp_path / "pir.nii.gz")
     np.testing.assert_array_equal(back.array, vol.array)
     np.testing.assert_allclose(back.affine, vol.affine, atol=1e-4)
-    got = predict_study(PredictConfig(study=tmp_path / "pir.nii.gz", model=Path(demo["model"]), out=tmp_path / "p"))
+    pir_cfg = PredictConfig(study=tmp_path / "pir.nii.gz", model=Path(demo["model"]), out=tmp_path / "p")
+    got = predict_study(replace(pir_cfg, assume_cervical=True))
     for k in PREDICTION_TYPES:
         assert got[k] == pytest.approx(result[k], abs=1e-5)
     dicom_mask = np.asarray(nib.load(Path(demo["predict"]) / "mask.nii.gz").dataobj)
@@ -103,7 +115,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_cli_predict_and_bad_model_dirs(demo: dict, tmp_path: Path) -> None:
     study = next((Path(demo["out"]) / "data" / "test_images").iterdir())
-    ok = _cli("predict", str(study), "--model", demo["model"], "--out", str(tmp_path / "p"), "--no-report")
+    ok = _cli("predict", str(study), "--model", demo["model"], "--out", str(tmp_path / "p"), "--no-report",
+              "--assume-cervical")
     assert ok.returncode == 0, ok.stderr
     assert "patient_overall" in ok.stdout and (tmp_path / "p" / "result.json").exists()
     # A single-stage directory, a partial copy and a future format: exit 2, one line, no traceback.
@@ -125,6 +138,38 @@ def test_cli_predict_and_bad_model_dirs(demo: dict, tmp_path: Path) -> None:
         assert len(lines) == 1 and message in lines[0], bad.stderr
     nodicom = _cli("predict", str(tmp_path), "--model", demo["model"], "--out", str(tmp_path / "y"))
     assert nodicom.returncode == 2 and "no DICOM image found" in nodicom.stderr
+
+
+def test_no_cervical_spine_in_view_gives_nulls_a_line_and_prevalence_rows(
+    demo: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the anatomical checks find no cervical spine: predict exits 0 with one line and null probabilities;
+    submit still writes every row, with the prevalence, and says how many rows were not in view."""
+    import cspine.seg.infer as seg_infer
+    from cspine.labels import PREVALENCE, split_row_id
+    from cspine.submit import SubmitConfig, submit
+
+    def nothing_here(mask: np.ndarray, vol: object, cfg: object) -> tuple[np.ndarray, dict, list[str]]:
+        return np.zeros_like(mask), {"cervical_spine": "absent", "rejected": {"C2": "test"}}, ["no cervical spine"]
+
+    monkeypatch.setattr(seg_infer, "check_presence", nothing_here)
+    from cspine.cli import main
+
+    study = next((Path(demo["out"]) / "data" / "test_images").iterdir())
+    assert main(["predict", str(study), "--model", demo["model"], "--out", str(tmp_path / "p")]) == 0
+    result = json.loads((tmp_path / "p" / "result.json").read_text())
+    assert result["cervical_spine"] == "absent"
+    assert all(result[k] is None for k in PREDICTION_TYPES)
+    assert result["vertebrae"]["C2"]["present"] is False and result["vertebrae"]["C2"]["rejected"] == "test"
+    assert "n/a (no cervical spine" in (tmp_path / "p" / "report.html").read_text()
+    summary = submit(SubmitConfig(data=Path(demo["out"]) / "data", model=Path(demo["model"]),
+                                  out=tmp_path / "submission.csv", device="cpu"))
+    assert summary["studies_without_cervical_spine"] == summary["studies"] == 3
+    assert summary["rows_not_in_view"] == 3 * len(PREDICTION_TYPES)
+    with open(tmp_path / "submission.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 * len(PREDICTION_TYPES)
+    assert all(float(r["fractured"]) == pytest.approx(PREVALENCE[split_row_id(r["row_id"])[1]]) for r in rows)
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ import numpy as np
 
 from cspine import __version__
 from cspine.errors import CspineInputError
-from cspine.labels import PREDICTION_TYPES
+from cspine.labels import PATIENT, PREDICTION_TYPES
 from cspine.runtime import versions, write_json
 
 log = logging.getLogger(__name__)
@@ -44,12 +44,13 @@ class BundleError(CspineInputError):
 class Prediction:
     """What the bundle returns for one study (all on the study's own grid)."""
 
-    probabilities: dict[str, float]
+    probabilities: dict[str, float | None]  # None: the vertebra (or, for every target, the cervical spine) not in view
     mask: np.ndarray
     vertebrae: dict[str, dict[str, Any]]
     slice_scores: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     cleanup: list[str] = field(default_factory=list)
+    cervical_spine: str = "present"
 
 
 def _major(version: str) -> int:
@@ -132,30 +133,40 @@ class Bundle:
         """What made these predictions (for result.json)."""
         return {"path": str(self.root), "cspine": self.info.get("cspine"), "created": self.info.get("created")}
 
-    def predict(self, vol: Any, timings: dict[str, float] | None = None) -> Prediction:
-        """Segment, then classify one Volume; the returned mask holds C1..C7 only."""
-        from cspine.seg.infer import segment_volume
+    def predict(
+        self, vol: Any, timings: dict[str, float] | None = None, assume_cervical: bool = False
+    ) -> Prediction:
+        """Segment, then classify one Volume; the returned mask holds C1..C7 only.
+
+        A vertebra the segmentation does not find (or whose label failed the anatomical checks of
+        :mod:`cspine.seg.presence`) gets no probability (None); without any cervical level in view nothing is
+        classified and every target is None. ``assume_cervical``: the caller knows the study is a cervical spine
+        CT, so the anatomical checks are skipped and whatever the segmenter labels is classified.
+        """
+        from cspine.seg.infer import InferConfig, segment_volume
+        from cspine.seg.presence import SPINE_ABSENT
 
         timings = {} if timings is None else timings
         t = time.perf_counter()
-        seg = segment_volume(vol, self.segmenter)
+        seg = segment_volume(vol, self.segmenter, InferConfig(presence=None) if assume_cervical else None)
         timings["segment"] = timings.get("segment", 0.0) + time.perf_counter() - t
-        cls = self.classifier.predict(vol, seg.mask, timings=timings)
         mask = np.where(seg.mask <= 7, seg.mask, 0).astype(np.uint8)
+        common = {"mask": mask, "vertebrae": seg.vertebrae, "cleanup": list(seg.cleanup)}
+        if seg.cervical_spine == SPINE_ABSENT:
+            probs: dict[str, float | None] = dict.fromkeys(PREDICTION_TYPES)
+            return Prediction(probs, warnings=list(seg.warnings), cervical_spine=SPINE_ABSENT, **common)
+        cls = self.classifier.predict(vol, seg.mask, timings=timings)
         scores = {
             name: [(int(s["z"]), float(s["score"])) for s in items] for name, items in cls.slice_scores.items()
         }
-        return Prediction(
-            probabilities={k: float(cls.probabilities[k]) for k in PREDICTION_TYPES},
-            mask=mask,
-            vertebrae=seg.vertebrae,
-            slice_scores=scores,
-            warnings=list(seg.warnings),
-            cleanup=list(seg.cleanup),
-        )
+        probs = {
+            k: float(cls.probabilities[k]) if k == PATIENT or seg.vertebrae[k]["present"] else None
+            for k in PREDICTION_TYPES
+        }
+        return Prediction(probs, slice_scores=scores, warnings=list(seg.warnings), **common)
 
-    def predict_probabilities(self, vol: Any) -> dict[str, float]:
-        """Only the numbers (for submissions)."""
+    def predict_probabilities(self, vol: Any) -> dict[str, float | None]:
+        """Only the numbers (for submissions); None where a vertebra (or the whole cervical spine) is not in view."""
         return self.predict(vol).probabilities
 
 

@@ -168,11 +168,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         series_uid=args.series_uid,
         report=not args.no_report,
         hu_offset=args.hu_offset,
+        assume_cervical=args.assume_cervical,
     )
     result = predict_study(cfg)
     print(format_table(result))
-    for w in result["warnings"]:
-        print(f"warning: {w}")
+    if result["cervical_spine"] == "present":
+        for w in result["warnings"]:
+            print(f"warning: {w}")
     print(f"outputs in {cfg.out} (result.json, mask.nii.gz{', report.png, report.html' if cfg.report else ''})")
     return 0
 
@@ -475,6 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5, help="probability marked as positive in the report")
     p.add_argument("--series-uid", default=None)
     p.add_argument("--no-report", action="store_true", help="skip report.png / report.html")
+    p.add_argument("--assume-cervical", action="store_true",
+                   help="the study is known to be a cervical spine CT: skip the check that one is in view")
     _add_reading(p)
     p.set_defaults(func=cmd_predict)
 

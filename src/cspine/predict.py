@@ -33,6 +33,7 @@ class PredictConfig:
     series_uid: str | None = None
     report: bool = True
     hu_offset: float | None = None
+    assume_cervical: bool = False
 
 
 #: The file that marks a folder as predict's output (a folder holding it may be replaced as a whole).
@@ -96,13 +97,15 @@ def predict_study(cfg: PredictConfig, bundle: Any = None) -> dict[str, Any]:
         bundle = load_bundle(cfg.model, device=cfg.device)
     timings["load_model"] = time.perf_counter() - t
     try:
-        out = bundle.predict(vol, timings=timings)
+        out = bundle.predict(vol, timings=timings, assume_cervical=cfg.assume_cervical)
     except ResourceLimitError as exc:  # the model grid of this study: say which study
         raise ResourceLimitError(f"{cfg.study}: {exc}") from None
     result: dict[str, Any] = {
         "StudyInstanceUID": vol.meta.get("StudyInstanceUID"),
         "SeriesInstanceUID": vol.meta.get("SeriesInstanceUID"),
-        **{k: round(float(out.probabilities[k]), 6) for k in PREDICTION_TYPES},
+        # null where the vertebra (or, for every target, the cervical spine) is not in the field of view
+        **{k: None if (v := out.probabilities[k]) is None else round(float(v), 6) for k in PREDICTION_TYPES},
+        "cervical_spine": out.cervical_spine,
         "threshold": cfg.threshold,
         "vertebrae": out.vertebrae,
         "warnings": list(vol.meta.get("warnings", [])) + list(out.warnings),
@@ -133,14 +136,20 @@ def predict_study(cfg: PredictConfig, bundle: Any = None) -> dict[str, Any]:
 
 def format_table(result: dict[str, Any]) -> str:
     """A short plain-text table for the terminal."""
+    from cspine.seg.presence import NO_SPINE_MESSAGE, SPINE_ABSENT
+
+    if result.get("cervical_spine") == SPINE_ABSENT:
+        return NO_SPINE_MESSAGE
     lines = [f"{'target':<16}{'probability':>12}  note"]
     for key in (PATIENT, *CERVICAL):
         note = ""
         info = result.get("vertebrae", {}).get(key, {})
         if key != PATIENT and not info.get("present", True):
-            note = "not in field of view"
+            note = "not found" + (f" ({info['rejected']})" if info.get("rejected") else "")
         elif key != PATIENT and info.get("cut_off"):
             note = "partly outside field of view"
-        flag = " *" if result[key] >= result.get("threshold", 0.5) else ""
-        lines.append(f"{key:<16}{result[key]:>12.3f}{flag}  {note}".rstrip())
+        p = result[key]
+        flag = " *" if p is not None and p >= result.get("threshold", 0.5) else ""
+        shown = "-" if p is None else f"{p:.3f}"
+        lines.append(f"{key:<16}{shown:>12}{flag}  {note}".rstrip())
     return "\n".join(lines)

@@ -153,7 +153,9 @@ def write_report(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     probs = {k: float(result[k]) for k in CERVICAL if result.get(k) is not None}
-    overview = overview_png(vol, mask, probs, title=f"patient fracture probability {float(result[PATIENT]):.2f}")
+    patient = result.get(PATIENT)
+    patient_text = "n/a (no cervical spine in the field of view)" if patient is None else f"{float(patient):.3f}"
+    overview = overview_png(vol, mask, probs, title=f"patient fracture probability {patient_text}")
     png_path = out_dir / "report.png"
     tmp = png_path.with_name(f".{png_path.name}.tmp{os.getpid()}")
     tmp.write_bytes(overview)
@@ -189,7 +191,7 @@ def write_report(
 <style>body{{font-family:sans-serif;background:#111;color:#eee;margin:2em}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #555;padding:4px 10px}}tr.hit td{{background:#5a1d1d}}img{{max-width:100%}}</style></head>
 <body><h1>Cervical spine fracture report</h1>
-<p>Study {uid}. Patient-level fracture probability: <b>{float(result[PATIENT]):.3f}</b>
+<p>Study {uid}. Patient-level fracture probability: <b>{patient_text}</b>
 (threshold {threshold:.2f}). Research software, not a medical device.</p>
 <img id="overview" alt="sagittal and coronal overview" src="data:image/png;base64,{_b64(overview)}">
 <table id="vertebrae"><tr><th>vertebra</th><th>probability</th><th>in field of view</th><th>slices</th></tr>

@@ -164,7 +164,10 @@ def submit(cfg: SubmitConfig, progress: bool = False) -> dict[str, Any]:
             try:
                 vol = fut.result()
                 probs = bundle.predict_probabilities(vol)
-                rec["pred"] = {k: float(probs[k]) for k in PREDICTION_TYPES}
+                rec["pred"] = {k: None if probs[k] is None else float(probs[k]) for k in PREDICTION_TYPES}
+                absent = [k for k in PREDICTION_TYPES if probs[k] is None]
+                if absent:  # not in the field of view: the row gets the prevalence, recorded as such
+                    rec["not_in_view"] = absent
             except (KeyboardInterrupt, SystemExit):
                 raise
             except BaseException as exc:  # one bad study never stops the batch (native panics included)
@@ -184,7 +187,9 @@ def submit(cfg: SubmitConfig, progress: bool = False) -> dict[str, Any]:
     for r in rows:
         rec = done.get(r["StudyInstanceUID"], {})
         pred = rec.get("pred")
-        value = pred[r["prediction_type"]] if pred else PREVALENCE[r["prediction_type"]]
+        value = pred.get(r["prediction_type"]) if pred else None
+        if value is None:
+            value = PREVALENCE[r["prediction_type"]]
         out_rows.append([r["row_id"], f"{min(1.0, max(0.0, value)):.6f}"])
     for uid in uids:
         if "error" in done.get(uid, {}):
@@ -200,6 +205,11 @@ def submit(cfg: SubmitConfig, progress: bool = False) -> dict[str, Any]:
         "recomputed": {why: sum(reasons[u] == why for u in todo) for why in _RECOMPUTE_REASONS},
         "failed": len(failures),
         "rows": len(out_rows),
+        # rows whose vertebra (or whole cervical spine) the model found no trace of: written as the prevalence
+        "rows_not_in_view": sum(len(done.get(u, {}).get("not_in_view", [])) for u in uids),
+        "studies_without_cervical_spine": sum(
+            len(done.get(u, {}).get("not_in_view", [])) == len(PREDICTION_TYPES) for u in uids
+        ),
         "model_id": model_id,
         "seconds": round(seconds, 2),
         "studies_per_min": round(60 * n_new / seconds, 2) if seconds > 0 and n_new else None,

@@ -47,6 +47,7 @@ from cspine.seg.data import (
     to_model_grid,
 )
 from cspine.seg.postprocess import describe, postprocess
+from cspine.seg.presence import SPINE_ABSENT, SPINE_PRESENT, PresenceConfig, check_presence
 
 if TYPE_CHECKING:
     import torch
@@ -69,6 +70,9 @@ class InferConfig:
             (the refinement stage). Small windows one at a time leave CPU threads waiting: on 2 shared cores the
             full-size study's refinement took 8.9 s one by one, 3.9 s four at a time (0.90 s with
             OMP_WAIT_POLICY=PASSIVE). Large whole-volume windows stay one at a time (memory).
+        presence: the anatomical limits a labelled level must meet to count as a cervical vertebra
+            (:mod:`cspine.seg.presence`); the levels that fail are cleared from the mask and named. None: no
+            check (pseudo-labels of training studies, which are cervical CTs by construction).
         refine_gate: a voxel the refinement stage calls vertebra stays background where the coarse background
             logit beats the best vertebra logit by more than this (a guard against other bones far from the
             spine; on the generated val studies gates 4..100 differed by < 0.005 Dice, 8 was best).
@@ -85,6 +89,7 @@ class InferConfig:
     refine_gate: float = 8.0
     window_batch: int = 4
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    presence: PresenceConfig | None = field(default_factory=PresenceConfig)
 
 
 @dataclass
@@ -120,6 +125,7 @@ class SegResult:
         warnings: missing or cut-off vertebrae, vertebrae removed or relabelled by post-processing.
         timings: seconds per step.
         cleanup: the stray pieces post-processing handed to a neighbour or dropped (routine).
+        cervical_spine: "present", or "absent" when no labelled level passed the anatomical checks.
     """
 
     mask: np.ndarray
@@ -127,11 +133,13 @@ class SegResult:
     warnings: list[str]
     timings: dict[str, float]
     cleanup: list[str] = field(default_factory=list)
+    cervical_spine: str = SPINE_PRESENT
 
     def to_json(self) -> dict[str, Any]:
         """The report without the mask (for JSON files and the pseudo-label quality record)."""
         return {
             "vertebrae": self.vertebrae,
+            "cervical_spine": self.cervical_spine,
             "found": [k for k, v in self.vertebrae.items() if v["present"]],
             "warnings": self.warnings,
             "cleanup": self.cleanup,
@@ -285,10 +293,18 @@ def segment_volume(vol: Volume, model: SegModel | str | Path, cfg: InferConfig |
     timings["resample_back"] = time.perf_counter() - t
     t = time.perf_counter()
     mask, changes, cleanup = postprocess(mask, vol.affine, cfg.postprocess)
+    presence: dict[str, Any] = {"cervical_spine": SPINE_PRESENT, "rejected": {}}
+    dropped: list[str] = []
+    if cfg.presence is not None:
+        mask, presence, dropped = check_presence(mask, vol, cfg.presence)
     vertebrae, warnings = describe(mask, vol)
+    for name, why in presence["rejected"].items():
+        vertebrae[name]["rejected"] = why
+    if presence["cervical_spine"] == SPINE_ABSENT:
+        warnings = [w for w in warnings if not w.endswith(" not found")]
     timings["postprocess"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
-    return SegResult(mask, vertebrae, warnings + changes, timings, cleanup)
+    return SegResult(mask, vertebrae, dropped + warnings + changes, timings, cleanup, presence["cervical_spine"])
 
 
 def segment_study(

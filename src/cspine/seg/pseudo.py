@@ -103,7 +103,7 @@ def pseudo_label(cfg: PseudoLabelConfig, progress: bool = False) -> dict[str, An
             t = time.perf_counter()
             try:
                 vol, _ = ref.load(with_mask=False)
-                res = segment_volume(vol, model, InferConfig(device=cfg.device))
+                res = segment_volume(vol, model, InferConfig(device=cfg.device, presence=None))
                 save_nifti(res.mask, vol, out / f"{ref.uid}.nii.gz")
                 report = res.to_json()
                 record = {"uid": ref.uid, "source": str(ref.path), **judge(report, cfg), **report}
