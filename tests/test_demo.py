@@ -172,6 +172,47 @@ def test_no_cervical_spine_in_view_gives_nulls_a_line_and_prevalence_rows(
     assert all(float(r["fractured"]) == pytest.approx(PREVALENCE[split_row_id(r["row_id"])[1]]) for r in rows)
 
 
+def test_predict_with_the_users_own_mask_in_any_convention(demo: dict, tmp_path: Path) -> None:
+    """--mask replaces the segmenter: the RSNA mask of a training study and the same mask in TotalSegmentator's
+    values give the same answer, and the levels reported present are the mask's."""
+    from cspine.cli import main
+    from cspine.io import load_segmentation, load_series
+
+    data = Path(demo["out"]) / "data"
+    seg_file = next((data / "segmentations").iterdir())
+    uid = seg_file.name.removesuffix(".nii")
+    study = data / "train_images" / uid
+    img = nib.load(seg_file)
+    rsna = np.asarray(img.dataobj).astype(np.uint8)
+    ts = np.where((rsna >= 1) & (rsna <= 19), 51 - rsna, 0).astype(np.uint8)
+    nib.save(nib.Nifti1Image(ts, img.affine), tmp_path / "ts.nii.gz")
+    results = []
+    for mask, labels in ((seg_file, "rsna"), (tmp_path / "ts.nii.gz", "totalsegmentator")):
+        out = tmp_path / labels
+        assert main(["predict", str(study), "--model", demo["model"], "--out", str(out), "--mask", str(mask),
+                     "--labels", labels, "--no-report"]) == 0
+        results.append(json.loads((out / "result.json").read_text()))
+    expected = load_segmentation(seg_file, load_series(study))
+    present = {f"C{v}" for v in range(1, 8) if (expected == v).any()}
+    assert {k for k, v in results[0]["vertebrae"].items() if v["present"]} == present
+    assert all(results[0][k] == pytest.approx(results[1][k]) for k in PREDICTION_TYPES)
+    assert all(results[0][k] is not None for k in ("patient_overall", *sorted(present)))
+
+
+def test_users_mask_without_cervical_levels_on_a_real_ct(demo: dict, real: Path, tmp_path: Path) -> None:
+    """TotalSegmentator's own mask of the real abdomen series (T11..L5 only): no cervical spine, said plainly."""
+    from cspine.cli import main
+
+    out = tmp_path / "p"
+    series = real / "series" / "totalseg_example_ct_dicom"
+    mask = real / "series" / "totalseg_example_ct_dicom_reference_seg.nii.gz"
+    assert main(["predict", str(series), "--model", demo["model"], "--out", str(out), "--mask", str(mask),
+                 "--labels", "totalsegmentator"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["cervical_spine"] == "absent" and all(result[k] is None for k in PREDICTION_TYPES)
+    assert not np.asarray(nib.load(out / "mask.nii.gz").dataobj).any()
+
+
 @pytest.mark.slow
 def test_demo_beats_prevalence(tmp_path: Path) -> None:
     """The real demo (default sizes): held-out competition loss below the per-column prevalence baseline."""

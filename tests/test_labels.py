@@ -84,3 +84,19 @@ def test_totalsegmentator_engine_missing_is_a_clear_input_error(monkeypatch: pyt
     monkeypatch.setitem(sys.modules, "totalsegmentator.python_api", None)
     with pytest.raises(UsageError, match="pip install TotalSegmentator"):
         segment_with_totalsegmentator(Volume(np.zeros((2, 2, 2), dtype=np.int16), (1.0, 1.0, 1.0), np.eye(4)))
+
+
+def test_segment_engine_choices_are_clear_input_errors(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    study = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((8, 8, 8), -1000, dtype=np.int16), np.eye(4)), study)
+    for args, message in (
+        ([], "--model is required with the cspine engine"),
+        (["--engine", "totalsegmentator"], "pip install TotalSegmentator"),
+    ):
+        r = subprocess.run([sys.executable, "-m", "cspine.cli", "segment", str(study), "--out",
+                            str(tmp_path / "m.nii.gz"), *args], capture_output=True, text=True, timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr

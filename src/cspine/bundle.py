@@ -134,21 +134,33 @@ class Bundle:
         return {"path": str(self.root), "cspine": self.info.get("cspine"), "created": self.info.get("created")}
 
     def predict(
-        self, vol: Any, timings: dict[str, float] | None = None, assume_cervical: bool = False
+        self,
+        vol: Any,
+        timings: dict[str, float] | None = None,
+        assume_cervical: bool = False,
+        labels: np.ndarray | None = None,
     ) -> Prediction:
         """Segment, then classify one Volume; the returned mask holds C1..C7 only.
 
         A vertebra the segmentation does not find (or whose label failed the anatomical checks of
         :mod:`cspine.seg.presence`) gets no probability (None); without any cervical level in view nothing is
         classified and every target is None. ``assume_cervical``: the caller knows the study is a cervical spine
-        CT, so the anatomical checks are skipped and whatever the segmenter labels is classified.
+        CT, so the anatomical checks are skipped and whatever the segmenter labels is classified. ``labels``: the
+        user's own vertebra mask (project values on ``vol``'s grid) used instead of the segmenter; it is cleaned
+        but not second-guessed by the anatomical checks.
         """
-        from cspine.seg.infer import InferConfig, segment_volume
+        from cspine.seg.infer import InferConfig, finish_labels, segment_volume
         from cspine.seg.presence import SPINE_ABSENT
 
         timings = {} if timings is None else timings
         t = time.perf_counter()
-        seg = segment_volume(vol, self.segmenter, InferConfig(presence=None) if assume_cervical else None)
+        cfg = InferConfig(presence=None) if assume_cervical or labels is not None else None
+        if labels is not None:
+            seg = finish_labels(np.where(labels <= 7, labels, 0).astype(np.uint8), vol, cfg)
+            if not any(v["present"] for v in seg.vertebrae.values()):
+                seg.cervical_spine = SPINE_ABSENT
+        else:
+            seg = segment_volume(vol, self.segmenter, cfg)
         timings["segment"] = timings.get("segment", 0.0) + time.perf_counter() - t
         mask = np.where(seg.mask <= 7, seg.mask, 0).astype(np.uint8)
         common = {"mask": mask, "vertebrae": seg.vertebrae, "cleanup": list(seg.cleanup)}

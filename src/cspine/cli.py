@@ -169,6 +169,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         report=not args.no_report,
         hu_offset=args.hu_offset,
         assume_cervical=args.assume_cervical,
+        mask=_existing(args.mask) if args.mask else None,
+        mask_labels=args.labels,
     )
     result = predict_study(cfg)
     print(format_table(result))
@@ -316,11 +318,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from cspine.seg.infer import InferConfig, segment_study
 
     cfg = InferConfig(device=args.device, threads=args.threads)
-    study, model = _existing(args.study), _existing(args.model)
+    if args.engine == "cspine" and not args.model:
+        raise UsageError("--model is required with the cspine engine (a segmentation model or bundle directory)")
+    study = _existing(args.study)
+    model = _existing(args.model) if args.model else None
     out = _output_file(args.out, (".nii.gz", ".nii"))
     if args.report:
         _output_file(args.report, (".json",))
-    res = segment_study(study, model, out, args.report, cfg)
+    res = segment_study(study, model, out, args.report, cfg, engine=args.engine)
     report = res.to_json()
     if args.report:  # details are in the file; print the gist
         report = {"report": args.report, "found": report["found"], "warnings": report["warnings"]}
@@ -420,6 +425,9 @@ def _add_reading(p: argparse.ArgumentParser, hu_offset: bool = True) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command-line interface, for ``main`` and for documentation."""
+    from cspine.labels import MASK_CONVENTIONS  # torch-free registries
+    from cspine.seg.totalsegmentator import ENGINES
+
     parser = argparse.ArgumentParser(
         prog="cspine",
         description="Cervical spine (C1-C7) fracture detection on CT.",
@@ -479,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="skip report.png / report.html")
     p.add_argument("--assume-cervical", action="store_true",
                    help="the study is known to be a cervical spine CT: skip the check that one is in view")
+    p.add_argument("--mask", default=None, help="your own vertebra mask (NIfTI), used instead of the segmenter")
+    p.add_argument("--labels", choices=tuple(MASK_CONVENTIONS), default="rsna",
+                   help="label convention of --mask (rsna and verse: 1..7 = C1..C7; totalsegmentator: 50..44)")
     _add_reading(p)
     p.set_defaults(func=cmd_predict)
 
@@ -611,7 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("segment", help="one study -> C1-C7 mask NIfTI on its own grid + per-vertebra report")
     p.add_argument("study", help="DICOM folder / .zip / file, NIfTI volume, or prepared study folder")
-    p.add_argument("--model", required=True, help="segmentation model directory (or a bundle with seg/)")
+    p.add_argument("--model", default=None, help="segmentation model directory (or a bundle with seg/)")
+    p.add_argument("--engine", choices=ENGINES, default="cspine",
+                   help="cspine's network (needs --model) or TotalSegmentator (where installed)")
     p.add_argument("--out", required=True, help="mask file (.nii.gz)")
     p.add_argument("--report", default=None, help="JSON report file (default: printed)")
     p.add_argument("--device", default="auto")

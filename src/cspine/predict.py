@@ -34,6 +34,8 @@ class PredictConfig:
     report: bool = True
     hu_offset: float | None = None
     assume_cervical: bool = False
+    mask: Path | None = None  # the user's own vertebra mask, used instead of the segmenter
+    mask_labels: str = "rsna"  # its label convention (cspine.labels.MASK_CONVENTIONS)
 
 
 #: The file that marks a folder as predict's output (a folder holding it may be replaced as a whole).
@@ -97,7 +99,13 @@ def predict_study(cfg: PredictConfig, bundle: Any = None) -> dict[str, Any]:
         bundle = load_bundle(cfg.model, device=cfg.device)
     timings["load_model"] = time.perf_counter() - t
     try:
-        out = bundle.predict(vol, timings=timings, assume_cervical=cfg.assume_cervical)
+        labels = None
+        if cfg.mask is not None:
+            from cspine.io import load_segmentation
+            from cspine.labels import to_project_labels
+
+            labels = to_project_labels(load_segmentation(cfg.mask, vol), cfg.mask_labels)
+        out = bundle.predict(vol, timings=timings, assume_cervical=cfg.assume_cervical, labels=labels)
     except ResourceLimitError as exc:  # the model grid of this study: say which study
         raise ResourceLimitError(f"{cfg.study}: {exc}") from None
     result: dict[str, Any] = {

@@ -291,6 +291,19 @@ def segment_volume(vol: Volume, model: SegModel | str | Path, cfg: InferConfig |
     del classes
     mask = gm.from_canonical(values)
     timings["resample_back"] = time.perf_counter() - t
+    res = finish_labels(mask, vol, cfg)
+    res.timings = {**timings, **res.timings}
+    res.timings["total"] = time.perf_counter() - t0
+    return res
+
+
+def finish_labels(mask: np.ndarray, vol: Volume, cfg: InferConfig | None = None) -> SegResult:
+    """Any C1..C7 label map on ``vol``'s grid (a network's, TotalSegmentator's, a user's) -> cleaned and described.
+
+    Post-processing (one piece per vertebra, cranio-caudal order, specks), the anatomical checks of
+    :mod:`cspine.seg.presence` (unless ``cfg.presence`` is None), then the per-vertebra description.
+    """
+    cfg = cfg or InferConfig()
     t = time.perf_counter()
     mask, changes, cleanup = postprocess(mask, vol.affine, cfg.postprocess)
     presence: dict[str, Any] = {"cervical_spine": SPINE_PRESENT, "rejected": {}}
@@ -302,30 +315,41 @@ def segment_volume(vol: Volume, model: SegModel | str | Path, cfg: InferConfig |
         vertebrae[name]["rejected"] = why
     if presence["cervical_spine"] == SPINE_ABSENT:
         warnings = [w for w in warnings if not w.endswith(" not found")]
-    timings["postprocess"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t0
+    timings = {"postprocess": time.perf_counter() - t}
     return SegResult(mask, vertebrae, dropped + warnings + changes, timings, cleanup, presence["cervical_spine"])
 
 
 def segment_study(
     study: str | Path,
-    model: str | Path | SegModel,
+    model: str | Path | SegModel | None,
     out: str | Path,
     report: str | Path | None = None,
     cfg: InferConfig | None = None,
+    engine: str = "cspine",
 ) -> SegResult:
-    """``cspine segment``: read a study (DICOM / NIfTI / prepared folder), write the mask NIfTI and a JSON report."""
+    """``cspine segment``: read a study (DICOM / NIfTI / prepared folder), write the mask NIfTI and a JSON report.
+
+    ``engine`` "totalsegmentator" takes the vertebrae from TotalSegmentator (no ``model``); its labels go through
+    the same clean-up and anatomical checks as the network's.
+    """
     from cspine.io import save_nifti
     from cspine.runtime import write_json
     from cspine.seg.data import load_study_volume
 
     cfg = cfg or InferConfig()
-    if not isinstance(model, SegModel):
+    if engine == "cspine" and model is not None and not isinstance(model, SegModel):
         model = load_model(model, cfg.device, cfg.checkpoint)
     t = time.perf_counter()
     vol = load_study_volume(Path(study))
     read_s = time.perf_counter() - t
-    res = segment_volume(vol, model, cfg)
+    if engine == "totalsegmentator":
+        from cspine.seg.totalsegmentator import segment_with_totalsegmentator
+
+        device = "cpu" if cfg.device == "auto" else cfg.device
+        res = finish_labels(segment_with_totalsegmentator(vol, device=device), vol, cfg)
+    else:
+        assert isinstance(model, SegModel), "the cspine engine needs a model"
+        res = segment_volume(vol, model, cfg)
     res.timings["read"] = read_s
     save_nifti(res.mask, vol, Path(out))
     if report:
@@ -334,7 +358,7 @@ def segment_study(
             {
                 "study": str(study),
                 "mask": str(out),
-                "model": str(model.path),
+                "model": str(model.path) if isinstance(model, SegModel) else engine,
                 "shape_zyx": list(vol.shape),
                 **res.to_json(),
             },

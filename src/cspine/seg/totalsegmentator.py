@@ -18,6 +18,8 @@ from cspine.errors import UsageError
 from cspine.io.volume import Volume
 from cspine.labels import CERVICAL, to_project_labels
 
+#: Segmentation engines of ``cspine segment --engine``: cspine's own network, or TotalSegmentator where installed.
+ENGINES: tuple[str, ...] = ("cspine", "totalsegmentator")
 #: TotalSegmentator's class names for the cervical vertebrae (its "total" task).
 ROI_SUBSET: tuple[str, ...] = tuple(f"vertebrae_{name}" for name in CERVICAL)
 INSTALL_HINT = (
