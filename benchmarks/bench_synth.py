@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cspine.data.synth import SynthConfig, generate_dataset, generate_study
+from cspine.synth import SynthConfig, generate_dataset, generate_study
 
 
 def _time_memory(size: str, n: int) -> list[float]:

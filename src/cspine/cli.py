@@ -72,7 +72,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     """Generate a synthetic RSNA-layout dataset."""
-    from cspine.data.synth import SynthConfig, generate_dataset
+    from cspine.synth import SynthConfig, generate_dataset
 
     if args.studies < 1:
         raise UsageError("--studies must be at least 1")
