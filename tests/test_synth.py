@@ -23,7 +23,7 @@ from cspine.synth import (
     label_distribution,
     sample_labels,
 )
-from cspine.synth.anatomy import TISSUES
+from cspine.synth.parts import TISSUES
 from cspine.synth.writer import TRANSFER_SYNTAXES
 
 SEED = 0

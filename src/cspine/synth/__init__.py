@@ -7,21 +7,31 @@ a grid), :mod:`~cspine.synth.study` (one study in memory), :mod:`~cspine.synth.w
 and :mod:`~cspine.synth.dataset` (the dataset on disk, ``cspine synth``).
 """
 
-from cspine.synth.config import SIZES, SynthConfig
-from cspine.synth.dataset import SynthSummary, generate_dataset, segmented_indices
-from cspine.synth.sampling import fracture_plan, label_distribution, sample_labels
-from cspine.synth.study import SynthStudy, generate_study, study_uid
+from __future__ import annotations
 
-__all__ = [
-    "SIZES",
-    "SynthConfig",
-    "SynthStudy",
-    "SynthSummary",
-    "fracture_plan",
-    "generate_dataset",
-    "generate_study",
-    "label_distribution",
-    "sample_labels",
-    "segmented_indices",
-    "study_uid",
-]
+import importlib
+from typing import Any
+
+# Exported names -> module. Loaded on first use, so ``cspine.synth.config`` (what the CLI parser needs) does not
+# pull in numpy, scipy and pydicom.
+_EXPORTS = {
+    "SIZES": "config",
+    "PROFILES": "config",
+    "SynthConfig": "config",
+    "SynthSummary": "dataset",
+    "generate_dataset": "dataset",
+    "segmented_indices": "dataset",
+    "fracture_plan": "sampling",
+    "label_distribution": "sampling",
+    "sample_labels": "sampling",
+    "SynthStudy": "study",
+    "generate_study": "study",
+    "study_uid": "study",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'cspine.synth' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"cspine.synth.{_EXPORTS[name]}"), name)

@@ -9,86 +9,15 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from cspine.labels import LABEL_VALUES
 from cspine.synth.fractures import Fracture, make_fracture
+from cspine.synth.parts import TISSUES, Anatomy, Part, Tube
 from cspine.synth.shapes import Bar, Body, Ellipsoid, Frame, Primitive, Shell, rot_x, rot_y, rot_z
-from cspine.synth.vertebrae import LEVELS, atlas_c1, axis_c2, canal_v, subaxial
-
-#: Tissue classes of the phantom (the ``tissue`` map of a rendered study): ground truth for HU checks.
-TISSUES: dict[str, int] = {
-    "air": 0,
-    "fat": 1,
-    "soft": 2,
-    "airway": 3,
-    "canal": 4,
-    "vessel": 5,
-    "disc": 6,
-    "cortical": 7,
-    "cancellous": 8,
-    "fracture": 9,
-}
-
-
-@dataclass
-class Part:
-    """A rigid bony (or disc) structure: union of primitives minus holes, in one frame.
-
-    ``label`` is the mask value written where the part is (0 = not written: skull, mandible, ribs, discs).
-    Material: cortical shell ``cortical_mm`` thick at ``cortical_hu`` over ``cancellous_hu``.
-    """
-
-    name: str
-    frame: Frame
-    prims: list[Primitive]
-    holes: list[Primitive] = field(default_factory=list)
-    label: int = 0
-    cortical_hu: float = 1200.0
-    cancellous_hu: float = 300.0
-    cortical_mm: float = 1.2
-    fractures: list[Fracture] = field(default_factory=list)
-    tissue: int = -1  # -1: bone (cortical / cancellous); otherwise one class for the whole part (discs)
-
-
-@dataclass
-class Tube:
-    """A structure drawn slice by slice: an ellipse whose centre and radii are interpolated along z.
-
-    ``ry_front``/``ry_back`` are the anterior/posterior semi-axes (an egg shape for the neck outline).
-    ``inner`` optionally gives (shrink_mm, hu): a second layer (e.g. muscle inside the subcutaneous fat).
-    """
-
-    name: str
-    z: np.ndarray
-    cx: np.ndarray
-    cy: np.ndarray
-    rx: np.ndarray
-    ry_front: np.ndarray
-    ry_back: np.ndarray
-    hu: float
-    inner: tuple[float, float] | None = None
-    z_range: tuple[float, float] = (-1e9, 1e9)
-    tissue: int = TISSUES["soft"]
-    inner_tissue: int = TISSUES["soft"]
-
-
-@dataclass
-class Anatomy:
-    """Everything needed to render one study on any grid."""
-
-    tubes: list[Tube]
-    parts: list[Part]
-    air_hu: float
-    z_top: float  # suggested scan range (LPS z, mm)
-    z_bottom: float
-    centre_xy: tuple[float, float]
-    params: dict[str, float]
-
-
-
+from cspine.synth.vertebrae import LEVELS, atlas_c1, axis_c2, canal_v, rib_bars, subaxial
+from cspine.synth.wide import LOWER_DISCS, LOWER_ORDER, head_parts, larynx_parts, lower_phis, rib_parts, trunk_tubes
 
 # --------------------------------------------------------------------------------------------------------------
 # Building a study's anatomy
@@ -98,30 +27,41 @@ SPINE_ORDER: tuple[str, ...] = ("T2", "T1", "C7", "C6", "C5", "C4", "C3", "C2") 
 DISCS = {"T2": 4.2, "T1": 4.8, "C7": 5.0, "C6": 5.4, "C5": 5.5, "C4": 5.2, "C3": 4.8}  # disc above each level, mm
 
 
-
-
 def _smoothstep(x: np.ndarray) -> np.ndarray:
     x = np.clip(x, 0.0, 1.0)
     return x * x * (3 - 2 * x)
 
 
 def build_anatomy(
-    rng: np.random.Generator, fracture_plan: Sequence[tuple[str, str, bool]], fx_rng: np.random.Generator, h_min: float
+    rng: np.random.Generator,
+    fracture_plan: Sequence[tuple[str, str, bool]],
+    fx_rng: np.random.Generator,
+    h_min: float,
+    wide: bool = False,
 ) -> Anatomy:
     """Sample one patient: spine curve, vertebrae, degenerative changes, soft tissues and the planned fractures.
 
     ``fracture_plan`` lists (vertebra, kind, subtle); the geometry of each is drawn from ``fx_rng`` so that the
     anatomy stream does not depend on the labels (a fractured and an intact study share the same distribution
-    of everything else).
+    of everything else). ``wide`` (the wide profile) widens the ranges of size, build, curvature and pose and adds
+    the head, face, larynx, chest and upper abdomen of :mod:`cspine.synth.wide`.
     """
     deg = np.degrees
     rad = math.radians
-    s = float(np.clip(rng.normal(1.0, 0.06), 0.86, 1.16))
-    habitus = float(rng.uniform(0.88, 1.25))
+    if wide:
+        s = float(np.clip(rng.normal(1.0, 0.09), 0.8, 1.22))
+        habitus = float(rng.uniform(0.72, 1.5))
+    else:
+        s = float(np.clip(rng.normal(1.0, 0.06), 0.86, 1.16))
+        habitus = float(rng.uniform(0.88, 1.25))
     age = float(rng.beta(2.0, 2.0))  # drives degeneration, independent of fractures
     phi_bottom = rad(rng.uniform(8, 24))
-    lordosis = rad(rng.uniform(-5, 42))
-    yaw, roll = rad(rng.normal(0, 3.0)), rad(rng.normal(0, 2.5))
+    if wide:  # kyphotic / straightened / flexed to strongly lordotic; the head turned and tilted in the scanner
+        lordosis = rad(rng.uniform(-30, 50))
+        yaw, roll = rad(rng.normal(0, 9.0)), rad(rng.normal(0, 5.0))
+    else:
+        lordosis = rad(rng.uniform(-5, 42))
+        yaw, roll = rad(rng.normal(0, 3.0)), rad(rng.normal(0, 2.5))
     cancellous = float(rng.uniform(230, 380) * (1.0 - 0.45 * age * rng.uniform(0.3, 1.0)))
     cortical = float(rng.uniform(1050, 1500) * (1.0 - 0.12 * age))
     cortical_mm = float(rng.uniform(0.5, 0.9)) * s
@@ -140,16 +80,20 @@ def build_anatomy(
     # ---- spine chain, bottom-up in a neck frame
     n = len(SPINE_ORDER)
     phis = [phi_bottom - lordosis * i / (n - 1) for i in range(n)]
+    order = SPINE_ORDER
+    if wide:
+        phis = lower_phis(phi_bottom) + phis
+        order = LOWER_ORDER + SPINE_ORDER
     frames: dict[str, Frame] = {}
     centre = np.zeros(3)
     prev = None
-    for i, name in enumerate(SPINE_ORDER):
+    for i, name in enumerate(order):
         R = rot_x(phis[i]) @ rot_z(rad(rng.normal(0, 1.5))) @ rot_y(rad(rng.normal(0, 1.0)))
         hh = LEVELS[name][2] * s
         if prev is not None:
             pname, pR = prev
             phh = LEVELS[pname][2] * s
-            disc = DISCS[pname] * s * (1.0 - 0.45 * age * rng.uniform(0, 1))
+            disc = (DISCS | LOWER_DISCS)[pname] * s * (1.0 - 0.45 * age * rng.uniform(0, 1))
             centre = centre + pR[:, 2] * phh + (pR[:, 2] + R[:, 2]) / 2 * disc + R[:, 2] * hh
         frames[name] = Frame(centre.copy(), R)
         prev = (name, R)
@@ -199,7 +143,7 @@ def build_anatomy(
 
     parts: list[Part] = []
     # discs first, so the endplates of the bodies paint over them
-    for lower, upper in itertools.pairwise(SPINE_ORDER):
+    for lower, upper in itertools.pairwise(order):
         fl, fu = frames[lower], frames[upper]
         hl, hu_ = LEVELS[lower][2] * s, LEVELS[upper][2] * s
         top = fl.to_world((0, 0, hl))
@@ -220,14 +164,14 @@ def build_anatomy(
                 tissue=TISSUES["disc"],
             )
         )
-    for name in SPINE_ORDER:
+    for name in order:
         fx = by_level.get(name, [])
         wedge = max((f.wedge for f in fx), default=0.0)
         if name == "C2":
             prims, holes, _ = axis_c2(s, osteo.get(name, ()), wedge)
         else:
             prims, holes = subaxial(name, s, osteo.get(name, ()), wedge)
-        parts.append(bone(name, frames[name], prims, holes, LABEL_VALUES[name]))
+        parts.append(bone(name, frames[name], prims, holes, LABEL_VALUES.get(name, 0)))
     c1p, c1h = atlas_c1(s)
     parts.append(bone("C1", frames["C1"], c1p, c1h, LABEL_VALUES["C1"]))
 
@@ -286,19 +230,7 @@ def build_anatomy(
         ("T1", [(31.0, 11.0), (42.0, 6.0), (52.0, -12.0), (55.0, -36.0), (46.0, -60.0), (32.0, -72.0)], 30.0),
         ("T2", [(31.0, 12.0), (46.0, 14.0), (64.0, -4.0), (71.0, -34.0), (66.0, -64.0), (50.0, -84.0)], 36.0),
     ):
-        rib: list[Primitive] = []
-        for side in (-1.0, 1.0):
-            m = len(pts_r) - 1
-            for j, (p, q) in enumerate(itertools.pairwise(pts_r)):
-                rib.append(
-                    Bar(
-                        (side * p[0] * s, p[1] * s, -drop * s * j / m),
-                        (side * q[0] * s, q[1] * s, -drop * s * (j + 1) / m),
-                        3.0 * s,
-                        5.0 * s,
-                        round=1.5,
-                    )
-                )
+        rib = rib_bars(pts_r, drop, s, 5.0)
         parts.append(Part(f"ribs {lvl}", frames[lvl], rib, [], 0, cortical * 0.9, cancellous, cortical_mm))
     clav: list[Primitive] = []
     for side in (-1.0, 1.0):
@@ -314,9 +246,17 @@ def build_anatomy(
                 )
             )
     parts.append(Part("clavicles", frames["T1"], clav, [], 0, cortical, cancellous, cortical_mm * 1.5))
+    metal: list[tuple[float, float, float]] = []
+    if wide:
+        head, metal, head_params = head_parts(rng, skull, frames["C2"], s, jaw, fm_w, cortical, cancellous, cortical_mm)
+        params |= head_params
+        parts = head[:1] + parts + head[1:]  # the brain first: bone paints over it
+        parts += larynx_parts(rng, frames, s) + rib_parts(frames, s, cortical, cancellous, cortical_mm)
 
     # ---- soft tissues, slice by slice
     levels = ["T2", "T1", "C7", "C6", "C5", "C4", "C3", "C2", "C1"]
+    if wide:
+        levels = list(LOWER_ORDER) + levels
     zc = np.array([frames[k].centre[2] for k in levels])
     body = np.array([frames[k].centre for k in levels])
     canal = np.array([frames[k].to_world((0, canal_v(k, s) if k != "C1" else 17.5 * s, 0)) for k in levels])
@@ -347,10 +287,12 @@ def build_anatomy(
     rx = rx0 + 95.0 * shoulder + 12.0 * head
     ryb = ryb0 + 12.0 * shoulder + 20.0 * head
     ryf = ryf0 + 14.0 * shoulder + 40.0 * chin
-    muscle = float(rng.uniform(35, 60))
+    if wide:  # the chest deepens below the shoulders (sternum 10-13 cm in front of the spine)
+        ryf = ryf + float(rng.uniform(45, 80)) * habitus * _smoothstep((z_t2 - zz) / 60.0)
+    muscle = float(rng.uniform(25, 55) if wide else rng.uniform(35, 60))
     params["muscle_hu"] = muscle
     fat = float(rng.uniform(-120, -75))
-    tf = float(rng.uniform(4, 14)) * habitus
+    tf = float(rng.uniform(5, 26) if wide else rng.uniform(4, 14)) * habitus  # subcutaneous fat
     ncy = by + 7.0 * s
     tubes = [Tube("neck", zz, bx, ncy, rx, ryf, ryb, fat, inner=(tf, muscle), tissue=TISSUES["fat"])]
     for side in (-1.0, 1.0):  # intermuscular fat planes (posterior triangle)
@@ -440,11 +382,22 @@ def build_anatomy(
             air_ry,
             air_ry,
             -1000.0,
-            z_range=(-1e9, float(fm[2]) - 5.0),
+            z_range=(float(frames["T5"].centre[2]) if wide else -1e9, float(fm[2]) - 5.0),
             tissue=TISSUES["airway"],
         )
     )
 
     z_top = float(fm[2]) + float(rng.uniform(12, 30))
     z_bottom = float(frames["T1"].centre[2]) - float(rng.uniform(-4, 30))
-    return Anatomy(tubes, parts, -1000.0, z_top, z_bottom, (float(place[0]), float(place[1] + 7.0 * s)), params)
+    anat = Anatomy(tubes, parts, -1000.0, z_top, z_bottom, (float(place[0]), float(place[1] + 7.0 * s)), params)
+    if wide:
+        anat.tubes[1:1] = trunk_tubes(rng, frames, skull, s, fm_w, jaw, habitus)
+        anat.metal = metal
+        anat.landmarks = {
+            "vertex": float(skull.to_world((0.0, 10.0 * s, fm_w + 132.0 * s))[2]) + 7.0,
+            "foramen_magnum": float(fm[2]),
+            "head_x": float(skull.to_world((0.0, 10.0 * s, fm_w + 62.0 * s))[0]),
+            "head_y": float(skull.to_world((0.0, 10.0 * s, fm_w + 62.0 * s))[1]),
+            **{f"{v}_centre": float(f.centre[2]) for v, f in frames.items()},
+        }
+    return anat

@@ -26,12 +26,13 @@ import numpy as np
 
 from cspine.data.rsna import BOX_COLUMNS, MASK_SUFFIXES, SEGMENTATIONS_DIR, images_dirname
 from cspine.labels import PATIENT
-from cspine.synth.config import Size, SynthConfig
+from cspine.synth.config import Profile, Size, SynthConfig
 from cspine.synth.sampling import Split
 from cspine.synth.study import generate_study, study_uid
 from cspine.synth.writer import nifti_bytes, write_atomic, write_series, write_tables
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class SynthSummary:
@@ -59,12 +60,13 @@ class _Job:
     folder: str
     nifti: str | None
     patient_number: int
+    profile: Profile = "default"
 
 
 def _write_one(job: _Job) -> dict[str, Any]:
     """Worker: generate one study and write its series (and mask); returns the rows the CSVs need."""
     t0 = time.perf_counter()
-    study = generate_study(job.seed, job.size, job.index, job.split)
+    study = generate_study(job.seed, job.size, job.index, job.split, job.profile)
     t1 = time.perf_counter()
     nbytes = write_series(study, Path(job.folder), job.patient_number)
     if job.nifti:
@@ -74,9 +76,7 @@ def _write_one(job: _Job) -> dict[str, Any]:
         "split": job.split,
         "index": job.index,
         "labels": study.labels,
-        "boxes": [{k: b[k] for k in BOX_COLUMNS[1:]} for b in study.boxes]
-        if study.has_boxes
-        else [],
+        "boxes": [{k: b[k] for k in BOX_COLUMNS[1:]} for b in study.boxes] if study.has_boxes else [],
         "fractures": study.fractures,
         "segmented": job.nifti is not None,
         "slices": int(study.volume.shape[0]),
@@ -84,6 +84,7 @@ def _write_one(job: _Job) -> dict[str, Any]:
         "transfer_syntax": study.transfer_syntax,
         "storage": study.storage,
         "top_first": study.top_first,
+        **study.extra,  # the wide profile's field of view and scanner (none for the default profile)
         "bytes": nbytes,
         "seconds_generate": round(t1 - t0, 3),
         "seconds_write": round(time.perf_counter() - t1, 3),
@@ -144,11 +145,13 @@ def generate_dataset(cfg: SynthConfig, progress: bool = True) -> SynthSummary:
                 str(out / images_dirname("train") / uid),
                 str(out / SEGMENTATIONS_DIR / f"{uid}{MASK_SUFFIXES[0]}") if i in seg else None,
                 i + 1,
+                cfg.profile,
             )
         )
     for i in range(cfg.test_studies):
         uid = study_uid(cfg.seed, i, "test")
-        jobs.append(_Job(cfg.seed, cfg.size, "test", i, str(out / images_dirname("test") / uid), None, 100_000 + i + 1))
+        folder = str(out / images_dirname("test") / uid)
+        jobs.append(_Job(cfg.seed, cfg.size, "test", i, folder, None, 100_000 + i + 1, cfg.profile))
     for split in ("train", "test"):
         (out / images_dirname(split)).mkdir(exist_ok=True)
     if seg:
@@ -177,7 +180,7 @@ def generate_dataset(cfg: SynthConfig, progress: bool = True) -> SynthSummary:
         transfer_syntaxes=syntaxes,
     )
     record = {
-        "config": {**asdict(cfg), "out": str(cfg.out)},
+        "config": _config_record(cfg),
         "versions": _versions(),
         "summary": asdict(summary),
         "studies": [{k: v for k, v in r.items() if not k.startswith("seconds")} for r in results],
@@ -188,6 +191,15 @@ def generate_dataset(cfg: SynthConfig, progress: bool = True) -> SynthSummary:
         "synth: %d train + %d test studies, %.1f MB in %.1f s", len(train), len(test), nbytes / 1e6, summary.seconds
     )
     return summary
+
+
+def _config_record(cfg: SynthConfig) -> dict[str, Any]:
+    """The config as saved in synth.json; the default profile is left implicit, so that its synth.json keeps the
+    bytes it had before profiles existed."""
+    rec = {**asdict(cfg), "out": str(cfg.out)}
+    if cfg.profile == "default":
+        del rec["profile"]
+    return rec
 
 
 def _versions() -> dict[str, str]:

@@ -51,8 +51,6 @@ class Fracture:
         }
 
 
-
-
 def _unit(v: Sequence[float]) -> tuple[float, float, float]:
     a = np.asarray(v, dtype=np.float64)
     a = a / np.linalg.norm(a)
@@ -189,4 +187,3 @@ def make_fracture(rng: np.random.Generator, vertebra: str, kind: str, subtle: bo
         shift=shift,  # type: ignore[arg-type]
         location=loc,
     )
-

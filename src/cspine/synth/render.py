@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from cspine.synth.anatomy import TISSUES, Anatomy, Part
+from cspine.synth.parts import TISSUES, Anatomy, Part
 from cspine.synth.shapes import FAR, Frame
 
 # --------------------------------------------------------------------------------------------------------------
@@ -245,7 +245,12 @@ def render_part(
 
 
 def render(
-    anat: Anatomy, grid: Grid, noise_sigma: float, noise_rng: np.random.Generator, slab: int = 48
+    anat: Anatomy,
+    grid: Grid,
+    noise_sigma: float,
+    noise_rng: np.random.Generator,
+    slab: int = 48,
+    noise_corr: float | None = None,
 ) -> RenderResult:
     """Render the anatomy on ``grid`` (float32 HU before quantisation, uint8 mask, fracture slices).
 
@@ -262,9 +267,15 @@ def render(
     for part in anat.parts:
         offsets.append(n)
         n += len(part.fractures)
-    # Sigma of the smoothed noise shrinks by the filter; measure once and rescale.
-    corr = 0.7
-    gain = 1.0 / math.sqrt(1.0 / (4.0 * math.pi * corr * corr))
+    # Sigma of the smoothed noise shrinks by the filter; rescale. The default (0.7 px) keeps its continuous
+    # approximation (its output is fixed); other correlations use the exact gain of the sampled kernel.
+    corr = 0.7 if noise_corr is None else noise_corr
+    if noise_corr is None:
+        gain = 1.0 / math.sqrt(1.0 / (4.0 * math.pi * corr * corr))
+    else:
+        delta = np.zeros((1, 15, 15), dtype=np.float32)
+        delta[0, 7, 7] = 1.0
+        gain = 1.0 / math.sqrt(float((gaussian_filter(delta, sigma=(0.0, corr, corr), mode="wrap") ** 2).sum()))
     for k0 in range(0, nz, slab):
         k1 = min(nz, k0 + slab)
         view = hu[k0:k1]
@@ -277,5 +288,3 @@ def render(
             noise = gaussian_filter(noise, sigma=(0.0, corr, corr), mode="wrap")
             view += noise * np.float32(noise_sigma * gain)
     return RenderResult(hu=hu, mask=mask, tissue=tissue, fracture_slices=fx)
-
-

@@ -123,5 +123,3 @@ def fracture_plan(seed: int, index: int, split: Split = "train") -> list[tuple[s
             kind = str(kinds[int(rng.choice(len(kinds), p=p))])
             plan.append((v, kind, bool(rng.random() < SUBTLE_P)))
     return plan
-
-

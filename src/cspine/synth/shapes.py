@@ -128,16 +128,22 @@ class Shell:
     r: tuple[float, float, float]
     th: float
     w_max: float
+    w_min: float | None = None  # optional lower cut (the calvarium of the wide profile)
 
     def bbox(self) -> tuple[np.ndarray, np.ndarray]:
         c, r = np.asarray(self.c), np.asarray(self.r) + self.th
         lo, hi = c - r, c + r
         hi[2] = min(hi[2], self.w_max)
+        if self.w_min is not None:
+            lo[2] = max(lo[2], self.w_min)
         return lo, hi
 
     def sdf(self, u: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.ndarray:
         d = Ellipsoid(self.c, self.r).sdf(u, v, w)
-        return np.maximum(np.abs(d) - np.float32(self.th / 2), w - np.float32(self.w_max))
+        out = np.maximum(np.abs(d) - np.float32(self.th / 2), w - np.float32(self.w_max))
+        if self.w_min is not None:
+            out = np.maximum(out, np.float32(self.w_min) - w)
+        return out
 
 
 Primitive = Ellipsoid | Bar | Body | Shell
@@ -172,5 +178,3 @@ class Frame:
 
     def to_world(self, local: Sequence[float]) -> np.ndarray:
         return self.centre + self.R @ np.asarray(local, dtype=np.float64)
-
-

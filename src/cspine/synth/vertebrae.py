@@ -22,6 +22,20 @@ LEVELS: dict[str, tuple[float, float, float, float, float]] = {
     "C7": (10.5, 8.5, 7.2, 30.0, 29.0),
     "T1": (12.0, 9.0, 8.2, 34.0, 32.0),
     "T2": (12.8, 9.8, 8.8, 35.0, 31.0),
+    # below T2: only the wide profile's chest and abdomen fields of view use these
+    "T3": (13.5, 10.5, 9.2, 36.0, 30.0),
+    "T4": (14.0, 11.0, 9.5, 36.0, 29.0),
+    "T5": (14.5, 11.5, 9.8, 36.0, 28.0),
+    "T6": (15.0, 12.0, 10.0, 36.0, 28.0),
+    "T7": (15.5, 12.5, 10.3, 35.0, 28.0),
+    "T8": (16.0, 13.0, 10.6, 34.0, 28.0),
+    "T9": (16.5, 13.5, 11.0, 33.0, 28.0),
+    "T10": (17.5, 14.0, 11.4, 32.0, 27.0),
+    "T11": (19.0, 15.0, 11.8, 30.0, 25.0),
+    "T12": (20.0, 16.0, 12.2, 28.0, 22.0),
+    "L1": (21.0, 16.5, 12.5, 28.0, 28.0),
+    "L2": (22.0, 17.0, 13.0, 28.0, 32.0),
+    "L3": (23.0, 17.5, 13.5, 28.0, 36.0),
 }
 CANAL_HALF = (12.0, 7.5)  # canal half-width, half-depth (cervical)
 
@@ -29,7 +43,7 @@ CANAL_HALF = (12.0, 7.5)  # canal half-width, half-depth (cervical)
 def canal_v(name: str, s: float) -> float:
     """v of the canal centre behind the body centre (local mm)."""
     _, rv, _, _, _ = LEVELS[name]
-    half_depth = CANAL_HALF[1] * (0.93 if name.startswith("T") else 1.0)
+    half_depth = CANAL_HALF[1] * (0.93 if not name.startswith("C") else 1.0)
     return s * (rv + half_depth + 0.6)
 
 
@@ -38,7 +52,7 @@ def subaxial(
 ) -> tuple[list[Primitive], list[Primitive]]:
     """C3-T2: body, uncinate lips, pedicles, articular pillars, laminae, spinous and transverse processes."""
     ru, rv, hh, sp_len, tp = (x * s for x in LEVELS[name])
-    thoracic = name.startswith("T")
+    thoracic = not name.startswith("C")  # thoracic and lumbar: no uncinate processes, no transverse foramina
     vc = canal_v(name, s)
     cx = s * CANAL_HALF[0] * (0.85 if thoracic else 1.0)
     px = cx + 4.2 * s  # pillar centre u
@@ -173,3 +187,20 @@ def atlas_c1(s: float) -> tuple[list[Primitive], list[Primitive]]:
     return prims, holes
 
 
+def rib_bars(points: Sequence[tuple[float, float]], drop: float, s: float, hh: float) -> list[Primitive]:
+    """A pair of ribs in the frame of their vertebra: the (u, v) polyline mirrored left and right, falling ``drop``
+    mm (times ``s``) from the spine to the front, 3 mm thick and ``hh`` mm half-high (times ``s``)."""
+    m = len(points) - 1
+    out: list[Primitive] = []
+    for side in (-1.0, 1.0):
+        for j, (p, q) in enumerate(itertools.pairwise(points)):
+            out.append(
+                Bar(
+                    (side * p[0] * s, p[1] * s, -drop * s * j / m),
+                    (side * q[0] * s, q[1] * s, -drop * s * (j + 1) / m),
+                    3.0 * s,
+                    hh * s,
+                    round=1.5,
+                )
+            )
+    return out

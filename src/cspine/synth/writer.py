@@ -304,8 +304,7 @@ def write_tables(
     box_rows: list[list[Any]] = [list(BOX_COLUMNS)]
     for uid, _, boxes in train:
         box_rows += [
-            [uid, float(b["x"]), float(b["y"]), float(b["width"]), float(b["height"]), b["slice_number"]]
-            for b in boxes
+            [uid, float(b["x"]), float(b["y"]), float(b["width"]), float(b["height"]), b["slice_number"]] for b in boxes
         ]
     nbytes += write_atomic(out / BOXES_CSV, csv_bytes(box_rows))
     test_rows: list[list[Any]] = [list(TEST_COLUMNS)]
