@@ -2,12 +2,12 @@
 
 Run: ``.venv/bin/python benchmarks/real_vs_synth.py [--real ../shared/data/real] [--out docs/real_vs_synth.png]``.
 Rows: the OpenKBP head-and-neck CT, the Slicer neck CT (stored values = HU + 1024, corrected here), the cornerstone
-cervico-thoracic slice, then wide-profile studies of several fields of view (seed 0, small size). Columns: mid-sagittal
-plane in a bone window (W 1800 / L 400), an axial plane through the neck (or the middle slice) in a soft-tissue window
-(W 400 / L 40) and in the bone window. Every panel shows the same millimetres around the image centre, so sizes
-compare directly.
-Prints the median HU and body fraction of fat / soft tissue / bone for the real slice, the real necks, and the wide
-and default profiles (the README's realism table).
+cervico-thoracic slice, then wide-profile studies of several fields of view (seed 0, small size). Columns: the
+mid-sagittal plane in a bone window (W 1800 / L 400), then an axial plane in a soft-tissue window (W 400 / L 40) and
+in the bone window: through the neck (neck and chest: through T1, the real slice's level; no neck: the middle
+slice). Every panel shows the same millimetres around the image centre, so sizes compare directly. Prints the median
+HU and body fraction of fat / soft tissue / bone for the real slice, the real necks, and the wide and default
+profiles (the README's realism table).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cspine.io.volume import Volume
-from cspine.labels import CERVICAL_VALUES
+from cspine.labels import CERVICAL_VALUES, LABEL_VALUES
 from cspine.synth import generate_study
 
 BANDS = {"fat": (-200, -30), "soft": (-30, 120), "bone": (250, 3100)}
@@ -71,6 +71,9 @@ def _synthetic(n_max: int = 40) -> list[tuple[str, np.ndarray, tuple[float, floa
             zz, _, xx = np.nonzero(lab)
             k = int(np.median(zz)) if cerv.any() else arr.shape[0] // 2
             x = int(np.median(xx))
+            t1 = np.nonzero(st.mask == LABEL_VALUES["T1"])[0]
+            if fov == "neck_chest" and len(t1):  # the level of the real cervico-thoracic slice
+                k = int(np.median(t1))
         else:
             k, x = arr.shape[0] // 2, arr.shape[2] // 2
         dz, dx = st.extra["slice_spacing"], st.extra["pixel_spacing"]

@@ -17,7 +17,16 @@ from cspine.synth.fractures import Fracture, make_fracture
 from cspine.synth.parts import TISSUES, Anatomy, Part, Tube
 from cspine.synth.shapes import Bar, Body, Ellipsoid, Frame, Primitive, Shell, rot_x, rot_y, rot_z
 from cspine.synth.vertebrae import LEVELS, atlas_c1, axis_c2, canal_v, rib_bars, subaxial
-from cspine.synth.wide import LOWER_DISCS, LOWER_ORDER, head_parts, larynx_parts, lower_phis, rib_parts, trunk_tubes
+from cspine.synth.wide import (
+    LOWER_DISCS,
+    LOWER_ORDER,
+    head_parts,
+    larynx_parts,
+    lower_phis,
+    rib_parts,
+    shoulder_parts,
+    trunk_tubes,
+)
 
 # --------------------------------------------------------------------------------------------------------------
 # Building a study's anatomy
@@ -392,6 +401,7 @@ def build_anatomy(
     anat = Anatomy(tubes, parts, -1000.0, z_top, z_bottom, (float(place[0]), float(place[1] + 7.0 * s)), params)
     if wide:
         anat.tubes[1:1] = trunk_tubes(rng, frames, skull, s, fm_w, jaw, habitus)
+        anat.parts += shoulder_parts(frames["T1"], s, rx0 + 80.0, cortical, cancellous, cortical_mm)
         anat.metal = metal
         anat.landmarks = {
             "vertex": float(skull.to_world((0.0, 10.0 * s, fm_w + 132.0 * s))[2]) + 7.0,

@@ -152,6 +152,24 @@ def rib_parts(frames: dict[str, Frame], s: float, cortical: float, cancellous: f
     return parts
 
 
+def shoulder_parts(
+    t1: Frame, s: float, half_width: float, cortical: float, cancellous: float, cortical_mm: float
+) -> list[Part]:
+    """Humeral heads and shafts (arms down) and scapulae (blade, spine, glenoid) in T1's frame; ``half_width`` is
+    the shoulders' soft-tissue half width (mm), which places the humeral heads."""
+    hw = half_width - 32.0
+    prims: list[Primitive] = []
+    for side in (-1.0, 1.0):
+        prims += [
+            Ellipsoid((side * hw, 5.0 * s, -5.0 * s), (22.0 * s, 22.0 * s, 24.0 * s)),  # humeral head
+            Bar((side * hw, 5.0 * s, -110.0 * s), (side * hw, 5.0 * s, -110.0 * s), 11.0 * s, 90.0 * s, round=3.0),
+            Bar((side * 45.0 * s, 62.0 * s, -40.0 * s), (side * (hw - 15.0), 30.0 * s, -40.0 * s), 2.5 * s, 50.0 * s),
+            Bar((side * 55.0 * s, 66.0 * s, 5.0 * s), (side * (hw - 10.0), 25.0 * s, 15.0 * s), 4.0 * s, 4.0 * s),
+            Ellipsoid((side * (hw - 24.0), 10.0 * s, -5.0 * s), (8.0 * s, 12.0 * s, 14.0 * s)),  # glenoid
+        ]
+    return [Part("shoulders", t1, prims, [], 0, cortical, cancellous, cortical_mm * 1.3)]
+
+
 def trunk_tubes(
     rng: np.random.Generator, frames: dict[str, Frame], skull: Frame, s: float, fm_w: float, jaw: float, habitus: float
 ) -> list[Tube]:
