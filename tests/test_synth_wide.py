@@ -158,3 +158,16 @@ def test_default_profile_bytes_unchanged() -> None:
 
 
 DEFAULT_SMALL_0 = "4352e6b8d2b7ab18"  # computed with the generator at 063892d, before the move
+
+
+def test_cli_synth_profile_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cspine.cli import main
+
+    out = tmp_path / "w"
+    args = ["synth", "--out", str(out), "--studies", "1", "--test-studies", "0", "--no-progress"]
+    assert main([*args, "--profile", "wide", "--seed", str(SEED)]) == 0
+    rec = json.loads((out / "synth.json").read_text())
+    assert rec["config"]["profile"] == "wide" and rec["studies"][0]["fov"] == _fov(0)
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--profile", "narrow"])
+    assert e.value.code == 2 and "narrow" in capsys.readouterr().err
