@@ -10,7 +10,13 @@ and :mod:`~cspine.synth.dataset` (the dataset on disk, ``cspine synth``).
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the names, for type checkers; at run time they load on first use (below)
+    from cspine.synth.config import PROFILES, SIZES, SynthConfig
+    from cspine.synth.dataset import SynthSummary, generate_dataset, segmented_indices
+    from cspine.synth.sampling import fracture_plan, label_distribution, sample_labels
+    from cspine.synth.study import SynthStudy, generate_study, study_uid
 
 # Exported names -> module. Loaded on first use, so ``cspine.synth.config`` (what the CLI parser needs) does not
 # pull in numpy, scipy and pydicom.
@@ -28,7 +34,20 @@ _EXPORTS = {
     "generate_study": "study",
     "study_uid": "study",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "PROFILES",
+    "SIZES",
+    "SynthConfig",
+    "SynthStudy",
+    "SynthSummary",
+    "fracture_plan",
+    "generate_dataset",
+    "generate_study",
+    "label_distribution",
+    "sample_labels",
+    "segmented_indices",
+    "study_uid",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -20,6 +20,7 @@ from cspine.synth.vertebrae import LEVELS, atlas_c1, axis_c2, canal_v, rib_bars,
 from cspine.synth.wide import (
     LOWER_DISCS,
     LOWER_ORDER,
+    couch_tubes,
     head_parts,
     larynx_parts,
     lower_phis,
@@ -177,7 +178,7 @@ def build_anatomy(
         fx = by_level.get(name, [])
         wedge = max((f.wedge for f in fx), default=0.0)
         if name == "C2":
-            prims, holes, _ = axis_c2(s, osteo.get(name, ()), wedge)
+            prims, holes, _ = axis_c2(s, osteo.get(name, ()), wedge, bifid=wide)
         else:
             prims, holes = subaxial(name, s, osteo.get(name, ()), wedge)
         parts.append(bone(name, frames[name], prims, holes, LABEL_VALUES.get(name, 0)))
@@ -401,6 +402,9 @@ def build_anatomy(
     anat = Anatomy(tubes, parts, -1000.0, z_top, z_bottom, (float(place[0]), float(place[1] + 7.0 * s)), params)
     if wide:
         anat.tubes[1:1] = trunk_tubes(rng, frames, skull, s, fm_w, jaw, habitus)
+        anat.tubes[0:0] = couch_tubes(
+            rng, float(np.median(bx)), float((ncy + ryb).max()), (float(zz[1]), float(zz[-2]))
+        )
         anat.parts += shoulder_parts(frames["T1"], s, rx0 + 80.0, cortical, cancellous, cortical_mm)
         anat.metal = metal
         anat.landmarks = {

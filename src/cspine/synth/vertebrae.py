@@ -132,8 +132,10 @@ def axis_c2(
     osteophytes: Sequence[tuple[float, float]] = (),
     wedge: float = 0.0,
     dens_shift: tuple[float, float, float] | None = None,
+    bifid: bool = False,
 ) -> tuple[list[Primitive], list[Primitive], float]:
-    """C2: body, dens rising into the atlas, superior facets, pedicles, laminae, large bifid spinous process.
+    """C2: body, dens rising into the atlas, superior facets, pedicles, laminae, large spinous process (with
+    ``bifid``, its two tubercles: the wide profile; the default profile keeps its single knob).
 
     Returns (prims, holes, dens_top_w)."""
     prims, holes = subaxial("C2", s, osteophytes, wedge)
@@ -153,6 +155,9 @@ def axis_c2(
     # heavier laminae + spinous
     vc = canal_v("C2", s)
     prims.append(Bar((0.0, vc + 10.0 * s, -2.0 * s), (0.0, vc + 24.0 * s, -8.0 * s), 3.4 * s, 5.2 * s, round=1.2))
+    if bifid:
+        for side in (-1.0, 1.0):
+            prims.append(Ellipsoid((side * 4.5 * s, vc + 25.0 * s, -8.5 * s), (4.0 * s, 3.5 * s, 5.0 * s)))
     return prims, holes, hh + dens_h
 
 

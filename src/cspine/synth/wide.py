@@ -170,6 +170,37 @@ def shoulder_parts(
     return [Part("shoulders", t1, prims, [], 0, cortical, cancellous, cortical_mm * 1.3)]
 
 
+def couch_tubes(rng: np.random.Generator, x: float, y_back: float, z_range: tuple[float, float]) -> list[Tube]:
+    """The scanner couch under the patient's back (drawn first, so the patient paints over it): a thin curved top
+    plate and, a few centimetres lower, its base; each the lower arc of a wide ring, air inside (the rest of the
+    ring lies outside any field of view)."""
+    tubes = []
+    r = float(rng.uniform(350, 700))  # curvature radius of the top (flat-ish to cradle-shaped)
+    y = y_back + float(rng.uniform(0, 6))
+    hu = float(rng.uniform(-300, 200))
+    z = np.array(z_range)
+    top, base = ("couch", 0.0, float(rng.uniform(2, 5))), ("couch base", float(rng.uniform(25, 60)), 3.0)
+    for name, dy, th in (base, top):  # the base first: the top's air inside would erase it
+        c = y + dy + th - r
+        tubes.append(
+            Tube(
+                name,
+                z,
+                np.full(2, x),
+                np.full(2, c),
+                np.full(2, r),
+                np.full(2, r),
+                np.full(2, r),
+                hu,
+                inner=(th, -1000.0),
+                z_range=z_range,
+                tissue=TISSUES["air"],
+                inner_tissue=TISSUES["air"],
+            )
+        )
+    return tubes
+
+
 def trunk_tubes(
     rng: np.random.Generator, frames: dict[str, Frame], skull: Frame, s: float, fm_w: float, jaw: float, habitus: float
 ) -> list[Tube]:
