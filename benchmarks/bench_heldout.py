@@ -24,9 +24,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the cspine CLI does, b
 
 from cspine.bundle import load_bundle
 from cspine.cls.evaluate import as_matrix, compute_metrics, read_labels
-from cspine.data.synth import generate_study
 from cspine.labels import PREDICTION_TYPES, PREVALENCE
 from cspine.metrics import competition_loss
+from cspine.synth import generate_study
 
 
 def main() -> None:

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from cspine.data.dicom_writer import write_series
-from cspine.data.synth import generate_study
 from cspine.io import load_series
 from cspine.io.dicom import default_workers
 from cspine.io.volume import crop
+from cspine.synth import generate_study
+from cspine.synth.writer import write_series
 
 JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70"
 

@@ -26,10 +26,10 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the cspine CLI does, before torch loads OpenMP
 
 from cspine.bundle import load_bundle
-from cspine.data.dicom_writer import write_series
-from cspine.data.synth import generate_study
 from cspine.io.volume import resample
 from cspine.predict import PredictConfig, predict_study
+from cspine.synth import generate_study
+from cspine.synth.writer import write_series
 
 
 def make_study(folder: Path, slices: int) -> str:

@@ -34,8 +34,8 @@ import numpy as np
 
 def build_study(seed: int, slices: int, path: Path) -> dict[str, object]:
     """Generate a full-size study, resample it to ``slices`` slices, save volume + mask + geometry to ``path``."""
-    from cspine.data.synth import generate_study
     from cspine.io.volume import Volume, resample
+    from cspine.synth import generate_study
 
     t = time.perf_counter()
     s = generate_study(seed, "full", 0)

@@ -1,7 +1,8 @@
 """Time the synthetic generator: one small and one full-size study, in memory and written to disk.
 
-Run: ``.venv/bin/python benchmarks/bench_synth.py [--studies N] [--full N] [--workers W]``. Prints seconds per study
-(generation, writing), bytes on disk per study and per transfer syntax, and the dataset totals.
+Run: ``.venv/bin/python benchmarks/bench_synth.py [--studies N] [--full N] [--workers W] [--profile P]``.
+Prints seconds per study (generation, writing), bytes on disk per study and per transfer syntax, and the dataset
+totals.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from cspine.data.synth import SynthConfig, generate_dataset, generate_study
+from cspine.synth import PROFILES, SynthConfig, generate_dataset, generate_study
 
 
-def _time_memory(size: str, n: int) -> list[float]:
+def _time_memory(size: str, n: int, profile: str) -> list[float]:
     out = []
     for i in range(n):
         t = time.perf_counter()
-        generate_study(0, size, i)  # type: ignore[arg-type]
+        generate_study(0, size, i, profile=profile)  # type: ignore[arg-type]
         out.append(time.perf_counter() - t)
     return out
 
@@ -29,10 +30,11 @@ def main() -> None:
     ap.add_argument("--studies", type=int, default=20, help="small studies for the dataset benchmark")
     ap.add_argument("--full", type=int, default=4, help="full-size studies")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--profile", choices=PROFILES, default="default")
     args = ap.parse_args()
 
     for size, n in (("small", args.studies), ("full", args.full)):
-        mem = _time_memory(size, min(n, 5 if size == "full" else n))
+        mem = _time_memory(size, min(n, 5 if size == "full" else n), args.profile)
         print(f"[{size}] in memory: {sum(mem) / len(mem):.2f} s/study (min {min(mem):.2f}, max {max(mem):.2f})")
         with tempfile.TemporaryDirectory() as tmp:
             cfg = SynthConfig(
@@ -43,6 +45,7 @@ def main() -> None:
                 segmented=0.5,  # type: ignore[arg-type]
                 test_studies=0,
                 workers=args.workers,
+                profile=args.profile,
             )
             summary = generate_dataset(cfg, progress=False)
             rec = json.loads((Path(tmp) / "synth.json").read_text())

@@ -104,7 +104,7 @@ def test_crops_refuse_a_mask_on_another_grid() -> None:
 
 
 def _labels(n: int = 60, seed: int = 0) -> np.ndarray:
-    from cspine.data.synth import sample_labels
+    from cspine.synth import sample_labels
 
     return np.array([[sample_labels(seed, i)[t] for t in PREDICTION_TYPES] for i in range(n)], np.float32)
 
@@ -606,7 +606,7 @@ def test_evaluate_writes_all_files_with_sane_values(tmp_path: Path) -> None:
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Eight small synthetic studies (four fractured, with boxes) prepared as `cspine prepare` would."""
     from cspine.data.cache import save_prepared
-    from cspine.data.synth import generate_study, sample_labels
+    from cspine.synth import generate_study, sample_labels
 
     root = tmp_path_factory.mktemp("cls") / "cache"
     pos = [i for i in range(40) if sample_labels(0, i)["patient_overall"]][:4]

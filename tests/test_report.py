@@ -15,7 +15,7 @@ from cspine.report import write_report
 
 @pytest.fixture(scope="module")
 def study():
-    from cspine.data.synth import generate_study
+    from cspine.synth import generate_study
 
     return generate_study(1, "small", 5)
 

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cspine.data.synth import SynthStudy, generate_study
 from cspine.io.volume import Volume
 from cspine.seg.config import OTHER_VALUE, PostprocessConfig, PreprocessConfig, TrainSegConfig
 from cspine.seg.evaluate import evaluate_files, evaluate_masks, markdown_table, summarize
 from cspine.seg.postprocess import describe, fix_order, keep_largest_components, postprocess
+from cspine.synth import SynthStudy, generate_study
 
 TINY_PRE = PreprocessConfig(spacing=(4.0, 4.0, 4.0), divisor=8)
 TINY = {

@@ -44,7 +44,7 @@ def model(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def test_set(tmp_path_factory) -> Path:
-    from cspine.data.synth import SynthConfig, generate_dataset
+    from cspine.synth import SynthConfig, generate_dataset
 
     root = tmp_path_factory.mktemp("rsna")
     generate_dataset(SynthConfig(out=root, studies=1, test_studies=4, seed=11, segmented=0.0), progress=False)

@@ -15,16 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cspine.data.anatomy import TISSUES
-from cspine.data.synth import (
-    TRANSFER_SYNTAXES,
+from cspine.labels import CERVICAL, LABEL_VALUES, PATIENT, PREDICTION_TYPES, PREVALENCE, row_id
+from cspine.synth import (
     SynthConfig,
     generate_dataset,
     generate_study,
     label_distribution,
     sample_labels,
 )
-from cspine.labels import CERVICAL, LABEL_VALUES, PATIENT, PREDICTION_TYPES, PREVALENCE, row_id
+from cspine.synth.parts import TISSUES
+from cspine.synth.writer import TRANSFER_SYNTAXES
 
 SEED = 0
 N_TRAIN, N_TEST = 8, 2
@@ -46,7 +46,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 def _first_positive(kind: str | None = None, start: int = 0) -> int:
     """Index of the first training study (seed 0) with a fracture (of ``kind`` if given)."""
-    from cspine.data.synth import fracture_plan
+    from cspine.synth import fracture_plan
 
     for i in range(start, start + 500):
         plan = fracture_plan(SEED, i)
@@ -121,7 +121,7 @@ def test_dicom_tags_and_syntaxes(dataset: Path) -> None:
 def test_codecs_round_trip_exactly(syntax: str, bits: int, signed: bool) -> None:
     import pydicom
 
-    from cspine.data.dicom_writer import encode_frame
+    from cspine.synth.writer import encode_frame
 
     rng = np.random.default_rng(1)
     lo, hi = (-2048, 3071) if signed else (0, (1 << bits) - 1)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from cspine import __version__
 from cspine.errors import CspineInputError, UsageError
+from cspine.synth.config import PROFILES, SIZES
 
 log = logging.getLogger("cspine")
 
@@ -122,7 +123,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     """Generate a synthetic RSNA-layout dataset."""
-    from cspine.data.synth import SynthConfig, generate_dataset
+    from cspine.synth import SynthConfig, generate_dataset
 
     if args.studies < 1:
         raise UsageError("--studies must be at least 1")
@@ -136,6 +137,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         segmented=args.segmented,
         test_studies=args.test_studies,
         workers=args.workers,
+        profile=args.profile,
     )
     summary = generate_dataset(cfg, progress=not args.no_progress)
     print(json.dumps(summary if isinstance(summary, dict) else getattr(summary, "__dict__", str(summary)), default=str))
@@ -462,9 +464,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--studies", type=int, default=20, help="training studies")
     p.add_argument("--test-studies", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", choices=("small", "full"), default="small")
+    p.add_argument("--size", choices=SIZES, default="small")
     p.add_argument("--segmented", type=float, default=0.5, help="fraction of training studies with a mask")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument(
+        "--profile",
+        choices=PROFILES,
+        default="default",
+        help="default: tight cervical-spine scans; wide: head to abdomen fields of view (some without a cervical "
+        "spine), 0.3-5 mm voxels, scanner artefacts",
+    )
     _add_progress(p)
     p.set_defaults(func=cmd_synth)
 

@@ -85,11 +85,11 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     from cspine.cls.evaluate import EvaluateConfig, evaluate
     from cspine.cls.train import train_cls
     from cspine.data.cache import PrepareConfig, prepare_dataset
-    from cspine.data.synth import SynthConfig, generate_dataset
     from cspine.predict import PredictConfig, predict_study
     from cspine.seg.pseudo import PseudoLabelConfig, pseudo_label
     from cspine.seg.train import train_config, train_segmentation
     from cspine.submit import SubmitConfig, submit
+    from cspine.synth import SynthConfig, generate_dataset
 
     out = cfg.out
     data, cache, work = out / "data", out / "cache", out / "work"

@@ -16,7 +16,26 @@ from cspine.labels import PREDICTION_TYPES, split_row_id
 TRAIN_COLUMNS = ("StudyInstanceUID", *PREDICTION_TYPES)
 BOX_COLUMNS = ("StudyInstanceUID", "x", "y", "width", "height", "slice_number")
 TEST_COLUMNS = ("row_id", "StudyInstanceUID", "prediction_type")
+SUBMISSION_COLUMNS = ("row_id", "fractured")
 SPLITS = ("train", "test")
+
+#: File and folder names of the layout (read here, written by :mod:`cspine.synth.writer`).
+TRAIN_CSV = "train.csv"
+BOXES_CSV = "train_bounding_boxes.csv"
+TEST_CSV = "test.csv"
+SAMPLE_SUBMISSION_CSV = "sample_submission.csv"
+SEGMENTATIONS_DIR = "segmentations"
+MASK_SUFFIXES = (".nii", ".nii.gz")
+
+
+def images_dirname(split: str) -> str:
+    """``train_images`` / ``test_images``."""
+    return f"{split}_images"
+
+
+def slice_filename(slice_number: int) -> str:
+    """A study's slice file: ``<slice_number>.dcm`` (the number train_bounding_boxes.csv refers to)."""
+    return f"{int(slice_number)}.dcm"
 
 
 @dataclass(frozen=True)
@@ -39,11 +58,11 @@ class RsnaDataset:
     def __post_init__(self) -> None:
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: dataset folder not found")
-        if not any((self.root / f"{s}_images").is_dir() for s in SPLITS):
+        if not any((self.root / images_dirname(s)).is_dir() for s in SPLITS):
             raise CspineInputError(f"{self.root}: not an RSNA-layout dataset (no train_images/ or test_images/ folder)")
 
     def images_dir(self, split: str) -> Path:
-        return self.root / f"{split}_images"
+        return self.root / images_dirname(split)
 
     def study_dir(self, split: str, uid: str) -> Path:
         return self.images_dir(split) / uid
@@ -55,19 +74,19 @@ class RsnaDataset:
 
     def segmentation_path(self, uid: str) -> Path | None:
         """The study's mask file, if it has one (.nii or .nii.gz)."""
-        for suffix in (".nii", ".nii.gz"):
-            p = self.root / "segmentations" / f"{uid}{suffix}"
+        for suffix in MASK_SUFFIXES:
+            p = self.root / SEGMENTATIONS_DIR / f"{uid}{suffix}"
             if p.exists():
                 return p
         return None
 
     def train_labels(self) -> dict[str, dict[str, int]]:
         """train.csv as {StudyInstanceUID: {patient_overall: 0/1, C1: ..., C7: ...}}."""
-        return read_train_labels(self.root / "train.csv")
+        return read_train_labels(self.root / TRAIN_CSV)
 
     def boxes(self) -> dict[str, list[Box]]:
         """train_bounding_boxes.csv grouped by study (empty when the file is absent)."""
-        path = self.root / "train_bounding_boxes.csv"
+        path = self.root / BOXES_CSV
         out: dict[str, list[Box]] = {}
         if not path.exists():
             return out
@@ -79,11 +98,11 @@ class RsnaDataset:
 
     def test_rows(self) -> list[dict[str, str]]:
         """test.csv rows in file order (row_id, StudyInstanceUID, prediction_type), checked for consistency."""
-        rows = _read_csv(self.root / "test.csv", TEST_COLUMNS)
+        rows = _read_csv(self.root / TEST_CSV, TEST_COLUMNS)
         for r in rows:
             uid, ptype = split_row_id(r["row_id"])
             if uid != r["StudyInstanceUID"] or ptype != r["prediction_type"]:
-                raise CspineInputError(f"{self.root / 'test.csv'}: row_id {r['row_id']!r} does not match its columns")
+                raise CspineInputError(f"{self.root / TEST_CSV}: row_id {r['row_id']!r} does not match its columns")
         return rows
 
 

@@ -1,8 +1,10 @@
-"""Write a synthetic study as an RSNA-like DICOM series and its mask as an RSNA-like NIfTI file.
+"""Write synthetic studies in the RSNA layout: DICOM series, NIfTI masks and the CSV tables.
 
-Why this is its own module: file fidelity is what the readers are tested against, so every choice that real RSNA
+Why this is its own module: file fidelity is what the readers are tested against, so every encoding that real RSNA
 files vary in (transfer syntax, stored bits, signedness, intercept, which end is instance 1, mask axis order) is
-made here, explicitly, and every write is atomic (a study folder appears complete or not at all).
+defined here, explicitly; folder, file and column names come from :mod:`cspine.data.rsna`, the module that reads
+them; every write is atomic (a study folder appears complete or not at all). The writer knows nothing of how a
+study was generated: it takes anything shaped like :class:`SeriesSource`.
 
 Encoding happens in-process: JPEG Lossless SV1 through python-gdcm's ImageChangeTransferSyntax (pydicom cannot
 encode it), JPEG 2000 lossless and RLE through pydicom 3's ``Dataset.compress`` with the pylibjpeg plugins.
@@ -14,8 +16,9 @@ from __future__ import annotations
 import io
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -31,8 +34,45 @@ from pydicom.uid import (
     generate_uid,
 )
 
-if TYPE_CHECKING:
-    from cspine.data.synth import SynthStudy
+from cspine.data.rsna import (
+    BOX_COLUMNS,
+    BOXES_CSV,
+    SAMPLE_SUBMISSION_CSV,
+    SUBMISSION_COLUMNS,
+    TEST_COLUMNS,
+    TEST_CSV,
+    TRAIN_COLUMNS,
+    TRAIN_CSV,
+    slice_filename,
+)
+from cspine.io.volume import Volume
+from cspine.labels import PREDICTION_TYPES, row_id
+
+#: Transfer syntaxes used, cycled across studies so any four consecutive studies contain all of them.
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, Non-Hierarchical, First-Order Prediction (SV1)
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless Only
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+)
+
+#: Pixel storage variants: (name, RescaleIntercept, PixelRepresentation, BitsStored).
+STORAGE: tuple[tuple[str, float, int, int], ...] = (
+    ("u12", -1024.0, 0, 12),  # the common RSNA case
+    ("u16", -1024.0, 0, 16),
+    ("s16", 0.0, 1, 16),  # signed HU, intercept 0
+    ("s16i", -1024.0, 1, 16),
+)
+
+
+class SeriesSource(Protocol):
+    """What the writer needs of a study: its UID, HU volume (with instance numbers), mask and encoding choices."""
+
+    uid: str
+    volume: Volume
+    mask: np.ndarray
+    storage: str
+    transfer_syntax: str
 
 
 def _jpeg_lossless_sv1(stored: np.ndarray, bits_stored: int, signed: bool) -> bytes:
@@ -111,13 +151,11 @@ def _ds_str(x: float) -> str:
     return s if s not in ("-0", "") else "0"
 
 
-def write_series(study: SynthStudy, folder: Path, patient_number: int) -> int:
+def write_series(study: SeriesSource, folder: Path, patient_number: int) -> int:
     """Write ``study`` as ``folder/<InstanceNumber>.dcm`` atomically; returns bytes written.
 
     The folder is first written as a hidden sibling and renamed into place, replacing any older copy.
     """
-    from cspine.data.synth import STORAGE
-
     folder = Path(folder)
     tmp = folder.parent / f".{folder.name}.tmp{os.getpid()}"
     if tmp.exists():
@@ -188,7 +226,7 @@ def write_series(study: SynthStudy, folder: Path, patient_number: int) -> int:
         _pixel_module(ds, vol.shape[1:], bits, bool(signed))
         stored = vol.array[k].astype(np.int32) - int(intercept)
         set_pixels(ds, stored, study.transfer_syntax)
-        path = tmp / f"{inst}.dcm"
+        path = tmp / slice_filename(inst)
         ds.save_as(path, enforce_file_format=True)
         total += path.stat().st_size
     if folder.exists():
@@ -197,7 +235,7 @@ def write_series(study: SynthStudy, folder: Path, patient_number: int) -> int:
     return total
 
 
-def nifti_bytes(study: SynthStudy) -> bytes:
+def nifti_bytes(study: SeriesSource) -> bytes:
     """The study's mask as an RSNA-style NIfTI-1 file (bytes).
 
     RSNA stores the data array as (x, y, z) = (column, mirrored row, slice in ascending patient z), which is why
@@ -235,3 +273,46 @@ def write_atomic(path: Path, data: bytes) -> int:
         f.write(data)
     os.replace(tmp, path)
     return len(data)
+
+
+def csv_bytes(rows: Sequence[Sequence[Any]]) -> bytes:
+    """CSV bytes with '\n' line ends and plain formatting, so equal inputs give equal bytes on every platform."""
+    out = io.StringIO()
+    for r in rows:
+        out.write(",".join(_fmt(v) for v in r) + "\n")
+    return out.getvalue().encode()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return repr(round(v, 3)) if not v.is_integer() else f"{v:.1f}"
+    return str(v)
+
+
+def write_tables(
+    out: Path, train: Sequence[tuple[str, dict[str, int], Sequence[dict[str, Any]]]], test_uids: Sequence[str]
+) -> int:
+    """Write train.csv, train_bounding_boxes.csv, test.csv and sample_submission.csv; returns bytes written.
+
+    ``train`` holds (uid, labels, published boxes) per training study, ``test_uids`` the test studies, in order.
+    """
+    out = Path(out)
+    nbytes = write_atomic(
+        out / TRAIN_CSV,
+        csv_bytes([list(TRAIN_COLUMNS)] + [[uid, *(labels[p] for p in PREDICTION_TYPES)] for uid, labels, _ in train]),
+    )
+    box_rows: list[list[Any]] = [list(BOX_COLUMNS)]
+    for uid, _, boxes in train:
+        box_rows += [
+            [uid, float(b["x"]), float(b["y"]), float(b["width"]), float(b["height"]), b["slice_number"]] for b in boxes
+        ]
+    nbytes += write_atomic(out / BOXES_CSV, csv_bytes(box_rows))
+    test_rows: list[list[Any]] = [list(TEST_COLUMNS)]
+    sub_rows: list[list[Any]] = [list(SUBMISSION_COLUMNS)]
+    for uid in test_uids:
+        for p in PREDICTION_TYPES:
+            test_rows.append([row_id(uid, p), uid, p])
+            sub_rows.append([row_id(uid, p), 0.5])
+    nbytes += write_atomic(out / TEST_CSV, csv_bytes(test_rows))
+    nbytes += write_atomic(out / SAMPLE_SUBMISSION_CSV, csv_bytes(sub_rows))
+    return nbytes
