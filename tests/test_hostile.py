@@ -438,20 +438,20 @@ def test_panic_in_a_native_decoder_is_one_line_from_the_real_cli(corpus) -> None
 
 def test_a_decoder_that_crashes_is_replaced_and_the_file_named(tmp_path: Path, monkeypatch) -> None:
     """A worker killed mid-decode (a segfault in a codec) fails its file, not the caller; the others are read."""
-    from cspine.io import dicom, load_series
+    from cspine.io import decode_pool, dicom, load_series
 
     s = series(tmp_path / "s", n=8)
-    real = dicom._decode_ds
+    real = decode_pool._decode_ds
 
     def crash_on_5(ds, path):
         if path.endswith("5.dcm"):
             os.kill(os.getpid(), signal.SIGSEGV)
         return real(ds, path)
 
-    monkeypatch.setattr(dicom, "_decode_ds", crash_on_5)  # forked workers inherit it
+    monkeypatch.setattr(decode_pool, "_decode_ds", crash_on_5)  # forked workers inherit it
     with pytest.raises(dicom.DicomError, match=r"5\.dcm: the pixel decoder crashed on this file \(killed by SIGSEGV"):
         load_series(s, workers=2)
-    monkeypatch.setattr(dicom, "_decode_ds", real)
+    monkeypatch.setattr(decode_pool, "_decode_ds", real)
     assert load_series(s, workers=2).shape == (8, 32, 32)
 
 

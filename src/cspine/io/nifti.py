@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cspine.io import limits
-from cspine.io.dicom import DicomError
+from cspine.io.dicom_error import DicomError
 from cspine.io.volume import Volume, check_geometry, spacing_from_affine
 
 #: LPS <-> RAS: negate the first two world axes.
