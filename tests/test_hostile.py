@@ -704,12 +704,13 @@ def test_predict_output_folder_is_replaced_as_a_whole(tmp_path: Path, monkeypatc
             self.probabilities = {k: p for k in ("patient_overall", "C1", "C2", "C3", "C4", "C5", "C6", "C7")}
             self.mask = np.zeros(vol.shape, np.uint8)
             self.vertebrae, self.slice_scores, self.warnings, self.cleanup = {}, {}, [], []
+            self.cervical_spine = "present"
 
     class Bundle:
         def __init__(self, p: float) -> None:
             self.p = p
 
-        def predict(self, vol, timings=None):
+        def predict(self, vol, timings=None, **kwargs):
             return Out(vol, self.p)
 
         def summary(self):
