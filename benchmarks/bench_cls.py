@@ -21,7 +21,7 @@ import torch
 from cspine.cls.config import CropConfig, ModelConfig
 from cspine.cls.lucency import N_LUCENCY
 from cspine.cls.models import SeedNet, create_model
-from cspine.cls.train import sequence_loss
+from cspine.cls.recipes import sequence_loss
 
 
 def _timeit(fn, steps: int, warmup: int, sync) -> float:  # type: ignore[no-untyped-def]

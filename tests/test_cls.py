@@ -127,7 +127,7 @@ def test_folds_partition_studies_and_are_label_stratified() -> None:
 
 def test_seed_splits_by_study_do_not_leak_but_image_split_does(tiny_store) -> None:
     from cspine.cls.dataset import image_index
-    from cspine.cls.train import seed_split
+    from cspine.cls.train_seed import seed_split
 
     index = image_index(tiny_store)
     for split, leaks in (("study", False), ("image", True)):
@@ -150,7 +150,7 @@ def test_every_registered_model_trains_one_step(recipe: str) -> None:
 
     from cspine.cls.lucency import N_LUCENCY
     from cspine.cls.models import MODELS, create_model
-    from cspine.cls.train import sequence_loss
+    from cspine.cls.recipes import sequence_loss
 
     assert recipe in MODELS
     torch.manual_seed(0)
@@ -196,7 +196,7 @@ def test_feature_l2_adds_the_feature_path_weights_sum_of_squares_to_the_loss() -
 
     from cspine.cls.lucency import N_LUCENCY
     from cspine.cls.models import create_model
-    from cspine.cls.train import _sequence_step
+    from cspine.cls.recipes import SequenceRecipe
 
     torch.manual_seed(0)
     crop, cfg = CropConfig(**TINY_CROP), ModelConfig(**TINY_MODEL, feature_fit="joint")
@@ -209,8 +209,8 @@ def test_feature_l2_adds_the_feature_path_weights_sum_of_squares_to_the_loss() -
         "slice_labels": torch.zeros(1, 7, 4),
         "slice_valid": torch.ones(1, 7, 4, dtype=torch.bool),
     }
-    plain = _sequence_step(cfg)(model, batch).loss
-    with_l2 = _sequence_step(dataclasses.replace(cfg, feature_l2=0.5))(model, batch).loss
+    plain = SequenceRecipe(cfg, crop).step(model, batch).loss
+    with_l2 = SequenceRecipe(dataclasses.replace(cfg, feature_l2=0.5), crop).step(model, batch).loss
     assert torch.allclose(with_l2 - plain, 0.5 * model.feature_head.weight.pow(2).sum(), atol=1e-5)
 
 
@@ -220,7 +220,7 @@ def test_fitted_linear_path_is_the_logistic_regression_and_stays_frozen() -> Non
 
     from cspine.cls.lucency import N_FRACTIONS, N_LUCENCY
     from cspine.cls.models import create_model, relative_to_study
-    from cspine.cls.train import _sequence_step
+    from cspine.cls.recipes import SequenceRecipe
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -255,7 +255,7 @@ def test_fitted_linear_path_is_the_logistic_regression_and_stays_frozen() -> Non
     batch = {"images": images[:2], "present": present[:2], "stats": stats[:2],
              "labels": torch.from_numpy(np.hstack([labels[:2].any(1, keepdims=True), labels[:2]])).float(),
              "slice_labels": torch.zeros(2, 7, 4), "slice_valid": torch.ones(2, 7, 4, dtype=torch.bool)}
-    _sequence_step(ModelConfig(**TINY_MODEL))(model, batch).loss.backward()
+    SequenceRecipe(ModelConfig(**TINY_MODEL), crop).step(model, batch).loss.backward()
     opt.step()
     assert torch.equal(model.feature_head.weight, head)
 
@@ -274,7 +274,7 @@ def test_unknown_model_lists_the_valid_ones() -> None:
 def test_sequence_loss_is_the_competition_metric() -> None:
     import torch
 
-    from cspine.cls.train import sequence_loss
+    from cspine.cls.recipes import sequence_loss
     from cspine.metrics import competition_loss
 
     rng = np.random.default_rng(0)
