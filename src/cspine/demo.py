@@ -53,7 +53,7 @@ class DemoConfig:
     cls_epochs: int = 4
     cls_folds: int = 3
     # the 4 mm segmenter's masks spill into soft tissue and drown the lucency statistics: count them in the bone
-    # the image shows, labelled by the nearest masked vertebra (cspine.cls.bone_region)
+    # the image shows, labelled by the nearest masked vertebra (cspine.features.bone_region)
     stats_region: str = "bone"
 
 

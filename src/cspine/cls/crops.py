@@ -37,9 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from cspine.cls.bone_region import bone_labels
 from cspine.cls.config import CropConfig
-from cspine.cls.lucency import N_LUCENCY, lucency_features
+from cspine.errors import CspineInputError
+from cspine.features.bone_region import bone_labels
+from cspine.features.lucency import N_LUCENCY, lucency_features
 from cspine.io.volume import Volume, window
 from cspine.labels import CERVICAL, LABEL_VALUES
 from cspine.runtime import write_json
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 
 CROPS_JSON = "crops.json"
 INDEX_JSON = "index.json"
+#: More failed studies than this share of a split is systematic: build_crops stops instead of training on the rest.
+MAX_FAILED_FRACTION = 0.2
 
 
 @dataclass(frozen=True)
@@ -349,7 +352,11 @@ def _mask_path(cfg: CropsConfig, study_dir: Path) -> Path | None:
 
 
 def _crop_one(job: tuple[CropsConfig, str]) -> dict[str, Any]:
-    """Worker: crop one study unless its cached crops are current. Never raises; returns a status record."""
+    """Worker: crop one study unless its cached crops are current; returns a status record.
+
+    A typed input error (CspineInputError: an unreadable file, a mask that does not fit its volume) is recorded as
+    the study's failure, so one bad study does not stop the batch; anything else is a bug and propagates.
+    """
     from cspine.data.cache import load_prepared
     from cspine.io import load_segmentation
 
@@ -403,7 +410,7 @@ def _crop_one(job: tuple[CropsConfig, str]) -> dict[str, Any]:
 
             crop_grid(crops, cfg.folder / "png" / f"{uid}.png", title=_title(uid, st.labels))
         return {"uid": uid, "status": "built", **meta}
-    except Exception as exc:  # one bad study must not stop the batch
+    except CspineInputError as exc:
         return {"uid": uid, "status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
 
 
@@ -418,7 +425,9 @@ def build_crops(cfg: CropsConfig, progress: bool = False) -> list[CropStudy]:
     """Crop every study of a split of a prepared cache (reusing current cached crops); return the usable studies.
 
     Studies without a mask are skipped (listed in index.json with the reason), so a cache where only some
-    studies are segmented still trains on those.
+    studies are segmented still trains on those. Studies with bad input are recorded as failed the same way,
+    unless more than MAX_FAILED_FRACTION of them fail: that is systematic (a wrong folder, a wrong mask source),
+    and training on what is left would silently shrink the training set, so it stops with the first reason.
     """
     from tqdm import tqdm
 
@@ -462,6 +471,12 @@ def build_crops(cfg: CropsConfig, progress: bool = False) -> list[CropStudy]:
             "skipped": [{"uid": r["uid"], "status": r["status"], "reason": r["reason"]} for r in bad],
         },
     )
+    failed = [r for r in results if r["status"] == "failed"]
+    if len(failed) > MAX_FAILED_FRACTION * len(results):
+        raise CspineInputError(
+            f"{cfg.data}: {len(failed)} of {len(results)} studies failed to crop (more than "
+            f"{MAX_FAILED_FRACTION:.0%}: systematic), e.g. {failed[0]['uid']}: {failed[0]['reason']}"
+        )
     return [
         CropStudy(
             uid=r["uid"],

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from cspine.cls.config import CropConfig
 from cspine.cls.crops import CropStudy
-from cspine.cls.lucency import N_LUCENCY
+from cspine.features.lucency import N_LUCENCY
 from cspine.labels import CERVICAL, PREDICTION_TYPES
 
 NV = len(CERVICAL)

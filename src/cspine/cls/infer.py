@@ -1,9 +1,10 @@
 """Inference: a Volume and its vertebra mask (+ a model directory) -> calibrated fracture probabilities.
 
 The model directory alone is enough: ``config.json`` rebuilds the crops and the networks, ``fold*.pt`` are the fold
-ensemble (logits averaged), ``calibration.json`` the temperatures. The mask may be ground truth or predicted by the
-segmentation stage; a vertebra the mask lacks gets the RSNA prevalence as its probability and no slice scores.
-A later model bundle keeps this directory as its ``cls/`` sub-folder and passes that path here.
+ensemble (logits averaged; each with its lucency model ``fold*.features.json``), ``calibration.json`` the
+temperatures. The mask may be ground truth or predicted by the segmentation stage; a vertebra the mask lacks gets
+the RSNA prevalence as its probability and no slice scores. A model bundle keeps this directory as its ``cls/``
+sub-folder and passes that path here.
 
 Example::
 
@@ -32,7 +33,7 @@ from cspine.cls.model_dir import fold_checkpoints, load_config
 from cspine.cls.recipes import get_recipe
 from cspine.io.volume import Volume
 from cspine.labels import CERVICAL, PREDICTION_TYPES, PREVALENCE
-from cspine.runtime import load_checkpoint, resolve_device
+from cspine.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +68,7 @@ class Classifier:
             raise FileNotFoundError(f"{self.model_dir}: no fold*.pt weights (training not finished?)")
         # weights come from the checkpoints: never ask for the pretrained file again
         self.recipe_ = get_recipe(self.config.recipe, replace(self.config.model, pretrained=None), self.config.crop)
-        self.models = []
-        for p in paths:
-            m = self.recipe_.build()
-            state = load_checkpoint(p, map_location="cpu")
-            try:
-                m.load_state_dict(state["state_dict"])
-            except (KeyError, RuntimeError) as exc:
-                cfg_path = self.model_dir / "config.json"
-                raise ValueError(f"{p}: weights do not fit the model of {cfg_path}: {exc}") from exc
-            self.models.append(m.to(self.device).eval())
+        self.folds = [self.recipe_.load_fold(p, self.device) for p in paths]
         self.calibration = Calibration.load(self.model_dir)
 
     @property
@@ -85,7 +77,7 @@ class Classifier:
 
     def predict_arrays(self, st: StudyArrays) -> tuple[np.ndarray, np.ndarray]:
         """Uncalibrated (8,) probabilities (PREDICTION_TYPES order) and (7, K) slice scores of one study's crops."""
-        return self.recipe_.predict_study(self.models, st, self.device)
+        return self.recipe_.predict_study(self.folds, st, self.device)
 
     def predict(self, volume: Volume, mask: np.ndarray, timings: dict[str, float] | None = None) -> StudyPrediction:
         """Crop the vertebrae of ``mask`` from ``volume`` and predict (calibrated); adds crop/classify seconds to

@@ -14,6 +14,8 @@ recipe's training procedure is reached through :meth:`Recipe.train`, which impor
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -27,6 +29,7 @@ from cspine.cls.config import RECIPES, CropConfig, ModelConfig
 from cspine.cls.dataset import StudyArrays
 from cspine.cls.models import create_model
 from cspine.engine.step import StepResult
+from cspine.features.linear import LucencyModel
 from cspine.labels import CERVICAL, METRIC_WEIGHTS, PREDICTION_TYPES, PREVALENCE
 
 if TYPE_CHECKING:
@@ -49,6 +52,14 @@ def _autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+@dataclass
+class Fold:
+    """One trained fold: its network and, for the sequence recipe's lucency path, its fitted feature model."""
+
+    net: nn.Module
+    lucency: LucencyModel | None = None
+
+
 class Recipe:
     """A recipe's shared parts; subclasses set ``name`` and implement step / forward / aggregate / predict_study."""
 
@@ -62,10 +73,21 @@ class Recipe:
         """The recipe's network (cspine.cls.models registry)."""
         return create_model(self.name, self.model, self.crop)
 
+    def load_fold(self, path: Path, device: torch.device) -> Fold:
+        """A fold's network with the weights of ``path`` (fold{k}.pt), on ``device``, in eval mode."""
+        from cspine.runtime import load_checkpoint
+
+        net = self.build()
+        try:
+            net.load_state_dict(load_checkpoint(path, map_location="cpu")["state_dict"])
+        except (KeyError, RuntimeError) as exc:
+            raise ValueError(f"{path}: weights do not fit the model of {path.parent / 'config.json'}: {exc}") from exc
+        return Fold(net.to(device).eval())
+
     def step(self, net: nn.Module, batch: dict[str, torch.Tensor]) -> StepResult:
         raise NotImplementedError
 
-    def predict_study(self, models: Sequence[nn.Module], st: StudyArrays, device: torch.device) -> tuple[Any, Any]:
+    def predict_study(self, folds: Sequence[Fold], st: StudyArrays, device: torch.device) -> tuple[Any, Any]:
         """Uncalibrated (8,) probabilities (PREDICTION_TYPES order) and (7, K) slice scores of one study."""
         raise NotImplementedError
 
@@ -123,10 +145,33 @@ class SequenceRecipe(Recipe):
 
     name = "sequence"
 
-    def step(self, net: nn.Module, batch: dict[str, torch.Tensor]) -> StepResult:
-        out = net(batch["images"], batch["present"], batch["stats"])
+    @property
+    def fitted(self) -> bool:
+        """Whether the lucency statistics go through a regression fitted outside the network (else: joint)."""
+        return self.model.lucency and self.model.feature_fit == "logistic"
+
+    def fit_lucency(self, stats: torch.Tensor, present: torch.Tensor, labels: np.ndarray) -> LucencyModel | None:
+        """The fold's feature model from its training studies (None when the recipe reads no statistics)."""
+        if not self.model.lucency:
+            return None
+        return LucencyModel.fit(stats, present, labels if self.fitted else None, self.model.feature_c)
+
+    def feature_inputs(
+        self, lucency: LucencyModel | None, stats: torch.Tensor, present: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """What SequenceNet reads of the statistics: the fitted regression's logits as ``offset``, or the
+        standardised statistics as ``features`` for its joint layer (no standardisation without a model)."""
+        if not self.model.lucency:
+            return {}
+        if self.fitted:
+            return {} if lucency is None else {"offset": lucency.logits(stats, present)}
+        z = (lucency or LucencyModel.identity()).standardise(stats, present)
+        return {"features": z.reshape(*present.shape, -1)}
+
+    def step(self, net: nn.Module, batch: dict[str, torch.Tensor], lucency: LucencyModel | None = None) -> StepResult:
+        out = net(batch["images"], batch["present"], **self.feature_inputs(lucency, batch["stats"], batch["present"]))
         core = getattr(net, "module", net)
-        joint = not core.fitted  # a fitted path is frozen: nothing to supervise or penalise
+        joint = not self.fitted  # a fitted path is fixed: nothing to supervise or penalise
         loss = sequence_loss(out, batch, self.model.aux_weight, self.model.feature_weight if joint else 0.0)
         head = core.feature_head if joint and self.model.feature_l2 > 0 else None
         if head is not None:
@@ -138,22 +183,23 @@ class SequenceRecipe(Recipe):
         return StepResult(loss, int(batch["present"].sum()) * k, correct, int(batch["labels"].numel()))
 
     @torch.no_grad()
-    def forward(self, models: Sequence[nn.Module], batch: dict[str, torch.Tensor], device: torch.device):
+    def forward(self, folds: Sequence[Fold], batch: dict[str, torch.Tensor], device: torch.device):
         """The fold ensemble on one batch: patient (B,), vertebra (B, 7) and slices (B, 7, K) logits, averaged."""
         images, present, stats = (batch[k].to(device) for k in ("images", "present", "stats"))
         outs = []
-        for m in models:
+        for f in folds:
+            extra = self.feature_inputs(f.lucency, stats, present)
             with _autocast(device):
-                outs.append({k: v.float() for k, v in m(images, present, stats).items()})
+                outs.append({k: v.float() for k, v in f.net(images, present, **extra).items()})
         return {k: torch.stack([o[k] for o in outs]).mean(0).cpu().numpy() for k in ("patient", "vertebra", "slices")}
 
-    def predict(self, models: Sequence[nn.Module], ds: Dataset, device: torch.device, batch_size: int):
+    def predict(self, folds: Sequence[Fold], ds: Dataset, device: torch.device, batch_size: int):
         """Averaged logits of every study of ``ds`` (StudyDataset) + present (n, 7) and store rows (n,)."""
-        for m in models:
-            m.eval()
+        for f in folds:
+            f.net.eval()
         acc: dict[str, list[np.ndarray]] = {"patient": [], "vertebra": [], "slices": [], "present": [], "rows": []}
         for batch in DataLoader(ds, batch_size=batch_size, shuffle=False):
-            for k, v in self.forward(models, batch, device).items():
+            for k, v in self.forward(folds, batch, device).items():
                 acc[k].append(v)
             acc["present"].append(batch["present"].numpy())
             acc["rows"].append(batch["row"].numpy())
@@ -163,9 +209,21 @@ class SequenceRecipe(Recipe):
         """(n, 8) probabilities from :meth:`predict`'s (or :meth:`forward`'s + present) logits."""
         return sequence_probs(pred["patient"], pred["vertebra"], pred["present"], self.model.patient_from)
 
-    def predict_study(self, models: Sequence[nn.Module], st: StudyArrays, device: torch.device):
+    def load_fold(self, path: Path, device: torch.device) -> Fold:
+        fold = super().load_fold(path, device)
+        lucency_path = path.with_suffix(".features.json")
+        if self.model.lucency:
+            if not lucency_path.exists():
+                from cspine.bundle import BundleError
+
+                raise BundleError(f"{path.parent}: {lucency_path.name} is missing (a classifier from before cspine "
+                                  "saved its lucency model apart; retrain it with `cspine train-cls`)")  # fmt: skip
+            fold.lucency = LucencyModel.load(lucency_path)
+        return fold
+
+    def predict_study(self, folds: Sequence[Fold], st: StudyArrays, device: torch.device):
         batch = {k: torch.from_numpy(getattr(st, k))[None] for k in ("images", "present", "stats")}
-        out = self.forward(models, batch, device)
+        out = self.forward(folds, batch, device)
         probs = self.aggregate({**out, "present": st.present[None]})
         return probs[0], sigmoid(out["slices"][0])
 
@@ -221,13 +279,13 @@ class SeedBaselineRecipe(Recipe):
                 pv[i] = float(np.mean(p))
         return np.concatenate([noisy_or(pv[None]), pv])
 
-    def predict_study(self, models: Sequence[nn.Module], st: StudyArrays, device: torch.device):
+    def predict_study(self, folds: Sequence[Fold], st: StudyArrays, device: torch.device):
         images = torch.from_numpy(st.images)
         slices = np.zeros(st.slice_labels.shape, np.float64)
         per: list[np.ndarray | None] = [None] * len(CERVICAL)
         for i, v in enumerate(CERVICAL):
             if st.present[i]:
-                slices[i] = self.forward([m.nets[v] for m in models], images[i], device)
+                slices[i] = self.forward([f.net.nets[v] for f in folds], images[i], device)
                 per[i] = slices[i]
         return self.aggregate(per), slices
 
@@ -249,5 +307,5 @@ def get_recipe(name: str, model: ModelConfig, crop: CropConfig) -> Recipe:
     return RECIPE_CLASSES[name](model, crop)
 
 
-__all__ = ["RECIPE_CLASSES", "Recipe", "SeedBaselineRecipe", "SequenceRecipe", "get_recipe", "noisy_or",
+__all__ = ["RECIPE_CLASSES", "Fold", "Recipe", "SeedBaselineRecipe", "SequenceRecipe", "get_recipe", "noisy_or",
            "sequence_loss", "sequence_probs"]  # fmt: skip

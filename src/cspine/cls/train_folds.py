@@ -1,14 +1,16 @@
 """The ``sequence`` recipe's training: study-grouped, label-stratified K-fold CV, one model per fold, OOF per fold.
 
-Each fold's lucency path is fitted on its training studies before the network trains (cspine.cls.models); the
-fold's best weights predict its held-out studies (``oof_fold{k}.csv``); once every fold is done the OOF
-predictions are calibrated and evaluated (:func:`cspine.cls.oof.finish`). ``--fold k`` trains one fold.
+Each fold's lucency model is fitted on its training studies before the network trains and saved beside its weights
+(``fold{k}.features.json``, cspine.features.linear); the fold's best weights predict its held-out studies
+(``oof_fold{k}.csv``); once every fold is done the OOF predictions are calibrated and evaluated
+(:func:`cspine.cls.oof.finish`). ``--fold k`` trains one fold.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -18,9 +20,8 @@ from torch import nn
 from cspine.cls.config import TrainConfig, config_to_dict
 from cspine.cls.dataset import StudyDataset, StudyStore
 from cspine.cls.folds import make_folds
-from cspine.cls.models import SequenceNet
 from cspine.cls.oof import finish, write_oof
-from cspine.cls.recipes import SequenceRecipe
+from cspine.cls.recipes import Fold, SequenceRecipe
 from cspine.engine.loop import FitRun, barrier, fit, read_history
 from cspine.metrics import competition_loss
 from cspine.runtime import Runtime, load_checkpoint, timed, write_json
@@ -51,28 +52,28 @@ def train_folds(
         model = recipe.build()
         tr_rows = np.flatnonzero(folds != k)
         va_rows = np.flatnonzero(folds == k)
-        if isinstance(model, SequenceNet) and model.n_stats:
-            stats, present = store.study_stats(tr_rows)
-            if model.fitted:
-                model.fit_linear_path(stats, present, y[tr_rows, 1:], cfg.model.feature_c)
-            else:
-                model.set_stats_norm(stats[present])
+        lucency = recipe.fit_lucency(*store.study_stats(tr_rows), y[tr_rows, 1:])
+        if lucency is not None and rt.is_main:
+            lucency.save(run.best_path.with_suffix(".features.json"))
         train_ds = StudyDataset(store, tr_rows, augment=cfg.augment, seed=cfg.seed * 100 + k)
         val_ds = StudyDataset(store, va_rows)
 
-        def validate(m: nn.Module, val_ds: StudyDataset = val_ds, va_rows: np.ndarray = va_rows) -> dict[str, float]:
-            p = recipe.aggregate(recipe.predict([m], val_ds, rt.device, batch))
+        def validate(
+            m: nn.Module, val_ds: StudyDataset = val_ds, va_rows: np.ndarray = va_rows, lm: Any = lucency
+        ) -> dict[str, float]:
+            p = recipe.aggregate(recipe.predict([Fold(m, lm)], val_ds, rt.device, batch))
             yt = y[va_rows]
             score = competition_loss(yt, p)
             return {"score": score, "val_loss": score, "val_acc": float(((p >= 0.5) == (yt > 0.5)).mean())}
 
         with timed(timings, f"train_fold{k}"):
-            fit(model, train_ds, recipe.step, validate, run, cfg, rt, progress, config_to_dict(cfg), train.after_epoch)
+            step = partial(recipe.step, lucency=lucency)
+            fit(model, train_ds, step, validate, run, cfg, rt, progress, config_to_dict(cfg), train.after_epoch)
         if rt.is_main:
             model.load_state_dict(load_checkpoint(run.best_path)["state_dict"])
             model.to(rt.device)
             t0 = time.perf_counter()
-            pred = recipe.predict([model], val_ds, rt.device, batch)
+            pred = recipe.predict([Fold(model, lucency)], val_ds, rt.device, batch)
             timings["infer_images"] = timings.get("infer_images", 0.0) + float(pred["present"].sum()) * cfg.crop.slices
             timings["infer_seconds"] = timings.get("infer_seconds", 0.0) + time.perf_counter() - t0
             write_oof(oof_path, [store.uids[r] for r in va_rows], pred, k, cfg.model.patient_from)

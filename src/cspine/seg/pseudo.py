@@ -76,9 +76,9 @@ def judge(report: dict[str, Any], cfg: PseudoLabelConfig) -> dict[str, Any]:
 def pseudo_label(cfg: PseudoLabelConfig, progress: bool = False) -> dict[str, Any]:
     """Segment every study without a mask (all with ``all_studies``); skip those already done. Returns counts."""
     from cspine.data.rsna import write_csv_atomic
+    from cspine.engine.config import to_dict
     from cspine.io import save_nifti
     from cspine.runtime import run_record, write_json
-    from cspine.seg.config import to_dict
     from cspine.seg.data import discover_studies
     from cspine.seg.infer import InferConfig, load_model, segment_volume
 

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from cspine.engine.config import from_dict, to_dict
 from cspine.io.volume import Volume
 from cspine.labels import CERVICAL
 from cspine.runtime import Runtime, write_json
@@ -39,8 +40,6 @@ from cspine.seg.config import (
     RESUMABLE_FIELDS,
     STAGE_CLASSES,
     TrainSegConfig,
-    from_dict,
-    to_dict,
 )
 from cspine.seg.data import Case, PatchSampler, describe_cases, discover_studies, fold_of
 
@@ -87,6 +86,7 @@ def model_config_json(cfg: TrainSegConfig) -> dict[str, Any]:
         "format": CONFIG_FORMAT,
         "kind": "cspine-seg",
         "arch": cfg.arch,
+        "arch_args": spec.arch(),
         "arch_description": spec.description,
         "stage": cfg.stage,
         "classes": list(STAGE_CLASSES[cfg.stage]),
@@ -265,7 +265,7 @@ def train_segmentation(
     import torch.distributed as dist
 
     from cspine.runtime import init_runtime, load_checkpoint, run_record, save_checkpoint, seed_everything, shutdown
-    from cspine.seg.models import count_parameters, create_model
+    from cspine.seg.models import count_parameters, create_model, get_spec
 
     created_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     rt: Runtime = init_runtime(cfg.device)
@@ -300,7 +300,7 @@ def train_segmentation(
         if rt.is_main:
             log.info("train %s; validation %d studies", describe_cases(train_cases), len(val_items))
 
-        net = create_model(cfg.arch, 1, len(STAGE_CLASSES[cfg.stage])).to(rt.device)
+        net = create_model(cfg.arch, 1, len(STAGE_CLASSES[cfg.stage]), get_spec(cfg.arch).arch()).to(rt.device)
         opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         rows: list[dict[str, Any]] = []
         start_epoch, best_score, best_epoch, bad_epochs = 0, -1.0, 0, 0
