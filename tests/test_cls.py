@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cspine.cls.config import CropConfig, ModelConfig, resolve_train_config
+from cspine.cls.config import CropConfig, ModelConfig, TrainConfig, resolve_train_config
 from cspine.cls.crops import assign_boxes, vertebra_crops
 from cspine.cls.folds import holdout_split, leaky_image_split, make_folds
 from cspine.io.volume import Volume, affine_from_dicom, window
@@ -880,3 +880,31 @@ def test_crops_record_typed_input_errors_stop_when_systematic_and_let_bugs_throu
     monkeypatch.setattr(crops_mod, "_mask_path", bug)
     with pytest.raises(ZeroDivisionError):
         crops_mod.build_crops(cfg)
+
+
+def test_train_flags_are_generated_from_the_config_dataclasses(capsys) -> None:
+    import dataclasses
+
+    from cspine.cli import build_parser
+    from cspine.engine.cli_flags import config_overrides
+    from cspine.seg.config import TrainSegConfig
+
+    parser = build_parser()
+    args = parser.parse_args(["train-cls", "--data", "d", "--out", "o", "--size", "64", "--no-lucency",
+                              "--density-hu", "-50", "400", "--crops", "c", "--no-augment"])  # fmt: skip
+    assert config_overrides(args, "crop") == {"size": 64}
+    assert config_overrides(args, "model") == {"lucency": False, "density_hu": (-50.0, 400.0)}
+    assert config_overrides(args, "train") == {"crops_dir": "c", "augment": False}
+    resolved = resolve_train_config("sequence", Path("d"), Path("o"), {"model": config_overrides(args, "model")})
+    assert resolved.model.density_hu == (-50.0, 400.0) and not resolved.model.lucency
+    for command, classes, skip in (
+        ("train-cls", (TrainConfig, CropConfig, ModelConfig), {"data", "out", "recipe", "crop", "model"}),
+        ("train-seg", (TrainSegConfig,), {"data", "out", "preprocess", "augment"}),
+    ):
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for cls in classes:  # one flag per field, nothing to add by hand
+            for f in dataclasses.fields(cls):
+                assert f.name in skip or f"--{f.name.replace('_', '-')}" in text, (command, f.name)
+    assert "--iters-per-epoch ITERS_PER_EPOCH optimiser steps per epoch (per process) (default 100)" in text

@@ -166,6 +166,8 @@ PATIENT_SOURCES: tuple[str, ...] = ("head", "noisy-or")
 POOLS: tuple[str, ...] = ("avg", "max", "avgmax")
 FEATURE_FITS: tuple[str, ...] = ("logistic", "joint")
 STATS_REGIONS: tuple[str, ...] = ("mask", "bone")
+OPTIMIZERS: tuple[str, ...] = ("adam", "adamw")
+SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 
 #: How studies are divided. "folds": study-grouped, label-stratified K-fold CV (out-of-fold predictions);
 #: "study": one held-out fraction of studies; "image": the seed's random split over images (leaky, for comparison).
@@ -248,10 +250,10 @@ class TrainConfig:
             raise ConfigError("holdout must be in [0.05, 0.8] and val_fraction in (0, 0.5)")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.patience < 1:
             raise ConfigError("epochs, batch_size and patience must be >= 1 and lr > 0")
-        if self.optimizer not in ("adam", "adamw"):
-            raise ConfigError(f"optimizer must be adam or adamw, got {self.optimizer!r}")
-        if self.schedule not in ("cosine", "constant"):
-            raise ConfigError(f"schedule must be cosine or constant, got {self.schedule!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not 0.0 < self.operating_sensitivity < 1.0:
             raise ConfigError("operating_sensitivity must be in (0, 1)")
 

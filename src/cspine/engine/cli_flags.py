@@ -88,14 +88,18 @@ def add_config_flags(
         elif origin is tuple:
             args = typing.get_args(hint)
             variadic = len(args) == 2 and args[1] is Ellipsis
-            kwargs.update(nargs="+" if variadic else len(args), type=args[0])
+            kwargs.update(nargs="+" if variadic else len(args), type=args[0], metavar=f.name.upper())
         else:
-            kwargs["type"] = str if hint is Path else hint
+            kwargs.update(type=str if hint is Path else hint, metavar=f.name.upper())
         if f.name in choices:
             kwargs["choices"] = tuple(choices[f.name])
+            kwargs.pop("metavar", None)
         default = _default(f)
-        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-        kwargs["help"] = f"{docs.get(f.name, f.name.replace('_', ' '))} (default {shown}{defaults_note})"
+        shown = "" if default is None else " ".join(map(str, default)) if isinstance(default, tuple) else default
+        text = docs.get(f.name, f.name.replace("_", " ")).rstrip(".")
+        if shown != "" or defaults_note:
+            text += f" (default {shown}{defaults_note})" if shown != "" else f" ({defaults_note.lstrip('; ')})"
+        kwargs["help"] = text.replace("%", "%%")  # argparse formats help with %
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 
