@@ -908,3 +908,21 @@ def test_train_flags_are_generated_from_the_config_dataclasses(capsys) -> None:
             for f in dataclasses.fields(cls):
                 assert f.name in skip or f"--{f.name.replace('_', '-')}" in text, (command, f.name)
     assert "--iters-per-epoch ITERS_PER_EPOCH optimiser steps per epoch (per process) (default 100)" in text
+
+
+def test_one_split_file_is_written_once_and_read_by_both_stages(tiny_cache: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from cspine.data.splits import SPLITS_FILE, fold_members, study_folds
+    from cspine.errors import ConfigError
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache, cache, ignore=shutil.ignore_patterns("crops", SPLITS_FILE))
+    folds = study_folds(cache, "train", 2, 0)
+    assert sorted(folds) == sorted(p.name for p in (cache / "train").iterdir()) and set(folds.values()) == {0, 1}
+    saved = json.loads((cache / SPLITS_FILE).read_text())
+    saved["train/2-folds/seed-0"] = {u: 1 - f for u, f in folds.items()}  # what was written is what is read
+    (cache / SPLITS_FILE).write_text(json.dumps(saved))
+    assert study_folds(cache, "train", 2, 0) == {u: 1 - f for u, f in folds.items()}
+    with pytest.raises(ConfigError, match="not in its 2-fold split"):
+        fold_members(cache, "train", 2, 0, [*folds, "1.2.3.new"])

@@ -277,10 +277,11 @@ def cmd_eval_seg(args: argparse.Namespace) -> int:
             raise UsageError("--model needs --data (prepared cache or RSNA folder with masks)")
         uids = None
         if args.fold is not None:
-            from cspine.seg.data import discover_studies, fold_of
+            from cspine.data.splits import fold_members
+            from cspine.seg.data import discover_studies
 
             refs = [r.uid for r in discover_studies(_existing(args.data), args.split) if r.has_mask]
-            folds = fold_of(refs, args.folds, args.seed)
+            folds = fold_members(_existing(args.data), args.split, args.folds, args.seed, refs)
             uids = [u for u in refs if folds[u] == args.fold]
         summary = evaluate_model(_existing(args.model), _existing(args.data), Path(args.out), args.split, uids,
                                  args.device, progress=not args.no_progress)

@@ -1,5 +1,7 @@
 """The ``sequence`` recipe's training: study-grouped, label-stratified K-fold CV, one model per fold, OOF per fold.
 
+The folds are the dataset's (``DATA/splits.json``, cspine.data.splits), the same the segmenter trains on.
+
 Each fold's lucency model is fitted on its training studies before the network trains and saved beside its weights
 (``fold{k}.features.json``, cspine.features.linear); the fold's best weights predict its held-out studies
 (``oof_fold{k}.csv``); once every fold is done the OOF predictions are calibrated and evaluated
@@ -19,9 +21,9 @@ from torch import nn
 
 from cspine.cls.config import TrainConfig, config_to_dict
 from cspine.cls.dataset import StudyDataset, StudyStore
-from cspine.cls.folds import make_folds
 from cspine.cls.oof import finish, write_oof
 from cspine.cls.recipes import Fold, SequenceRecipe
+from cspine.data.splits import fold_members
 from cspine.engine.loop import FitRun, barrier, fit, read_history
 from cspine.metrics import competition_loss
 from cspine.runtime import Runtime, load_checkpoint, timed, write_json
@@ -37,7 +39,8 @@ def train_folds(
 
     out = cfg.out
     y = store.labels()
-    folds = make_folds(y, cfg.folds, cfg.seed)
+    # the dataset's split file, shared with the segmenter (cspine.data.splits)
+    folds = np.array(list(fold_members(cfg.data, "train", cfg.folds, cfg.seed, store.uids).values()))
     if rt.is_main:
         write_json(out / "folds.json", {u: int(f) for u, f in zip(store.uids, folds, strict=True)})
     todo = [cfg.fold] if cfg.fold is not None else list(range(cfg.folds))

@@ -185,6 +185,16 @@ def _collect(cfg: TrainSegConfig, studies: Sequence[StudyLike] | None) -> list[t
     return items
 
 
+def _folds(cfg: TrainSegConfig, uids: list[str]) -> dict[str, int]:
+    """Study -> fold: the dataset's split file, shared with the classifier (cspine.data.splits); studies passed in
+    memory have no dataset, and get a balanced split of their own."""
+    if cfg.data is None:
+        return fold_of(uids, cfg.folds, cfg.seed)
+    from cspine.data.splits import fold_members
+
+    return fold_members(Path(cfg.data), cfg.split, cfg.folds, cfg.seed, uids)
+
+
 def _build_cases(items: list[tuple[str, Callable[[], tuple]]], cfg: TrainSegConfig, soft: bool) -> list[Case]:
     cases = []
     for uid, load in items:
@@ -286,7 +296,7 @@ def train_segmentation(
 
         items = _collect(cfg, studies)
         if cfg.fold >= 0:
-            folds = fold_of([u for u, _ in items], cfg.folds, cfg.seed)
+            folds = _folds(cfg, [u for u, _ in items])
             train_items = [it for it in items if folds[it[0]] != cfg.fold]
             val_items = [it for it in items if folds[it[0]] == cfg.fold]
         else:
