@@ -74,7 +74,7 @@ def test_boxes_become_slice_labels_of_the_vertebra_they_cover() -> None:
 
 
 def test_predicted_masks_fill_gaps_or_come_first_when_asked(tmp_path: Path) -> None:
-    from cspine.cls.crops import CropsConfig, _mask_path
+    from cspine.cls.crop_cache import CropsConfig, _mask_path
 
     cache, pred = tmp_path / "cache", tmp_path / "pred"
     for uid in ("a", "b"):
@@ -628,7 +628,7 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_store(tiny_cache: Path):
-    from cspine.cls.crops import CropsConfig, build_crops
+    from cspine.cls.crop_cache import CropsConfig, build_crops
     from cspine.cls.dataset import StudyStore
 
     crop = CropConfig(**TINY_CROP)
@@ -852,7 +852,7 @@ def test_bundle_check_fires_on_another_format_or_component_version(tmp_path: Pat
 def test_crops_record_typed_input_errors_stop_when_systematic_and_let_bugs_through(
     tiny_cache: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    from cspine.cls import crops as crops_mod
+    from cspine.cls import crop_cache as crops_mod
     from cspine.data.cache import prepared_studies
     from cspine.errors import CspineInputError
 

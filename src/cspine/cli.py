@@ -172,7 +172,7 @@ def _add_crop_flags(p: argparse.ArgumentParser, note: str = "") -> None:
 def cmd_crops(args: argparse.Namespace) -> int:
     """Per-vertebra 2.5D crops of a prepared cache (cached; optional PNG grids to look at)."""
     from cspine.cls.config import CropConfig
-    from cspine.cls.crops import CropsConfig, build_crops
+    from cspine.cls.crop_cache import CropsConfig, build_crops
     from cspine.engine.cli_flags import config_overrides
     from cspine.engine.config import from_dict
 

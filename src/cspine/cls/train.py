@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from cspine.cls.config import TrainConfig, config_to_dict
-from cspine.cls.crops import CropsConfig, build_crops
+from cspine.cls.crop_cache import CropsConfig, build_crops
 from cspine.cls.dataset import StudyStore
 from cspine.cls.model_dir import check_resume
 from cspine.cls.recipes import get_recipe
