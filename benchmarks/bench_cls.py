@@ -19,9 +19,10 @@ import time
 import torch
 
 from cspine.cls.config import CropConfig, ModelConfig
-from cspine.cls.lucency import N_LUCENCY
 from cspine.cls.models import SeedNet, create_model
-from cspine.cls.train import sequence_loss
+from cspine.cls.recipes import sequence_loss
+from cspine.features.linear import LucencyModel
+from cspine.features.lucency import N_LUCENCY
 
 
 def _timeit(fn, steps: int, warmup: int, sync) -> float:  # type: ignore[no-untyped-def]
@@ -49,6 +50,9 @@ def bench_sequence(args: argparse.Namespace, device: torch.device, sync) -> dict
     )
     present = torch.ones(b, 7, dtype=torch.bool, device=device)
     stats = torch.rand(b, 7, N_LUCENCY, device=device)
+    # the fitted lucency regression's logits, added in one step as the recipe does (cspine.features.linear)
+    lucency = LucencyModel.fit(stats.cpu(), present.cpu(), (torch.rand(b, 7) < 0.3).numpy())
+    offset = lucency.logits(stats, present)
     batch = {
         "labels": torch.zeros(b, 8, device=device),
         "present": present,
@@ -61,7 +65,7 @@ def bench_sequence(args: argparse.Namespace, device: torch.device, sync) -> dict
     def train_step() -> None:
         model.train()
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = sequence_loss(model(images, present, stats), batch, 0.3, 1.0)
+            loss = sequence_loss(model(images, present, offset=offset), batch, 0.3, 1.0)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -70,7 +74,7 @@ def bench_sequence(args: argparse.Namespace, device: torch.device, sync) -> dict
     def infer() -> None:
         model.eval()
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            model(images, present, stats)
+            model(images, present, offset=lucency.logits(stats, present))
 
     n = b * 7 * crop.slices
     return {

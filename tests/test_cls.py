@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cspine.cls.config import CropConfig, ModelConfig, resolve_train_config
+from cspine.cls.config import CropConfig, ModelConfig, TrainConfig, resolve_train_config
 from cspine.cls.crops import assign_boxes, vertebra_crops
 from cspine.cls.folds import holdout_split, leaky_image_split, make_folds
 from cspine.io.volume import Volume, affine_from_dicom, window
@@ -74,7 +74,7 @@ def test_boxes_become_slice_labels_of_the_vertebra_they_cover() -> None:
 
 
 def test_predicted_masks_fill_gaps_or_come_first_when_asked(tmp_path: Path) -> None:
-    from cspine.cls.crops import CropsConfig, _mask_path
+    from cspine.cls.crop_cache import CropsConfig, _mask_path
 
     cache, pred = tmp_path / "cache", tmp_path / "pred"
     for uid in ("a", "b"):
@@ -127,7 +127,7 @@ def test_folds_partition_studies_and_are_label_stratified() -> None:
 
 def test_seed_splits_by_study_do_not_leak_but_image_split_does(tiny_store) -> None:
     from cspine.cls.dataset import image_index
-    from cspine.cls.train import seed_split
+    from cspine.cls.train_seed import seed_split
 
     index = image_index(tiny_store)
     for split, leaks in (("study", False), ("image", True)):
@@ -148,9 +148,9 @@ def test_seed_splits_by_study_do_not_leak_but_image_split_does(tiny_store) -> No
 def test_every_registered_model_trains_one_step(recipe: str) -> None:
     import torch
 
-    from cspine.cls.lucency import N_LUCENCY
     from cspine.cls.models import MODELS, create_model
-    from cspine.cls.train import sequence_loss
+    from cspine.cls.recipes import sequence_loss
+    from cspine.features.lucency import N_LUCENCY
 
     assert recipe in MODELS
     torch.manual_seed(0)
@@ -194,9 +194,9 @@ def test_feature_l2_adds_the_feature_path_weights_sum_of_squares_to_the_loss() -
 
     import torch
 
-    from cspine.cls.lucency import N_LUCENCY
     from cspine.cls.models import create_model
-    from cspine.cls.train import _sequence_step
+    from cspine.cls.recipes import SequenceRecipe
+    from cspine.features.lucency import N_LUCENCY
 
     torch.manual_seed(0)
     crop, cfg = CropConfig(**TINY_CROP), ModelConfig(**TINY_MODEL, feature_fit="joint")
@@ -209,8 +209,8 @@ def test_feature_l2_adds_the_feature_path_weights_sum_of_squares_to_the_loss() -
         "slice_labels": torch.zeros(1, 7, 4),
         "slice_valid": torch.ones(1, 7, 4, dtype=torch.bool),
     }
-    plain = _sequence_step(cfg)(model, batch).loss
-    with_l2 = _sequence_step(dataclasses.replace(cfg, feature_l2=0.5))(model, batch).loss
+    plain = SequenceRecipe(cfg, crop).step(model, batch).loss
+    with_l2 = SequenceRecipe(dataclasses.replace(cfg, feature_l2=0.5), crop).step(model, batch).loss
     assert torch.allclose(with_l2 - plain, 0.5 * model.feature_head.weight.pow(2).sum(), atol=1e-5)
 
 
@@ -218,9 +218,10 @@ def test_fitted_linear_path_is_the_logistic_regression_and_stays_frozen() -> Non
     import torch
     from sklearn.linear_model import LogisticRegression
 
-    from cspine.cls.lucency import N_FRACTIONS, N_LUCENCY
-    from cspine.cls.models import create_model, relative_to_study
-    from cspine.cls.train import _sequence_step
+    from cspine.cls.models import create_model
+    from cspine.cls.recipes import SequenceRecipe
+    from cspine.features.linear import LucencyModel, relative_to_study
+    from cspine.features.lucency import N_FRACTIONS, N_LUCENCY
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -233,9 +234,11 @@ def test_fitted_linear_path_is_the_logistic_regression_and_stays_frozen() -> Non
     stats[..., 0] += torch.from_numpy(labels * 0.2).float()  # fractured: more voxels below 60 HU
     crop = CropConfig(**TINY_CROP)
     model = create_model("sequence", ModelConfig(**TINY_MODEL), crop)
-    model.fit_linear_path(stats, present, labels.astype(np.float32), c=0.3)
+    recipe = SequenceRecipe(ModelConfig(**TINY_MODEL), crop)
+    lucency = recipe.fit_lucency(stats, present, labels.astype(np.float32))  # fitted outside the network
+    assert isinstance(lucency, LucencyModel)
     # the same regression by hand: standardised design (relative half included) + vertebra one-hot, metric weights
-    x = relative_to_study(model.standardised_stats(stats, present), present).numpy().astype(np.float64)
+    x = relative_to_study(lucency.standardise(stats, present), present).numpy().astype(np.float64)
     keep = present.reshape(-1).numpy()
     design = np.hstack([x, np.tile(np.eye(7), (n, 1))])[keep]
     mu, sd = design[:, :-7].mean(0), design[:, :-7].std(0) + 1e-6
@@ -244,20 +247,21 @@ def test_fitted_linear_path_is_the_logistic_regression_and_stays_frozen() -> Non
     ref = LogisticRegression(C=0.3, max_iter=5000).fit(design, y, sample_weight=1 + y).decision_function(design)
     images = torch.zeros(n, 7, 4, crop.channels, 32, 32, dtype=torch.uint8)
     model.eval()
-    with torch.no_grad():
-        got = model(images, present, stats)["features"].reshape(-1).numpy()[keep]
+    with torch.no_grad():  # added to the network's logits in one step: the network's "features" share is them
+        extra = recipe.feature_inputs(lucency, stats, present)
+        got = model(images, present, **extra)["features"].reshape(-1).numpy()[keep]
     assert np.allclose(got, ref, atol=1e-4)
     assert np.corrcoef(got, y)[0, 1] > 0.5  # it found the planted signal
     # frozen: a training step moves the network, not the fitted path
-    head = model.feature_head.weight.detach().clone()
+    head = lucency.weight.detach().clone()
     model.train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batch = {"images": images[:2], "present": present[:2], "stats": stats[:2],
              "labels": torch.from_numpy(np.hstack([labels[:2].any(1, keepdims=True), labels[:2]])).float(),
              "slice_labels": torch.zeros(2, 7, 4), "slice_valid": torch.ones(2, 7, 4, dtype=torch.bool)}
-    _sequence_step(ModelConfig(**TINY_MODEL))(model, batch).loss.backward()
+    recipe.step(model, batch, lucency).loss.backward()
     opt.step()
-    assert torch.equal(model.feature_head.weight, head)
+    assert torch.equal(lucency.weight, head)
 
 
 def test_unknown_model_lists_the_valid_ones() -> None:
@@ -274,7 +278,7 @@ def test_unknown_model_lists_the_valid_ones() -> None:
 def test_sequence_loss_is_the_competition_metric() -> None:
     import torch
 
-    from cspine.cls.train import sequence_loss
+    from cspine.cls.recipes import sequence_loss
     from cspine.metrics import competition_loss
 
     rng = np.random.default_rng(0)
@@ -378,7 +382,7 @@ def _block_vertebra(pixel: float, line_hu: float | None, bone_hu: float = 300.0)
 
 
 def test_lucency_features_see_a_lucent_line_whatever_the_bone_density_and_resolution() -> None:
-    from cspine.cls.lucency import LUCENCY_FEATURES, lucency_features
+    from cspine.features.lucency import LUCENCY_FEATURES, lucency_features
 
     def f(pixel: float, line_hu: float | None, bone_hu: float = 300.0) -> dict[str, float]:
         values = lucency_features(*_block_vertebra(pixel, line_hu, bone_hu), (2.0, pixel, pixel))
@@ -403,7 +407,7 @@ def test_lucency_features_see_a_lucent_line_whatever_the_bone_density_and_resolu
 def test_local_median_equals_scipy_median_filter_where_asked() -> None:
     from scipy import ndimage
 
-    from cspine.cls.lucency import _local_median
+    from cspine.features.lucency import _local_median
 
     rng = np.random.default_rng(0)
     hu = rng.normal(size=(12, 30, 30)).astype(np.float32)
@@ -415,7 +419,7 @@ def test_local_median_equals_scipy_median_filter_where_asked() -> None:
 
 
 def test_lucency_features_of_a_speck_are_finite() -> None:
-    from cspine.cls.lucency import N_LUCENCY, lucency_features
+    from cspine.features.lucency import N_LUCENCY, lucency_features
 
     hu = np.full((5, 9, 9), 300.0, np.float32)
     speck = np.zeros(hu.shape, bool)
@@ -428,8 +432,10 @@ def test_lucency_features_of_a_speck_are_finite() -> None:
 def test_model_reads_fractions_as_logs_standardised_on_the_training_set_and_clipped() -> None:
     import torch
 
-    from cspine.cls.lucency import FRACTION_FLOOR, N_FRACTIONS, N_LUCENCY
-    from cspine.cls.models import STATS_CLIP, create_model, lucency_inputs
+    from cspine.cls.models import create_model
+    from cspine.cls.recipes import SequenceRecipe
+    from cspine.features.linear import STATS_CLIP, LucencyModel, lucency_inputs
+    from cspine.features.lucency import FRACTION_FLOOR, N_FRACTIONS, N_LUCENCY
 
     raw = torch.rand(50, N_LUCENCY) * 0.01
     raw[:, N_FRACTIONS:] = torch.tensor([9.0, 25.0]) + torch.randn(50, 2)
@@ -437,24 +443,26 @@ def test_model_reads_fractions_as_logs_standardised_on_the_training_set_and_clip
     assert torch.allclose(x[:, :N_FRACTIONS], torch.log(raw[:, :N_FRACTIONS] + FRACTION_FLOOR))
     assert torch.equal(x[:, N_FRACTIONS:], raw[:, N_FRACTIONS:])  # volume and height as they are
     model = create_model("sequence", ModelConfig(**TINY_MODEL), CropConfig(**TINY_CROP))
-    model.set_stats_norm(raw)
-    assert torch.allclose(model.stats_mean, x.mean(0)) and torch.allclose(model.stats_std, x.std(0))
+    norm = LucencyModel.fit(raw[None], torch.ones(1, 50, dtype=torch.bool))  # standardisation only
+    assert torch.allclose(norm.mean, x.mean(0)) and torch.allclose(norm.std, x.std(0))
     # a vertebra far outside the training statistics saturates at STATS_CLIP: 0.9 or 1.0 below 60 HU, the same logit
     images = torch.zeros(1, 7, 4, CropConfig(**TINY_CROP).channels, 32, 32, dtype=torch.uint8)
     present = torch.ones(1, 7, dtype=torch.bool)
+    lucency = LucencyModel(norm.mean, norm.std, torch.randn(2 * N_LUCENCY), torch.zeros(7))
+    recipe = SequenceRecipe(ModelConfig(**TINY_MODEL), CropConfig(**TINY_CROP))
     model.eval()
     logits = []
     for fraction in (0.9, 1.0):
         extreme = torch.zeros(1, 7, N_LUCENCY)
         extreme[..., N_FRACTIONS:] = torch.tensor([9.0, 25.0])
         extreme[0, 3, :N_FRACTIONS] = fraction
-        logits.append(model(images, present, extreme)["features"][0, 3])
+        logits.append(model(images, present, **recipe.feature_inputs(lucency, extreme, present))["features"][0, 3])
     assert torch.isfinite(logits[0]) and torch.allclose(logits[0], logits[1])
-    assert (np.log(0.9 + FRACTION_FLOOR) - model.stats_mean[0]) / model.stats_std[0] > STATS_CLIP
+    assert (np.log(0.9 + FRACTION_FLOOR) - norm.mean[0]) / norm.std[0] > STATS_CLIP
 
 
 def test_crops_carry_the_lucency_statistics_of_their_vertebra() -> None:
-    from cspine.cls.lucency import LUCENCY_FEATURES
+    from cspine.features.lucency import LUCENCY_FEATURES
 
     vol, mask = _staircase()  # C3 spans z 10..19 (-500..-50 HU), C4 z 20..27 (0..350 HU)
     crops = vertebra_crops(vol, mask, CropConfig(slices=4, size=32))
@@ -467,7 +475,7 @@ def test_crops_carry_the_lucency_statistics_of_their_vertebra() -> None:
 def test_relative_to_study_compares_a_vertebra_with_the_median_of_the_present_ones_of_its_study() -> None:
     import torch
 
-    from cspine.cls.models import relative_to_study
+    from cspine.features.linear import relative_to_study
 
     h = torch.arange(2 * 7 * 3, dtype=torch.float32).reshape(14, 3)
     h[3] += 100.0  # study 1's C4 is far off (a fracture): it must not move the reference of the others
@@ -620,7 +628,7 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_store(tiny_cache: Path):
-    from cspine.cls.crops import CropsConfig, build_crops
+    from cspine.cls.crop_cache import CropsConfig, build_crops
     from cspine.cls.dataset import StudyStore
 
     crop = CropConfig(**TINY_CROP)
@@ -764,7 +772,7 @@ def test_train_cls_cli_seed_baseline_image_split(tiny_cache: Path, tmp_path: Pat
 def test_bone_region_keeps_a_fracture_gap_and_drops_spilled_soft_tissue_and_the_canal(px: float) -> None:
     from scipy import ndimage
 
-    from cspine.cls.bone_region import REACH_MM, bone_labels
+    from cspine.features.bone_region import REACH_MM, bone_labels
 
     n = int(80 / px)
     spacing = (2.0, px, px)
@@ -787,3 +795,134 @@ def test_bone_region_keeps_a_fracture_gap_and_drops_spilled_soft_tissue_and_the_
     assert not out[8][(coarse[8] > 0) & (r2 > 27**2)].any()  # soft tissue the mask spilled into is not
     assert not out[8][xx < 20 - REACH_MM - 1].any()  # bone farther than REACH_MM from the mask is nobody's
     assert out[8][ring & ~gap & (xx >= 20 - REACH_MM + 1)].all()  # bone within REACH_MM is the vertebra's
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Versions: a model fitted on other feature definitions, or a bundle of another format, is refused in one line
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_lucency_model_fitted_on_other_feature_definitions_is_refused(tmp_path: Path) -> None:
+    import torch
+
+    from cspine.bundle import BundleError
+    from cspine.features.linear import LucencyModel
+    from cspine.features.lucency import N_LUCENCY
+
+    path = tmp_path / "fold0.features.json"
+    LucencyModel(torch.zeros(N_LUCENCY), torch.ones(N_LUCENCY), torch.ones(2 * N_LUCENCY), torch.zeros(7)).save(path)
+    back = LucencyModel.load(path)
+    assert back.weight is not None and torch.equal(back.weight, torch.ones(2 * N_LUCENCY))
+    saved = json.loads(path.read_text())
+    saved["features"]["version"] = "0.9"
+    saved["features"]["lucency"]["lt_hu"][0] = 50  # a statistic redefined under the fitted regression
+    path.write_text(json.dumps(saved))
+    with pytest.raises(BundleError, match=r"lucency features version 0\.9") as info:
+        LucencyModel.load(path)
+    assert "\n" not in str(info.value) and "retrain" in str(info.value)
+
+
+def test_bundle_check_fires_on_another_format_or_component_version(tmp_path: Path) -> None:
+    from cspine.bundle import BUNDLE_FORMAT, BundleError, check_bundle, component_formats
+    from cspine.engine.formats import check_format
+
+    major, minor = (int(x) for x in BUNDLE_FORMAT.split("."))
+    check_format(BUNDLE_FORMAT, BUNDLE_FORMAT, "b")
+    check_format(f"{major}.0", BUNDLE_FORMAT, "b")  # an older minor of the same major is read
+    for bad in (1, f"{major - 1}.9", f"{major}.{minor + 1}", f"{major + 1}.0", "2", None):
+        with pytest.raises(BundleError, match="bundle format"):
+            check_format(bad, BUNDLE_FORMAT, "b: bundle", error=BundleError)
+    root = tmp_path / "model"
+    for c in ("seg", "cls"):
+        (root / c).mkdir(parents=True)
+        (root / c / "config.json").write_text("{}")
+    formats = component_formats()
+    (root / "bundle.json").write_text(json.dumps({"format": BUNDLE_FORMAT, "formats": formats}))
+    assert check_bundle(root)["format"] == BUNDLE_FORMAT
+    formats["cls"]["features"] = "0.9"  # a classifier fitted on older lucency statistics
+    (root / "bundle.json").write_text(json.dumps({"format": BUNDLE_FORMAT, "formats": formats}))
+    with pytest.raises(BundleError, match=r"cls/ model's features format 0\.9") as info:
+        check_bundle(root)
+    assert "\n" not in str(info.value)
+    (root / "bundle.json").write_text(json.dumps({"format": 1, "cspine": "0.1.0"}))  # what 0.x wrote
+    with pytest.raises(BundleError, match="bundle format 1"):
+        check_bundle(root)
+
+
+def test_crops_record_typed_input_errors_stop_when_systematic_and_let_bugs_through(
+    tiny_cache: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from cspine.cls import crop_cache as crops_mod
+    from cspine.data.cache import prepared_studies
+    from cspine.errors import CspineInputError
+
+    uids = [p.name for p in prepared_studies(tiny_cache)]
+    broken: set[str] = set()
+
+    def mask_path(cfg, study_dir: Path):  # the others have no mask here: skipped, which is not a failure
+        if study_dir.name in broken:
+            raise CspineInputError(f"{study_dir}/mask.nii.gz: unreadable")
+        return None
+
+    monkeypatch.setattr(crops_mod, "_mask_path", mask_path)
+    cfg = crops_mod.CropsConfig(data=tiny_cache, out=tmp_path / "crops", crop=CropConfig(**TINY_CROP))
+    broken.add(uids[0])  # 1 of 8: recorded and skipped, the batch goes on
+    assert crops_mod.build_crops(cfg) == []
+    index = json.loads((cfg.folder / "index.json").read_text())
+    assert [r["uid"] for r in index["skipped"] if r["status"] == "failed"] == [uids[0]]
+    broken.add(uids[1])  # 2 of 8 (25 %): systematic, it stops and says why
+    with pytest.raises(CspineInputError, match="2 of 8 studies failed to crop"):
+        crops_mod.build_crops(cfg)
+
+    def bug(cfg, study_dir: Path):
+        raise ZeroDivisionError("a bug, not bad input")
+
+    monkeypatch.setattr(crops_mod, "_mask_path", bug)
+    with pytest.raises(ZeroDivisionError):
+        crops_mod.build_crops(cfg)
+
+
+def test_train_flags_are_generated_from_the_config_dataclasses(capsys) -> None:
+    import dataclasses
+
+    from cspine.cli import build_parser
+    from cspine.engine.cli_flags import config_overrides
+    from cspine.seg.config import TrainSegConfig
+
+    parser = build_parser()
+    args = parser.parse_args(["train-cls", "--data", "d", "--out", "o", "--size", "64", "--no-lucency",
+                              "--density-hu", "-50", "400", "--crops", "c", "--no-augment"])  # fmt: skip
+    assert config_overrides(args, "crop") == {"size": 64}
+    assert config_overrides(args, "model") == {"lucency": False, "density_hu": (-50.0, 400.0)}
+    assert config_overrides(args, "train") == {"crops_dir": "c", "augment": False}
+    resolved = resolve_train_config("sequence", Path("d"), Path("o"), {"model": config_overrides(args, "model")})
+    assert resolved.model.density_hu == (-50.0, 400.0) and not resolved.model.lucency
+    for command, classes, skip in (
+        ("train-cls", (TrainConfig, CropConfig, ModelConfig), {"data", "out", "recipe", "crop", "model"}),
+        ("train-seg", (TrainSegConfig,), {"data", "out", "preprocess", "augment"}),
+    ):
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for cls in classes:  # one flag per field, nothing to add by hand
+            for f in dataclasses.fields(cls):
+                assert f.name in skip or f"--{f.name.replace('_', '-')}" in text, (command, f.name)
+    assert "--iters-per-epoch ITERS_PER_EPOCH optimiser steps per epoch (per process) (default 100)" in text
+
+
+def test_one_split_file_is_written_once_and_read_by_both_stages(tiny_cache: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from cspine.data.splits import SPLITS_FILE, fold_members, study_folds
+    from cspine.errors import ConfigError
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache, cache, ignore=shutil.ignore_patterns("crops", SPLITS_FILE))
+    folds = study_folds(cache, "train", 2, 0)
+    assert sorted(folds) == sorted(p.name for p in (cache / "train").iterdir()) and set(folds.values()) == {0, 1}
+    saved = json.loads((cache / SPLITS_FILE).read_text())
+    saved["train/2-folds/seed-0"] = {u: 1 - f for u, f in folds.items()}  # what was written is what is read
+    (cache / SPLITS_FILE).write_text(json.dumps(saved))
+    assert study_folds(cache, "train", 2, 0) == {u: 1 - f for u, f in folds.items()}
+    with pytest.raises(ConfigError, match="not in its 2-fold split"):
+        fold_members(cache, "train", 2, 0, [*folds, "1.2.3.new"])

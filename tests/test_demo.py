@@ -60,6 +60,22 @@ def test_demo_outputs(demo: dict) -> None:
     assert record["summary"]["test_competition_loss"] == pytest.approx(metrics["competition_loss"])
 
 
+def test_no_oof_mask_comes_from_a_segmenter_that_trained_on_its_study(demo: dict) -> None:
+    """The classifier's out-of-fold predictions use masks from the segmenter of the same fold, which held it out."""
+    work = Path(demo["out"]) / "work"
+    cls_folds = json.loads((work / "cls" / "folds.json").read_text())  # {uid: fold}
+    splits = json.loads((Path(demo["out"]) / "cache" / "splits.json").read_text())
+    assert cls_folds == splits["train/2-folds/seed-0"]  # one split file, read by both stages
+    trained_on = {
+        run.parent.resolve(): set(json.loads(run.read_text())["train_studies"]) for run in work.glob("seg*/run.json")
+    }
+    assert len(trained_on) == 2 and all(trained_on.values())
+    for uid, fold in cls_folds.items():
+        model = Path(json.loads((work / "pseudo" / f"{uid}.json").read_text())["model"]).resolve()
+        assert model == (work / f"seg{fold}").resolve()
+        assert uid not in trained_on[model], f"{uid}: its mask comes from a segmenter that trained on it"
+
+
 def test_predict_outputs_aligned_mask(demo: dict) -> None:
     from cspine.io import load_series
     from cspine.io.nifti import nifti_affine

@@ -109,7 +109,7 @@ def test_parametrisation_covers_registry() -> None:
 
 
 def test_config_round_trip_and_typo_is_refused() -> None:
-    from cspine.seg.config import from_dict, to_dict
+    from cspine.engine.config import from_dict, to_dict
 
     cfg = TrainSegConfig(out=Path("x"), patch=(32, 48, 64), preprocess=TINY_PRE)
     assert from_dict(TrainSegConfig, to_dict(cfg)) == cfg

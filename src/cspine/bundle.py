@@ -6,8 +6,9 @@ Layout::
     MODEL/seg/          vertebra segmentation model directory (weights, config, label map, preprocessing)
     MODEL/cls/          fracture classifier directory (weights per fold, config, crops, calibration)
 
-Loading checks the format and the cspine version and says precisely what is missing or
-mismatched, so a partial copy or a bundle from an incompatible release fails at load,
+Loading checks the bundle's format version (major.minor: another major, or a newer minor, is refused), the
+formats of its two model directories and the lucency feature version its classifier was fitted on, and says
+precisely what is missing or mismatched, so a partial copy or a bundle from an incompatible release fails at load,
 not halfway through a 1,500-study submission.
 """
 
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from cspine import __version__
+from cspine.engine.formats import check_format
 from cspine.errors import CspineInputError
 from cspine.labels import PATIENT, PREDICTION_TYPES
 from cspine.runtime import versions, write_json
@@ -31,7 +33,8 @@ from cspine.runtime import versions, write_json
 log = logging.getLogger(__name__)
 
 BUNDLE_FILE = "bundle.json"
-BUNDLE_FORMAT = 1
+#: major.minor of the bundle layout: a reader accepts its own major and any minor up to its own.
+BUNDLE_FORMAT = "2.0"
 #: Files that must exist in each component directory of a bundle.
 REQUIRED = {"seg": ("config.json",), "cls": ("config.json",)}
 
@@ -53,8 +56,13 @@ class Prediction:
     cervical_spine: str = "present"
 
 
-def _major(version: str) -> int:
-    return int(version.split(".")[0] or 0)
+def component_formats() -> dict[str, Any]:
+    """What this cspine writes into a bundle's two model directories (recorded in bundle.json, checked at load)."""
+    from cspine.cls.config import MODEL_DIR_FORMAT
+    from cspine.features.config import FEATURES_VERSION
+    from cspine.seg.config import CONFIG_FORMAT
+
+    return {"seg": {"format": CONFIG_FORMAT}, "cls": {"format": MODEL_DIR_FORMAT, "features": FEATURES_VERSION}}
 
 
 def check_bundle(root: Path) -> dict[str, Any]:
@@ -73,11 +81,13 @@ def check_bundle(root: Path) -> dict[str, Any]:
         info = json.loads(info_path.read_text())
     except json.JSONDecodeError as exc:
         raise BundleError(f"{info_path}: unreadable ({exc})") from exc
-    if info.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{info_path}: bundle format {info.get('format')!r}, this cspine reads {BUNDLE_FORMAT}")
-    made_with = str(info.get("cspine", "0.0"))
-    if _major(made_with) != _major(__version__):
-        raise BundleError(f"{root}: made with cspine {made_with}, incompatible with this cspine {__version__}")
+    check_format(info.get("format"), BUNDLE_FORMAT, f"{info_path}: bundle", error=BundleError)
+    made = info.get("formats", {})
+    for component, expected in component_formats().items():
+        for key, value in expected.items():
+            what = f"{root}: its {component}/ model's" + ("" if key == "format" else f" {key}")
+            hint = "rebuild it with this cspine's train-seg, train-cls and bundle"
+            check_format(made.get(component, {}).get(key), value, what, hint, BundleError)
     missing = [f"{c}/{f}" for c, files in REQUIRED.items() for f in files if not (root / c / f).exists()]
     if missing:
         raise BundleError(f"{root}: incomplete bundle, missing {', '.join(missing)}")
@@ -111,6 +121,7 @@ def make_bundle(seg_dir: Path, cls_dir: Path, out: Path, metrics: dict[str, Any]
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "versions": versions(),
             "components": {"seg": "seg/", "cls": "cls/"},
+            "formats": component_formats(),
             "metrics": metrics or {},
         },
     )
@@ -192,6 +203,8 @@ def load_bundle(root: str | Path, device: str = "auto") -> Bundle:
     try:
         segmenter = load_model(path / "seg", device=device)
         classifier = load_classifier(path / "cls", device=device)
-    except (FileNotFoundError, KeyError, RuntimeError) as exc:
+    except BundleError:
+        raise
+    except (FileNotFoundError, KeyError, RuntimeError, ValueError) as exc:
         raise BundleError(f"{path}: broken model bundle ({type(exc).__name__}: {exc})") from exc
     return Bundle(path, info, segmenter, classifier)

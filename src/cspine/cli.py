@@ -218,21 +218,23 @@ def _add_masks_first(p: argparse.ArgumentParser) -> None:
                         "segmenter's masks, as predict will see them)")
 
 
-def _add_stats_region(p: argparse.ArgumentParser, default: str | None) -> None:
-    from cspine.cls.config import STATS_REGIONS  # torch-free
+def _add_crop_flags(p: argparse.ArgumentParser, note: str = "") -> None:
+    """One flag per CropConfig field (cspine.engine.cli_flags): a new crop setting is one line in its dataclass."""
+    from cspine.cls.config import STATS_REGIONS, CropConfig  # torch-free
+    from cspine.engine.cli_flags import add_config_flags
 
-    p.add_argument("--stats-region", choices=STATS_REGIONS, default=default,
-                   help="count the lucency statistics inside the vertebra's mask (ground truth, good segmenter) or "
-                        "in the bone the image shows, labelled by the nearest masked vertebra (coarse masks)")
+    g = p.add_argument_group("crops (cspine.cls.config.CropConfig)")
+    add_config_flags(g, CropConfig, "crop", choices={"stats_region": STATS_REGIONS}, defaults_note=note)
 
 
 def cmd_crops(args: argparse.Namespace) -> int:
     """Per-vertebra 2.5D crops of a prepared cache (cached; optional PNG grids to look at)."""
     from cspine.cls.config import CropConfig
-    from cspine.cls.crops import CropsConfig, build_crops
+    from cspine.cls.crop_cache import CropsConfig, build_crops
+    from cspine.engine.cli_flags import config_overrides
+    from cspine.engine.config import from_dict
 
-    crop = CropConfig(slices=args.slices, size=args.size, margin=args.margin, context=args.context,
-                      context_stride=args.context_stride, window=args.window, stats_region=args.stats_region)
+    crop = from_dict(CropConfig, config_overrides(args, "crop"))
     cfg = CropsConfig(data=_existing(args.data), out=Path(args.out) if args.out else None, crop=crop,
                       masks=_existing(args.masks) if args.masks else None, masks_first=args.masks_first,
                       split=args.split, limit=args.limit,
@@ -248,28 +250,15 @@ def cmd_train_cls(args: argparse.Namespace) -> int:
     """Train a fracture classifier recipe with study-grouped CV (or a hold-out split)."""
     from cspine.cls.config import resolve_train_config
     from cspine.cls.train import train_cls
+    from cspine.engine.cli_flags import config_overrides
 
-    top = {k: getattr(args, k) for k in ("split", "folds", "fold", "holdout", "epochs", "batch_size", "lr",
-                                          "patience", "seed", "device", "workers", "threads", "limit")}
-    crop = {"slices": args.slices, "size": args.size, "context": args.context, "context_stride": args.context_stride,
-            "margin": args.margin, "stats_region": args.stats_region}
-    model = {"encoder": args.encoder, "width": args.width, "hidden": args.hidden, "pretrained": args.pretrained,
-             "patient_from": args.patient_from, "stem_stride": args.stem_stride, "aux_weight": args.aux_weight,
-             "density_bins": args.density_bins, "feature_weight": args.feature_weight, "feature_l2": args.feature_l2,
-             "feature_fit": args.feature_fit, "feature_c": args.feature_c,
-             "lucency": False if args.no_lucency else None}
-    overrides: dict[str, object] = {k: v for k, v in top.items() if v is not None}
-    overrides["crop"] = {k: v for k, v in crop.items() if v is not None}
-    overrides["model"] = {k: v for k, v in model.items() if v is not None}
-    if args.crops:
-        overrides["crops_dir"] = args.crops
-    if args.masks:
-        overrides["masks"] = str(_existing(args.masks))
-        overrides["masks_first"] = args.masks_first
-    if args.no_augment:
-        overrides["augment"] = False
-    if args.pretrained:
-        _existing(args.pretrained)
+    overrides: dict[str, object] = config_overrides(args, "train")
+    overrides["crop"] = config_overrides(args, "crop")
+    overrides["model"] = config_overrides(args, "model")
+    if "masks" in overrides:
+        overrides["masks"] = str(_existing(str(overrides["masks"])))
+    if "pretrained" in overrides["model"]:
+        _existing(str(overrides["model"]["pretrained"]))
     cfg = resolve_train_config(args.recipe, _existing(args.data), Path(args.out), overrides)
     summary = train_cls(cfg, progress=not args.no_progress)
     if not summary:  # under torchrun the other ranks return nothing: rank 0 prints
@@ -299,13 +288,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_train_seg(args: argparse.Namespace) -> int:
     """Train the vertebra segmenter (rerun the same command to resume)."""
+    from cspine.engine.cli_flags import config_overrides
     from cspine.seg.train import train_config, train_segmentation
 
-    names = ("stage", "arch", "split", "fold", "folds", "epochs", "iters_per_epoch", "batch_size", "lr", "patience",
-             "seed", "device", "threads", "max_studies")
-    overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
-    if args.patch:
-        overrides["patch"] = tuple(args.patch)
+    overrides = config_overrides(args, "train")
     if args.spacing:
         overrides["preprocess"] = {"spacing": (args.spacing,) * 3}
     cfg = train_config(data=_existing(args.data), out=Path(args.out), **overrides)
@@ -356,10 +342,11 @@ def cmd_eval_seg(args: argparse.Namespace) -> int:
             raise UsageError("--model needs --data (prepared cache or RSNA folder with masks)")
         uids = None
         if args.fold is not None:
-            from cspine.seg.data import discover_studies, fold_of
+            from cspine.data.splits import fold_members
+            from cspine.seg.data import discover_studies
 
             refs = [r.uid for r in discover_studies(_existing(args.data), args.split) if r.has_mask]
-            folds = fold_of(refs, args.folds, args.seed)
+            folds = fold_members(_existing(args.data), args.split, args.folds, args.seed, refs)
             uids = [u for u in refs if folds[u] == args.fold]
         summary = evaluate_model(_existing(args.model), _existing(args.data), Path(args.out), args.split, uids,
                                  args.device, progress=not args.no_progress)
@@ -518,7 +505,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cls", required=True, help="classification model directory (cspine train-cls --out)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_bundle)
-    from cspine.cls.config import ENCODERS, FEATURE_FITS, PATIENT_SOURCES, RECIPES, SPLITS  # torch-free names
+    from cspine.cls.config import (  # torch-free names
+        ENCODERS,
+        FEATURE_FITS,
+        OPTIMIZERS,
+        PATIENT_SOURCES,
+        POOLS,
+        RECIPES,
+        SCHEDULES,
+        SPLITS,
+        ModelConfig,
+        TrainConfig,
+    )
+    from cspine.engine.cli_flags import add_config_flags
 
     p = sub.add_parser("crops", help="per-vertebra 2.5D crops of a prepared cache (+ PNG grids with --png)")
     p.add_argument("--data", required=True, help="prepared cache folder (cspine prepare --out)")
@@ -526,13 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", default=None, help="folder of predicted masks <uid>.nii[.gz] (default: cache masks)")
     _add_masks_first(p)
     p.add_argument("--split", choices=("train", "test"), default="train")
-    p.add_argument("--slices", type=int, default=10, help="K slices per vertebra")
-    p.add_argument("--size", type=int, default=48, help="S: crop side in pixels")
-    p.add_argument("--margin", type=float, default=0.1, help="margin around the vertebra box (fraction)")
-    p.add_argument("--context", type=int, default=1, help="neighbouring slices on each side as channels")
-    p.add_argument("--context-stride", type=int, default=1, help="slice step between those neighbours")
-    p.add_argument("--window", default="bone")
-    _add_stats_region(p, "mask")
+    _add_crop_flags(p)
     p.add_argument("--limit", type=int, default=0, help="at most this many studies (0 = all)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--png", action="store_true", help="write a PNG grid per study (fracture boxes in red)")
@@ -543,52 +536,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="prepared cache folder with masks (cspine prepare --out)")
     p.add_argument("--out", required=True, help="model directory (rerun the same command to resume)")
     p.add_argument("--recipe", choices=tuple(RECIPES), default="sequence")
-    p.add_argument("--split", choices=SPLITS, default=None,
-                   help="folds (CV), study (hold-out) or image (the seed's leaky split); default per recipe")
-    p.add_argument("--folds", type=int, default=None)
-    p.add_argument("--fold", type=int, default=None, help="train only this fold (parallel runs)")
-    p.add_argument("--holdout", type=float, default=None, help="held-out fraction for split study/image")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--patience", type=int, default=None, help="early stopping patience (epochs)")
-    p.add_argument("--slices", type=int, default=None, help="K slices per vertebra")
-    p.add_argument("--size", type=int, default=None, help="S: crop side in pixels")
-    p.add_argument("--context", type=int, default=None, help="neighbouring slices on each side as channels")
-    p.add_argument("--context-stride", type=int, default=None, help="slice step between those neighbours")
-    p.add_argument("--margin", type=float, default=None, help="margin around the vertebra box (fraction)")
-    _add_stats_region(p, None)
-    p.add_argument("--encoder", choices=ENCODERS, default=None)
-    p.add_argument("--width", type=float, default=None, help="ResNet width multiplier")
-    p.add_argument("--hidden", type=int, default=None, help="GRU hidden size")
-    p.add_argument("--stem-stride", type=int, choices=(1, 2), default=None,
-                   help="first convolution stride (sequence default 1: full resolution; 2 is 4x cheaper on CPU)")
-    p.add_argument("--aux-weight", type=float, default=None, help="weight of the per-slice box loss")
-    p.add_argument("--patient-from", choices=PATIENT_SOURCES, default=None)
-    p.add_argument("--density-bins", type=int, default=None,
-                   help="bins of the density histogram inside the vertebra mask fed to the sequence model (0 = off)")
-    p.add_argument("--no-lucency", action="store_true",
-                   help="leave out the per-vertebra lucency statistics (dark voxels inside the mask, height)")
-    p.add_argument("--feature-fit", choices=FEATURE_FITS, default=None,
-                   help="linear feature path: 'logistic' (the lucency statistics through a logistic regression "
-                   "fitted on the training fold, frozen; default) or 'joint' (trained with the network)")
-    p.add_argument("--feature-c", type=float, default=None, help="inverse L2 strength of the logistic fit")
-    p.add_argument("--feature-weight", type=float, default=None,
-                   help="weight of the linear feature path's own loss (deep supervision; 0 = off)")
-    p.add_argument("--feature-l2", type=float, default=None,
-                   help="L2 penalty on the linear feature path's weights (as in a logistic regression)")
-    p.add_argument("--pretrained", default=None, help="local file with ImageNet encoder weights (never downloaded)")
-    p.add_argument("--crops", default=None, help="crop cache root (default: DATA/crops)")
-    p.add_argument("--masks", default=None,
-                   help="folder of predicted masks <uid>.nii[.gz] for studies the cache has no mask for")
-    _add_masks_first(p)
-    p.add_argument("--no-augment", action="store_true")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (DDP under torchrun)")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (0 = torch default)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many studies (quick runs)")
     _add_progress(p)
+    note = "; a recipe may set another"
+    g = p.add_argument_group("training (cspine.cls.config.TrainConfig)")
+    add_config_flags(g, TrainConfig, "train", skip=("data", "out", "recipe"), defaults_note=note,
+                     choices={"split": SPLITS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES})
+    p.add_argument("--crops", dest="train.crops_dir", default=None, help="the same as --crops-dir")
+    _add_crop_flags(p, note)
+    g = p.add_argument_group("model (cspine.cls.config.ModelConfig)")
+    add_config_flags(g, ModelConfig, "model", defaults_note=note,
+                     choices={"encoder": ENCODERS, "patient_from": PATIENT_SOURCES, "pool": POOLS,
+                              "feature_fit": FEATURE_FITS, "stem_stride": (1, 2)})
     p.set_defaults(func=cmd_train_cls)
 
     p = sub.add_parser("evaluate", help="score predictions against labels: metrics.json, report.md, PNGs")
@@ -600,31 +558,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-labels", default=None,
                    help="the labels the model was trained on: adds their per-column prevalence as a baseline")
     p.set_defaults(func=cmd_evaluate)
-    from cspine.seg.config import LABEL_CONVENTION_NAMES  # torch-free registries
-    from cspine.seg.models import DEFAULT_MODEL, MODEL_NAMES
+    from cspine.seg.config import LABEL_CONVENTION_NAMES, STAGE_CLASSES, TrainSegConfig  # torch-free registries
+    from cspine.seg.models import MODEL_NAMES
 
     p = sub.add_parser("train-seg", help="train the C1-C7 segmenter (3D U-Net; resumable; DDP under torchrun)")
     p.add_argument("--data", required=True, help="prepared cache (cspine prepare --out) or RSNA-layout folder")
     p.add_argument("--out", required=True, help="model directory (rerun the same command to resume)")
-    p.add_argument("--arch", choices=MODEL_NAMES, default=None, help=f"network (default {DEFAULT_MODEL})")
-    p.add_argument("--stage", choices=("coarse", "refine"), default=None,
-                   help="coarse (default): C1-C7 + other; refine: vertebra vs background on a finer grid, "
-                        "trained into COARSE_MODEL_DIR/refine")
-    p.add_argument("--split", default=None, help="split holding the masks (default train)")
-    p.add_argument("--fold", type=int, default=None, help="validation fold, grouped by study; -1 = train on all")
-    p.add_argument("--folds", type=int, default=None, help="number of folds (default 5)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--iters-per-epoch", type=int, default=None, help="optimiser steps per epoch and process")
-    p.add_argument("--batch-size", type=int, default=None, help="patches per step and process")
-    p.add_argument("--patch", type=int, nargs=3, metavar=("Z", "Y", "X"), default=None, help="patch in voxels")
+    g = p.add_argument_group("training (cspine.seg.config.TrainSegConfig)")
+    add_config_flags(g, TrainSegConfig, "train", skip=("data", "out"),
+                     choices={"arch": MODEL_NAMES, "stage": tuple(STAGE_CLASSES)})
     p.add_argument("--spacing", type=float, default=None,
-                   help="isotropic model spacing in mm (default 2.0; refine stage 1.25)")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--patience", type=int, default=None, help="early stopping patience in epochs (0 = off)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max-studies", type=int, default=None, help="use at most this many studies (smoke runs)")
-    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+                   help="isotropic model spacing in mm (PreprocessConfig.spacing; default 2.0, refine stage 1.25)")
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming from OUT/last.pt")
     _add_progress(p)
     p.set_defaults(func=cmd_train_seg)

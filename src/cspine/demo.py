@@ -1,7 +1,8 @@
 """`cspine demo`: the whole pipeline on generated data, in minutes, on a laptop CPU.
 
-Generate a small RSNA-layout dataset -> prepare -> train the segmenter on the studies with
-masks -> segment every training study -> train the `sequence` classifier on those masks -> bundle -> submit on the
+Generate a small RSNA-layout dataset -> prepare -> per fold of the dataset's split, train a segmenter on the other
+folds' studies with masks and segment the fold's studies with it -> train the `sequence` classifier (same folds) on
+those masks -> bundle -> submit on the
 generated test studies -> evaluate against their hidden labels -> predict one study with a
 report. Every stage is the same library call the CLI makes, so the demo is also the
 end-to-end check of the tool. The bundle it leaves in OUT/model works with predict, submit
@@ -53,7 +54,7 @@ class DemoConfig:
     cls_epochs: int = 4
     cls_folds: int = 3
     # the 4 mm segmenter's masks spill into soft tissue and drown the lucency statistics: count them in the bone
-    # the image shows, labelled by the nearest masked vertebra (cspine.cls.bone_region)
+    # the image shows, labelled by the nearest masked vertebra (cspine.features.bone_region)
     stats_region: str = "bone"
 
 
@@ -85,6 +86,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     from cspine.cls.evaluate import EvaluateConfig, evaluate
     from cspine.cls.train import train_cls
     from cspine.data.cache import PrepareConfig, prepare_dataset
+    from cspine.data.splits import study_folds
     from cspine.predict import PredictConfig, predict_study
     from cspine.seg.pseudo import PseudoLabelConfig, pseudo_label
     from cspine.seg.train import train_config, train_segmentation
@@ -116,29 +118,35 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
         timings,
         lambda: prepare_dataset(PrepareConfig(data=data, out=cache, workers=cfg.workers), progress=progress),
     )
-    seg_cfg = train_config(
-        data=cache,
-        out=work / "seg",
-        fold=0,
-        folds=5,
-        epochs=cfg.seg_epochs,
-        iters_per_epoch=cfg.seg_iters,
-        patch=cfg.seg_patch,
-        batch_size=1,
-        lr=cfg.seg_lr,
-        preprocess={"spacing": (cfg.seg_spacing,) * 3},
-        device=cfg.device,
-        patience=0,
-    )
-    seg_summary = _stage("train-seg", timings, lambda: train_segmentation(seg_cfg, resume=True, progress=progress))
-    _stage(
-        "pseudo-label",
-        timings,
-        lambda: pseudo_label(
-            PseudoLabelConfig(data=cache, model=work / "seg", out=work / "pseudo", all_studies=True, device=cfg.device),
-            progress=progress,
-        ),
-    )
+    # One segmenter per classifier fold, on the folds of the dataset's split file (cspine.data.splits), and each
+    # fold's studies masked by the segmenter that held them out: the classifier's out-of-fold predictions then
+    # never see a mask from a segmenter that trained on that study (the bundle ships fold 0's segmenter).
+    folds = study_folds(cache, "train", cfg.cls_folds, seed=0)
+    seg_summaries = []
+    for k in range(cfg.cls_folds):
+        seg_cfg = train_config(
+            data=cache,
+            out=work / f"seg{k}",
+            fold=k,
+            folds=cfg.cls_folds,
+            epochs=cfg.seg_epochs,
+            iters_per_epoch=cfg.seg_iters,
+            patch=cfg.seg_patch,
+            batch_size=1,
+            lr=cfg.seg_lr,
+            preprocess={"spacing": (cfg.seg_spacing,) * 3},
+            device=cfg.device,
+            patience=0,
+        )
+        seg_summaries.append(
+            _stage(f"train-seg{k}", timings, lambda c=seg_cfg: train_segmentation(c, resume=True, progress=progress))
+        )
+        held_out = tuple(u for u, f in folds.items() if f == k)
+        pseudo = PseudoLabelConfig(
+            data=cache, model=work / f"seg{k}", out=work / "pseudo", all_studies=True, uids=held_out, device=cfg.device
+        )
+        _stage(f"pseudo-label{k}", timings, lambda p=pseudo: pseudo_label(p, progress=progress))
+    seg_summary = seg_summaries[0]
     cls_cfg = resolve_train_config(
         "sequence",
         cache,
@@ -165,7 +173,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
         "bundle",
         timings,
         lambda: make_bundle(
-            work / "seg",
+            work / "seg0",
             work / "cls",
             out / "model",
             metrics={

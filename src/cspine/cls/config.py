@@ -13,21 +13,21 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import types
-import typing
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from cspine.engine.config import from_dict, to_dict
+from cspine.engine.formats import check_format
 from cspine.errors import ConfigError
 
 #: Bump when the crop arrays change meaning; old caches are then rebuilt instead of misread.
 CROP_FORMAT = 2
-#: Bump when the model directory layout changes.
-MODEL_DIR_FORMAT = 3
+#: major.minor of the model directory (cspine.engine.formats): 4.0 saves the lucency model apart
+#: (fold{k}.features.json); older directories keep it inside the network's weights and are refused.
+MODEL_DIR_FORMAT = "4.0"
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class CropConfig:
         mask_channel: append the vertebra's own mask as a last channel (tells the model which bone to judge).
         stats_region: where the lucency statistics are counted: "mask" (the vertebra's mask: right for ground
             truth and a good segmenter) or "bone" (bone read from the image, labelled by the nearest vertebra of
-            the mask: cspine.cls.bone_region; for a coarse segmenter's masks).
+            the mask: cspine.features.bone_region; for a coarse segmenter's masks).
     """
 
     slices: int = 10
@@ -71,7 +71,11 @@ class CropConfig:
 
     def key(self, mask_source: str = "gt") -> str:
         """Short content key of the crop settings and the mask source; names the crop cache folder."""
-        text = json.dumps({"format": CROP_FORMAT, "mask": mask_source, **asdict(self)}, sort_keys=True)
+        from cspine.features.config import FEATURES_VERSION  # the crops carry the lucency statistics
+
+        text = json.dumps(
+            {"format": CROP_FORMAT, "features": FEATURES_VERSION, "mask": mask_source, **asdict(self)}, sort_keys=True
+        )
         return f"k{self.slices}-s{self.size}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
 
 
@@ -109,16 +113,15 @@ class ModelConfig:
             A fracture is a few voxels of a vertebra, so "is it anywhere" (max) keeps a signal that a mean dilutes.
         density_bins: bins of the density histogram inside the vertebra mask, per slice and per vertebra, fed to the
             sequence model beside the CNN features (0 = off). A fracture is lucent bone: blood and soft tissue where
-            the mask says bone. On 60 generated studies this histogram alone, in a logistic regression, separates
-            fractured vertebrae with AUC ~0.79, while a CNN learning it from ~30 positive vertebrae stayed at chance.
+            the mask says bone (what it scores alone: benchmarks/cls_results.md).
         density_hu: HU range the histogram covers (below and above are clipped into the end bins).
-        lucency: feed each vertebra's lucency statistics (cspine.cls.lucency: dark voxels inside the mask, lines
+        lucency: feed each vertebra's lucency statistics (cspine.features.lucency: dark voxels inside the mask, lines
             against the local median, volume, height), as they are and relative to the study's other vertebrae,
             into the linear feature path beside the density histogram.
         feature_fit: how the linear feature path is fitted. "logistic" (with lucency): the statistics only,
             through an L2 logistic regression (scikit-learn, C = feature_c) fitted on the training fold before the
-            network trains, then frozen; "joint": histogram and statistics through a linear layer trained with the
-            network (feature_weight, feature_l2).
+            network trains, outside it (cspine.features.linear), its logits added to the network's; "joint":
+            histogram and statistics through a linear layer trained with the network (feature_weight, feature_l2).
         feature_c: inverse L2 strength of the "logistic" fit.
         feature_weight: "joint" only: weight of the feature path's own metric-weighted loss (deep supervision),
             which keeps it fitted after the CNN has memorised the training positives.
@@ -163,6 +166,8 @@ PATIENT_SOURCES: tuple[str, ...] = ("head", "noisy-or")
 POOLS: tuple[str, ...] = ("avg", "max", "avgmax")
 FEATURE_FITS: tuple[str, ...] = ("logistic", "joint")
 STATS_REGIONS: tuple[str, ...] = ("mask", "bone")
+OPTIMIZERS: tuple[str, ...] = ("adam", "adamw")
+SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 
 #: How studies are divided. "folds": study-grouped, label-stratified K-fold CV (out-of-fold predictions);
 #: "study": one held-out fraction of studies; "image": the seed's random split over images (leaky, for comparison).
@@ -171,7 +176,36 @@ SPLITS: tuple[str, ...] = ("folds", "study", "image")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything ``cspine train-cls`` does, saved as ``config.json`` in the model directory."""
+    """Everything ``cspine train-cls`` does, saved as ``config.json`` in the model directory.
+
+    Attributes:
+        data: prepared cache folder with masks (cspine prepare --out).
+        out: model directory (rerun the same command to resume).
+        recipe: one of RECIPES; its defaults apply before the user's settings.
+        crops_dir: crop cache root (default: DATA/crops).
+        masks: folder of predicted masks <uid>.nii[.gz] for studies the cache has no mask for.
+        masks_first: use the masks folder's mask even where the cache has a ground-truth one (train on the
+            segmenter's masks, as predict will see them).
+        split: folds (CV), study (hold-out) or image (the seed's leaky split).
+        folds: number of study-grouped folds (split folds).
+        fold: train only this fold (parallel runs).
+        holdout: held-out fraction for split study/image.
+        val_fraction: validation fraction of the training part (early stopping of the hold-out splits).
+        epochs: training epochs per model.
+        batch_size: studies (sequence) or images (seed-baseline) per step.
+        lr: peak learning rate.
+        weight_decay: optimiser weight decay.
+        optimizer: adam or adamw.
+        schedule: cosine (warm-up, then cosine to 2 %) or constant.
+        patience: early stopping patience (epochs).
+        augment: seeded flips, shifts and contrast jitter of the crops.
+        seed: seed of folds, initialisation and augmentation.
+        device: auto, cpu, cuda or cuda:N (DDP under torchrun).
+        workers: DataLoader workers.
+        threads: torch CPU threads (0 = torch default).
+        limit: at most this many studies (0 = all; quick runs).
+        operating_sensitivity: sensitivity of the reported operating point.
+    """
 
     data: Path
     out: Path
@@ -216,10 +250,10 @@ class TrainConfig:
             raise ConfigError("holdout must be in [0.05, 0.8] and val_fraction in (0, 0.5)")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.patience < 1:
             raise ConfigError("epochs, batch_size and patience must be >= 1 and lr > 0")
-        if self.optimizer not in ("adam", "adamw"):
-            raise ConfigError(f"optimizer must be adam or adamw, got {self.optimizer!r}")
-        if self.schedule not in ("cosine", "constant"):
-            raise ConfigError(f"schedule must be cosine or constant, got {self.schedule!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not 0.0 < self.operating_sensitivity < 1.0:
             raise ConfigError("operating_sensitivity must be in (0, 1)")
 
@@ -247,7 +281,7 @@ RECIPES: dict[str, Recipe] = {
             "epochs": 12,
             "patience": 4,
             # full-resolution stem and a strong box loss: the only setting that learned the fracture signal on
-            # 600 generated studies (mean vertebra AUC 0.71 after 14 epochs vs chance with stride 2, aux 0.3)
+            # generated studies (benchmarks/cls_results.md)
             "model": {"stem_stride": 1, "aux_weight": 1.0},
         },
     ),
@@ -294,84 +328,17 @@ def _deep_update(dst: dict[str, Any], src: dict[str, Any]) -> None:
             dst[k] = dict(v) if isinstance(v, dict) else v
 
 
-def from_dict(cls: type, values: dict[str, Any]) -> Any:
-    """Build a config dataclass from plain values with a type check per field (JSON round trip included)."""
-    if isinstance(values, cls):
-        return values
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"unknown {cls.__name__} setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
-    kwargs = {k: _coerce(k, hints[k], v) for k, v in values.items()}
-    return cls(**kwargs)
-
-
-def _coerce(name: str, hint: Any, value: Any) -> Any:
-    """Check (and minimally convert) one value against its annotation: int -> float, str -> Path, dict -> config."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for opt in options:
-            if opt is type(None):
-                continue
-            try:
-                return _coerce(name, opt, value)
-            except (TypeError, ValueError) as exc:
-                errors.append(str(exc))
-        raise TypeError(errors[0] if errors else f"{name}: bad value {value!r}")
-    if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value) if isinstance(value, dict) else value
-    if origin is tuple:  # fixed-length tuples arrive from JSON as lists
-        args = typing.get_args(hint)
-        if not isinstance(value, list | tuple) or len(value) != len(args):
-            raise TypeError(f"{name}: expected {len(args)} values, got {value!r}")
-        return tuple(_coerce(name, a, v) for a, v in zip(args, value, strict=True))
-    if hint is Path:
-        if isinstance(value, str | Path):
-            return Path(value)
-        raise TypeError(f"{name}: expected a path, got {value!r}")
-    if hint is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise TypeError(f"{name}: expected a number, got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise TypeError(f"{name}: expected an integer, got {value!r}")
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise TypeError(f"{name}: expected true/false, got {value!r}")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise TypeError(f"{name}: expected a string, got {value!r}")
-    return value
-
-
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
     """JSON-ready form (paths as strings) with the format version, as written to ``config.json``."""
-    d = asdict(cfg)
-    for k in ("data", "out", "crops_dir", "masks"):
-        d[k] = None if d[k] is None else str(d[k])
-    return {"format": MODEL_DIR_FORMAT, **d}
+    return {"format": MODEL_DIR_FORMAT, **to_dict(cfg)}
 
 
 def config_from_dict(d: dict[str, Any]) -> TrainConfig:
     """Inverse of :func:`config_to_dict` (the ``format`` key is checked, then dropped)."""
     d = dict(d)
     fmt = d.pop("format", MODEL_DIR_FORMAT)
-    if fmt > MODEL_DIR_FORMAT:
-        raise ConfigError(f"model directory format {fmt} is newer than this cspine understands ({MODEL_DIR_FORMAT})")
-    if fmt < MODEL_DIR_FORMAT:
-        raise ConfigError(
-            f"model directory format {fmt} is older than this cspine's ({MODEL_DIR_FORMAT}): its classifier lacks "
-            "the fitted lucency path; retrain it with `cspine train-cls`"
-        )
+    hint = "retrain it with `cspine train-cls`"
+    check_format(fmt, MODEL_DIR_FORMAT, "classifier model directory", hint)
     return from_dict(TrainConfig, d)
 
 

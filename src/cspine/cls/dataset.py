@@ -14,8 +14,8 @@ import torch
 from torch.utils.data import Dataset
 
 from cspine.cls.config import CropConfig
-from cspine.cls.crops import CropStudy
-from cspine.cls.lucency import N_LUCENCY
+from cspine.cls.crop_cache import CropStudy
+from cspine.features.lucency import N_LUCENCY
 from cspine.labels import CERVICAL, PREDICTION_TYPES
 
 NV = len(CERVICAL)

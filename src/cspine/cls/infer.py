@@ -1,9 +1,10 @@
 """Inference: a Volume and its vertebra mask (+ a model directory) -> calibrated fracture probabilities.
 
 The model directory alone is enough: ``config.json`` rebuilds the crops and the networks, ``fold*.pt`` are the fold
-ensemble (logits averaged), ``calibration.json`` the temperatures. The mask may be ground truth or predicted by the
-segmentation stage; a vertebra the mask lacks gets the RSNA prevalence as its probability and no slice scores.
-A later model bundle keeps this directory as its ``cls/`` sub-folder and passes that path here.
+ensemble (logits averaged; each with its lucency model ``fold*.features.json``), ``calibration.json`` the
+temperatures. The mask may be ground truth or predicted by the segmentation stage; a vertebra the mask lacks gets
+the RSNA prevalence as its probability and no slice scores. A model bundle keeps this directory as its ``cls/``
+sub-folder and passes that path here.
 
 Example::
 
@@ -23,17 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from cspine.cls.calibrate import Calibration, sigmoid
+from cspine.cls.calibrate import Calibration
 from cspine.cls.config import TrainConfig
 from cspine.cls.crops import vertebra_crops
 from cspine.cls.dataset import StudyArrays, stack_study
-from cspine.cls.models import create_model
-from cspine.cls.train import fold_checkpoints, load_config, noisy_or, sequence_probs
+from cspine.cls.model_dir import fold_checkpoints, load_config
+from cspine.cls.recipes import get_recipe
 from cspine.io.volume import Volume
 from cspine.labels import CERVICAL, PREDICTION_TYPES, PREVALENCE
-from cspine.runtime import load_checkpoint, resolve_device
+from cspine.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -67,50 +67,17 @@ class Classifier:
         if not paths:
             raise FileNotFoundError(f"{self.model_dir}: no fold*.pt weights (training not finished?)")
         # weights come from the checkpoints: never ask for the pretrained file again
-        model_cfg = replace(self.config.model, pretrained=None)
-        self.models = []
-        for p in paths:
-            m = create_model(self.config.recipe, model_cfg, self.config.crop)
-            state = load_checkpoint(p, map_location="cpu")
-            try:
-                m.load_state_dict(state["state_dict"])
-            except (KeyError, RuntimeError) as exc:
-                cfg_path = self.model_dir / "config.json"
-                raise ValueError(f"{p}: weights do not fit the model of {cfg_path}: {exc}") from exc
-            self.models.append(m.to(self.device).eval())
+        self.recipe_ = get_recipe(self.config.recipe, replace(self.config.model, pretrained=None), self.config.crop)
+        self.folds = [self.recipe_.load_fold(p, self.device) for p in paths]
         self.calibration = Calibration.load(self.model_dir)
 
     @property
     def recipe(self) -> str:
         return self.config.recipe
 
-    @torch.no_grad()
     def predict_arrays(self, st: StudyArrays) -> tuple[np.ndarray, np.ndarray]:
         """Uncalibrated (8,) probabilities (PREDICTION_TYPES order) and (7, K) slice scores of one study's crops."""
-        amp = self.device.type == "cuda"
-        images = torch.from_numpy(st.images).to(self.device)
-        if self.recipe == "seed-baseline":
-            pv = np.array([PREVALENCE[v] for v in CERVICAL], dtype=np.float64)
-            slices = np.zeros(st.slice_labels.shape, np.float64)
-            for i, v in enumerate(CERVICAL):
-                if not st.present[i]:
-                    continue
-                runs = []
-                for m in self.models:
-                    with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=amp):
-                        runs.append(torch.sigmoid(m.nets[v](images[i]).float()).cpu().numpy())
-                slices[i] = np.mean(runs, axis=0)
-                pv[i] = slices[i].mean()
-            return np.concatenate([noisy_or(pv[None])[0:1], pv]), slices
-        present = torch.from_numpy(st.present)[None].to(self.device)
-        stats = torch.from_numpy(st.stats)[None].to(self.device)
-        outs = []
-        for m in self.models:
-            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=amp):
-                outs.append({k: v.float().cpu().numpy() for k, v in m(images[None], present, stats).items()})
-        mean = {k: np.mean([o[k] for o in outs], axis=0) for k in outs[0]}
-        probs = sequence_probs(mean["patient"], mean["vertebra"], st.present[None], self.config.model.patient_from)
-        return probs[0], sigmoid(mean["slices"][0])
+        return self.recipe_.predict_study(self.folds, st, self.device)
 
     def predict(self, volume: Volume, mask: np.ndarray, timings: dict[str, float] | None = None) -> StudyPrediction:
         """Crop the vertebrae of ``mask`` from ``volume`` and predict (calibrated); adds crop/classify seconds to

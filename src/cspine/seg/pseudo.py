@@ -36,6 +36,7 @@ class PseudoLabelConfig:
         model: segmentation model directory (or a bundle with ``seg/``).
         out: output folder (see module docstring).
         all_studies: also label studies that already have a mask (e.g. to measure agreement).
+        uids: only these studies (e.g. the fold a segmenter held out); None: every study of the split.
         volume_ml: plausible (min, max) volume of a complete cervical vertebra; outside is flagged.
     """
 
@@ -44,6 +45,7 @@ class PseudoLabelConfig:
     out: Path
     split: str = "train"
     all_studies: bool = False
+    uids: tuple[str, ...] | None = None
     device: str = "auto"
     volume_ml: tuple[float, float] = (1.0, 40.0)
 
@@ -76,14 +78,16 @@ def judge(report: dict[str, Any], cfg: PseudoLabelConfig) -> dict[str, Any]:
 def pseudo_label(cfg: PseudoLabelConfig, progress: bool = False) -> dict[str, Any]:
     """Segment every study without a mask (all with ``all_studies``); skip those already done. Returns counts."""
     from cspine.data.rsna import write_csv_atomic
+    from cspine.engine.config import to_dict
     from cspine.io import save_nifti
     from cspine.runtime import run_record, write_json
-    from cspine.seg.config import to_dict
     from cspine.seg.data import discover_studies
     from cspine.seg.infer import InferConfig, load_model, segment_volume
 
     t0 = time.perf_counter()
     refs = [r for r in discover_studies(Path(cfg.data), cfg.split) if cfg.all_studies or not r.has_mask]
+    if cfg.uids is not None:
+        refs = [r for r in refs if r.uid in set(cfg.uids)]
     model = load_model(cfg.model, cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -106,7 +110,8 @@ def pseudo_label(cfg: PseudoLabelConfig, progress: bool = False) -> dict[str, An
                 res = segment_volume(vol, model, InferConfig(device=cfg.device, presence=None))
                 save_nifti(res.mask, vol, out / f"{ref.uid}.nii.gz")
                 report = res.to_json()
-                record = {"uid": ref.uid, "source": str(ref.path), **judge(report, cfg), **report}
+                record = {"uid": ref.uid, "source": str(ref.path), "model": str(model.path), **judge(report, cfg)}
+                record.update(report)
                 record["seconds"] = round(time.perf_counter() - t, 3)
                 write_json(record_path, record)
                 failures.pop(ref.uid, None)

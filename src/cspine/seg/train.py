@@ -10,12 +10,12 @@ config must match except for :data:`RESUMABLE_FIELDS`, e.g. more epochs). Random
 (seed, rank, epoch) at the start of every epoch, so a resumed run draws exactly the patches an uninterrupted
 one would have drawn, whatever the number of processes that ran the earlier epochs.
 
-MODEL_DIR after training: config.json, labels.json, best.pt, last.pt, log.csv, log.json, curve.png, run.json.
+MODEL_DIR after training: config.json, labels.json, best.pt, last.pt, log.csv, log.json, curve.png, run.json
+(cspine.seg.model_dir).
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
@@ -27,22 +27,17 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from cspine.engine.config import from_dict, to_dict
 from cspine.io.volume import Volume
 from cspine.labels import CERVICAL
 from cspine.runtime import Runtime, write_json
 from cspine.seg.config import (
-    CLASS_TO_VALUE,
-    CLASSES,
-    CONFIG_FORMAT,
-    OTHER_VALUE,
     REFINE_RECIPE,
-    RESUMABLE_FIELDS,
     STAGE_CLASSES,
     TrainSegConfig,
-    from_dict,
-    to_dict,
 )
 from cspine.seg.data import Case, PatchSampler, describe_cases, discover_studies, fold_of
+from cspine.seg.model_dir import check_resumable, labels_json, model_config_json, plot_curve, write_log
 
 log = logging.getLogger(__name__)
 
@@ -55,105 +50,6 @@ class StudyLike(Protocol):
     uid: str
     volume: Volume
     mask: np.ndarray | None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Model directory files
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def labels_json(stage: str = "coarse") -> dict[str, Any]:
-    """MODEL_DIR/labels.json: network classes, the values written in masks, and how training masks are read."""
-    if stage == "refine":
-        return {
-            "classes": dict(enumerate(STAGE_CLASSES[stage])),
-            "input_values": "any non-zero mask value -> vertebra",
-            "use": "which voxels are vertebra; the coarse model in the parent directory names them",
-        }
-    return {
-        "classes": dict(enumerate(CLASSES)),
-        "output_values": {name: int(v) for name, v in zip(CLASSES, CLASS_TO_VALUE, strict=True)},
-        "input_values": "mask values 1..7 -> C1..C7; any other non-zero value (T1.., 255) -> other",
-        "other_value": OTHER_VALUE,
-    }
-
-
-def model_config_json(cfg: TrainSegConfig) -> dict[str, Any]:
-    """MODEL_DIR/config.json: everything inference needs, plus the resolved training config."""
-    from cspine.seg.models import get_spec
-
-    spec = get_spec(cfg.arch)
-    return {
-        "format": CONFIG_FORMAT,
-        "kind": "cspine-seg",
-        "arch": cfg.arch,
-        "arch_description": spec.description,
-        "stage": cfg.stage,
-        "classes": list(STAGE_CLASSES[cfg.stage]),
-        "in_channels": 1,
-        "train": to_dict(cfg),
-    }
-
-
-def _check_resumable(out: Path, cfg: TrainSegConfig) -> None:
-    """Refuse to continue a run whose saved config differs in anything but RESUMABLE_FIELDS."""
-    import json
-
-    path = out / "config.json"
-    if not path.exists():
-        return
-    saved = json.loads(path.read_text()).get("train", {})
-    try:  # fields added since the run started take their defaults
-        saved = to_dict(from_dict(TrainSegConfig, saved))
-    except ValueError as exc:
-        raise ValueError(f"{path}: saved config is not readable by this cspine ({exc}); use --fresh") from exc
-    now = to_dict(cfg)
-    diffs = [k for k in now if k not in RESUMABLE_FIELDS and saved.get(k) != now[k]]
-    if diffs:
-        detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in diffs)
-        raise ValueError(
-            f"{out}: holds a run with a different config ({detail}); use another --out, or --fresh to start over"
-        )
-
-
-def _write_log(out: Path, rows: list[dict[str, Any]]) -> None:
-    write_json(out / "log.json", rows)
-    columns = ["epoch", "train_loss", "lr", "val_dice_mean", *[f"val_dice_{n}" for n in CERVICAL], "best", "seconds"]
-    tmp = out / f".log.csv.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(columns)
-        for r in rows:
-            flat = {**r, **{f"val_dice_{k}": v for k, v in (r.get("val_dice") or {}).items()}}
-            w.writerow(["" if flat.get(c) is None else flat.get(c) for c in columns])
-    os.replace(tmp, out / "log.csv")
-
-
-def plot_curve(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Learning curve: training loss and validation Dice per epoch (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(epochs, [r["train_loss"] for r in rows], color="tab:blue", label="train loss (Dice + CE)")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss", color="tab:blue")
-    val = [(r["epoch"], r["val_dice_mean"]) for r in rows if r.get("val_dice_mean") is not None]
-    if val:
-        ax2 = ax.twinx()
-        ax2.plot(*zip(*val, strict=True), color="tab:orange", marker=".", label="validation Dice C1-C7")
-        ax2.set_ylabel("mean Dice C1-C7", color="tab:orange")
-        ax2.set_ylim(0, 1)
-    ax.set_title("vertebra segmentation")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -183,6 +79,16 @@ def _collect(cfg: TrainSegConfig, studies: Sequence[StudyLike] | None) -> list[t
     if not items:
         raise ValueError("no studies with masks to train on")
     return items
+
+
+def _folds(cfg: TrainSegConfig, uids: list[str]) -> dict[str, int]:
+    """Study -> fold: the dataset's split file, shared with the classifier (cspine.data.splits); studies passed in
+    memory have no dataset, and get a balanced split of their own."""
+    if cfg.data is None:
+        return fold_of(uids, cfg.folds, cfg.seed)
+    from cspine.data.splits import fold_members
+
+    return fold_members(Path(cfg.data), cfg.split, cfg.folds, cfg.seed, uids)
 
 
 def _build_cases(items: list[tuple[str, Callable[[], tuple]]], cfg: TrainSegConfig, soft: bool) -> list[Case]:
@@ -265,7 +171,7 @@ def train_segmentation(
     import torch.distributed as dist
 
     from cspine.runtime import init_runtime, load_checkpoint, run_record, save_checkpoint, seed_everything, shutdown
-    from cspine.seg.models import count_parameters, create_model
+    from cspine.seg.models import count_parameters, create_model, get_spec
 
     created_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     rt: Runtime = init_runtime(cfg.device)
@@ -276,7 +182,7 @@ def train_segmentation(
     t_start = time.perf_counter()
     try:
         if resume and (out / "last.pt").exists():
-            _check_resumable(out, cfg)  # on every rank: a refusal stops them all, none is left at the barrier
+            check_resumable(out, cfg)  # on every rank: a refusal stops them all, none is left at the barrier
         if rt.is_main and not resume and out.exists():
             for name in ("last.pt", "best.pt", "log.csv", "log.json", "config.json", "curve.png", "run.json"):
                 (out / name).unlink(missing_ok=True)
@@ -286,7 +192,7 @@ def train_segmentation(
 
         items = _collect(cfg, studies)
         if cfg.fold >= 0:
-            folds = fold_of([u for u, _ in items], cfg.folds, cfg.seed)
+            folds = _folds(cfg, [u for u, _ in items])
             train_items = [it for it in items if folds[it[0]] != cfg.fold]
             val_items = [it for it in items if folds[it[0]] == cfg.fold]
         else:
@@ -300,7 +206,7 @@ def train_segmentation(
         if rt.is_main:
             log.info("train %s; validation %d studies", describe_cases(train_cases), len(val_items))
 
-        net = create_model(cfg.arch, 1, len(STAGE_CLASSES[cfg.stage])).to(rt.device)
+        net = create_model(cfg.arch, 1, len(STAGE_CLASSES[cfg.stage]), get_spec(cfg.arch).arch()).to(rt.device)
         opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         rows: list[dict[str, Any]] = []
         start_epoch, best_score, best_epoch, bad_epochs = 0, -1.0, 0, 0
@@ -404,7 +310,7 @@ def train_segmentation(
                     },
                     out / "last.pt",
                 )
-                _write_log(out, rows)
+                write_log(out, rows)
                 log.info(
                     "epoch %d/%d loss %.4f val Dice %s (%.1f s)",
                     epoch + 1,
@@ -476,4 +382,4 @@ def train_config(**overrides: Any) -> TrainSegConfig:
     return from_dict(TrainSegConfig, base)
 
 
-__all__ = ["labels_json", "model_config_json", "plot_curve", "train_config", "train_segmentation", "validate"]
+__all__ = ["train_config", "train_segmentation", "validate"]

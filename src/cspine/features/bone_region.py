@@ -1,19 +1,13 @@
 """Which voxels are bone of which vertebra, read from the image, with a coarse mask only naming the vertebra.
 
 Why: the lucency statistics count dark voxels inside a vertebra. Inside a ground-truth mask those are fracture
-gaps; inside a coarse predicted mask (the demo's 4 mm segmenter, Dice ~0.6) they are mostly soft tissue the mask
-spilled into, and the fracture signal drowns. Here bone is what the image says is bone: voxels above BONE_HU
-(osteoporotic cancellous bone reaches ~127 HU), closed in-plane by CLOSE_MM so that a fracture gap through the
-bone (2.5-4.5 mm) is inside (a 3D closing would bridge the discs), and holes up to HOLE_MM2 filled (gaps enclosed
-by cortex; filling every hole would take in the spinal canal and the foramina and reverse the signal). Each such
-voxel within REACH_MM of the coarse mask takes the label of the nearest masked vertebra (of any level, so that
-T1's bone is not C7's).
-
-Measured (session 4 helper; logistic regression on the statistics, 160 generated studies, 5-fold CV; RSNA
-prevalence scores 0.546): the demo segmenter's masks as they are, mean vertebra AUC 0.57, loss 0.557; this
-region, 0.725 / 0.496 (body lines 0.76 -> 0.91, C1 ring 0.64 -> 0.85, wedges 0.55 -> 0.75; dens and posterior
-fractures not recovered). With ground-truth masks use the mask itself (0.927 / 0.211): there this region
-reaches into the neighbours and costs (0.78 at a 3 mm reach).
+gaps; inside a coarse predicted mask they are mostly soft tissue the mask spilled into, and the fracture signal
+drowns. Here bone is what the image says is bone: voxels above BONE_HU, closed in-plane by CLOSE_MM so that a
+fracture gap through the bone is inside (a 3D closing would bridge the discs), and holes up to HOLE_MM2 filled
+(gaps enclosed by cortex; filling every hole would take in the spinal canal and the foramina and reverse the
+signal). Each such voxel within REACH_MM of the coarse mask takes the label of the nearest masked vertebra (of any
+level, so that T1's bone is not C7's). With ground-truth masks use the mask itself (``stats_region="mask"``): this
+region reaches into the neighbours. What it scores: benchmarks/cls_results.md (lucency statistics and regions).
 """
 
 from __future__ import annotations
@@ -22,15 +16,11 @@ from collections.abc import Callable
 
 import numpy as np
 
+from cspine.features.config import FEATURES
 from cspine.labels import CERVICAL_VALUES
 
-BONE_HU = 120.0
-CLOSE_MM = 3.0
-HOLE_MM2 = 30.0
-REACH_MM = 7.0
-#: In-plane grid the region is computed on: finer scans are block-averaged to it first (the statistics are counted
-#: on a 1 mm in-plane grid anyway), which makes the region of a 0.5 mm neck ~10x cheaper.
-REGION_MM = 1.0
+_C = FEATURES.bone
+BONE_HU, CLOSE_MM, HOLE_MM2, REACH_MM, REGION_MM = _C.bone_hu, _C.close_mm, _C.hole_mm2, _C.reach_mm, _C.region_mm
 
 
 def bone_envelope(hu: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:

@@ -2,12 +2,9 @@
 
 Why: a fracture is a lucent line or gap through bone (blood, soft tissue, air where the mask says bone), a dense
 impaction band, or lost height. These fifteen numbers say so directly, from the full 3D vertebra on a fixed grid,
-so the classifier does not have to discover them from the few dozen fractured vertebrae a small dataset holds.
-On 60 generated studies (ground-truth masks, 5-fold CV) a logistic regression on them (fractions as logs), as
-they are and relative to the study's other vertebrae, reached mean vertebra AUC 0.92 and competition loss 0.31
-(0.95 and 0.29 on 60 other studies), where the in-plane crops' density histogram reached 0.77 and a CNN trained
-from scratch on the crops stayed near chance. Thin slices are
-averaged down to the grid first, so the numbers mean the same on a 0.5 mm scan as on a 2 mm one.
+so the classifier does not have to discover them from the few dozen fractured vertebrae a small dataset holds
+(what they score: benchmarks/cls_results.md). Thin slices are averaged down to the grid first, so the numbers mean
+the same on a 0.5 mm scan as on a 2 mm one.
 
 Features (in this order):
     lt60 .. lt220     fraction of the vertebra's voxels below 60, 100, 140, 180, 220 HU
@@ -17,37 +14,27 @@ Features (in this order):
     log_volume        log of the vertebra's volume in mm^3
     height_mm         its extent along z
 
-The statistics are stored with the crops: changing what they compute means bumping cls.config.CROP_FORMAT.
+The constants are cspine.features.config.LucencyConfig: changing one means bumping FEATURES_VERSION (crop caches
+and classifiers are keyed by it).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-#: Finest grid (dz, dy, dx) in mm the statistics are computed on: finer scans are averaged down to it, coarser
-#: ones are used as they are (interpolating them finer adds no information and blurs 1-pixel lines).
-LUCENCY_SPACING: tuple[float, float, float] = (2.0, 1.0, 1.0)
-#: Local median window in mm: larger than a fracture line, smaller than a vertebral body.
-MEDIAN_MM: tuple[float, float, float] = (6.0, 11.0, 11.0)
-CORE_DEPTH_MM = 2.0
-LT_HU = (60, 100, 140, 180, 220)
-CORE_LT_HU = (100, 140, 180)
-RES_LT_HU = (40, 80, 120)
-RES_GT_HU = (40, 80)
+from cspine.features.config import FEATURES
 
-LUCENCY_FEATURES: tuple[str, ...] = (
-    *(f"lt{t}" for t in LT_HU),
-    *(f"core_lt{t}" for t in CORE_LT_HU),
-    *(f"res_lt{t}" for t in RES_LT_HU),
-    *(f"res_gt{t}" for t in RES_GT_HU),
-    "log_volume",
-    "height_mm",
-)
+_C = FEATURES.lucency
+LUCENCY_SPACING = _C.spacing
+MEDIAN_MM = _C.median_mm
+CORE_DEPTH_MM = _C.core_depth_mm
+LT_HU, CORE_LT_HU, RES_LT_HU, RES_GT_HU = _C.lt_hu, _C.core_lt_hu, _C.res_lt_hu, _C.res_gt_hu
+LUCENCY_FEATURES: tuple[str, ...] = _C.names
 N_LUCENCY = len(LUCENCY_FEATURES)
 #: The first N_FRACTIONS features are fractions: heavy-tailed (a fractured or osteoporotic vertebra can sit 10-17
 #: standard deviations out), so models read them as log(fraction + FRACTION_FLOOR).
 N_FRACTIONS = len(LUCENCY_FEATURES) - 2
-FRACTION_FLOOR = 1e-3
+FRACTION_FLOOR = _C.fraction_floor
 
 
 def lucency_features(hu: np.ndarray, inside: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:

@@ -1,0 +1,90 @@
+"""The ``sequence`` recipe's training: study-grouped, label-stratified K-fold CV, one model per fold, OOF per fold.
+
+The folds are the dataset's (``DATA/splits.json``, cspine.data.splits), the same the segmenter trains on.
+
+Each fold's lucency model is fitted on its training studies before the network trains and saved beside its weights
+(``fold{k}.features.json``, cspine.features.linear); the fold's best weights predict its held-out studies
+(``oof_fold{k}.csv``); once every fold is done the OOF predictions are calibrated and evaluated
+(:func:`cspine.cls.oof.finish`). ``--fold k`` trains one fold.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cspine.cls.config import TrainConfig, config_to_dict
+from cspine.cls.dataset import StudyDataset, StudyStore
+from cspine.cls.oof import finish, write_oof
+from cspine.cls.recipes import Fold, SequenceRecipe
+from cspine.data.splits import fold_members
+from cspine.engine.loop import FitRun, barrier, fit, read_history
+from cspine.metrics import competition_loss
+from cspine.runtime import Runtime, load_checkpoint, timed, write_json
+
+log = logging.getLogger(__name__)
+
+
+def train_folds(
+    recipe: SequenceRecipe, cfg: TrainConfig, rt: Runtime, store: StudyStore, progress: bool, timings: dict[str, float]
+) -> dict[str, Any]:
+    """Train every fold (or ``cfg.fold``) into ``cfg.out``; the summary once all folds are done, else partial."""
+    from cspine.cls import train  # the kill-simulating test hook lives there
+
+    out = cfg.out
+    y = store.labels()
+    # the dataset's split file, shared with the segmenter (cspine.data.splits)
+    folds = np.array(list(fold_members(cfg.data, "train", cfg.folds, cfg.seed, store.uids).values()))
+    if rt.is_main:
+        write_json(out / "folds.json", {u: int(f) for u, f in zip(store.uids, folds, strict=True)})
+    todo = [cfg.fold] if cfg.fold is not None else list(range(cfg.folds))
+    batch = cfg.batch_size * 2
+    for k in todo:
+        run = FitRun(f"fold{k}", out / f"fold{k}.pt", out / "work" / f"fold{k}.state.pt", out / f"fold{k}.history.json")
+        oof_path = out / f"oof_fold{k}.csv"
+        if read_history(run.history_path).get("done") and oof_path.exists():
+            log.info("fold %d already trained", k)
+            continue
+        torch.manual_seed(cfg.seed * 100 + k)
+        model = recipe.build()
+        tr_rows = np.flatnonzero(folds != k)
+        va_rows = np.flatnonzero(folds == k)
+        lucency = recipe.fit_lucency(*store.study_stats(tr_rows), y[tr_rows, 1:])
+        if lucency is not None and rt.is_main:
+            lucency.save(run.best_path.with_suffix(".features.json"))
+        train_ds = StudyDataset(store, tr_rows, augment=cfg.augment, seed=cfg.seed * 100 + k)
+        val_ds = StudyDataset(store, va_rows)
+
+        def validate(
+            m: nn.Module, val_ds: StudyDataset = val_ds, va_rows: np.ndarray = va_rows, lm: Any = lucency
+        ) -> dict[str, float]:
+            p = recipe.aggregate(recipe.predict([Fold(m, lm)], val_ds, rt.device, batch))
+            yt = y[va_rows]
+            score = competition_loss(yt, p)
+            return {"score": score, "val_loss": score, "val_acc": float(((p >= 0.5) == (yt > 0.5)).mean())}
+
+        with timed(timings, f"train_fold{k}"):
+            step = partial(recipe.step, lucency=lucency)
+            fit(model, train_ds, step, validate, run, cfg, rt, progress, config_to_dict(cfg), train.after_epoch)
+        if rt.is_main:
+            model.load_state_dict(load_checkpoint(run.best_path)["state_dict"])
+            model.to(rt.device)
+            t0 = time.perf_counter()
+            pred = recipe.predict([Fold(model, lucency)], val_ds, rt.device, batch)
+            timings["infer_images"] = timings.get("infer_images", 0.0) + float(pred["present"].sum()) * cfg.crop.slices
+            timings["infer_seconds"] = timings.get("infer_seconds", 0.0) + time.perf_counter() - t0
+            write_oof(oof_path, [store.uids[r] for r in va_rows], pred, k, cfg.model.patient_from)
+        barrier(rt)
+    done = [k for k in range(cfg.folds) if (out / f"oof_fold{k}.csv").exists()]
+    if len(done) < cfg.folds:
+        return {"status": "partial", "folds_done": done}
+    return finish(cfg, store, [out / f"oof_fold{k}.csv" for k in range(cfg.folds)], timings) if rt.is_main else {}
+
+
+__all__ = ["train_folds"]

@@ -1,0 +1,92 @@
+"""The constants of the lucency statistics, in one frozen, versioned config. Torch-free.
+
+Why: a classifier's fitted regression reads these statistics; if their definition changed under it, it would
+silently read other numbers. Every classifier saves :data:`FEATURES` (with :data:`FEATURES_VERSION`) beside its
+regression, and loading refuses a model whose saved config differs from the code's (cspine.features.linear).
+Change a value here -> bump :data:`FEATURES_VERSION` (major when a statistic changes meaning).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+#: major.minor of the statistics' definition; crop caches and classifiers are keyed by it.
+FEATURES_VERSION = "1.0"
+
+
+@dataclass(frozen=True)
+class LucencyConfig:
+    """How the per-vertebra lucency statistics are counted (cspine.features.lucency).
+
+    Attributes:
+        spacing: finest grid (dz, dy, dx) mm the statistics are computed on: finer scans are averaged down to it,
+            coarser ones used as they are (interpolating them finer adds no information and blurs 1-pixel lines).
+        median_mm: local median window in mm: larger than a fracture line, smaller than a vertebral body.
+        core_depth_mm: the core is deeper than this from the mask's surface (no partial volume).
+        lt_hu, core_lt_hu: HU thresholds of the "darker than" fractions (whole vertebra, core).
+        res_lt_hu, res_gt_hu: HU below / above the local median counted as a line or band.
+        fraction_floor: models read fractions as log(fraction + floor) (they are heavy-tailed).
+        clip: standardised inputs are clipped at +-clip, so a vertebra unlike any in training (a mask of soft
+            tissue) cannot dominate the logit.
+    """
+
+    spacing: tuple[float, float, float] = (2.0, 1.0, 1.0)
+    median_mm: tuple[float, float, float] = (6.0, 11.0, 11.0)
+    core_depth_mm: float = 2.0
+    lt_hu: tuple[int, ...] = (60, 100, 140, 180, 220)
+    core_lt_hu: tuple[int, ...] = (100, 140, 180)
+    res_lt_hu: tuple[int, ...] = (40, 80, 120)
+    res_gt_hu: tuple[int, ...] = (40, 80)
+    fraction_floor: float = 1e-3
+    clip: float = 6.0
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Feature names in order: the fractions first, then log_volume and height_mm."""
+        return (
+            *(f"lt{t}" for t in self.lt_hu),
+            *(f"core_lt{t}" for t in self.core_lt_hu),
+            *(f"res_lt{t}" for t in self.res_lt_hu),
+            *(f"res_gt{t}" for t in self.res_gt_hu),
+            "log_volume",
+            "height_mm",
+        )
+
+
+@dataclass(frozen=True)
+class BoneRegionConfig:
+    """Where bone is read from the image for a coarse mask (cspine.features.bone_region).
+
+    Attributes:
+        bone_hu: bone is above this (osteoporotic cancellous bone reaches ~127 HU).
+        close_mm: in-plane closing radius, so a fracture gap through bone (2.5-4.5 mm) counts as inside.
+        hole_mm2: enclosed holes up to this area are filled (not the spinal canal or the foramina).
+        reach_mm: bone farther than this from the coarse mask belongs to no vertebra.
+        region_mm: in-plane grid the region is computed on (finer scans are block-averaged to it first).
+    """
+
+    bone_hu: float = 120.0
+    close_mm: float = 3.0
+    hole_mm2: float = 30.0
+    reach_mm: float = 7.0
+    region_mm: float = 1.0
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Everything that defines the statistics, saved with every classifier."""
+
+    version: str = FEATURES_VERSION
+    lucency: LucencyConfig = field(default_factory=LucencyConfig)
+    bone: BoneRegionConfig = field(default_factory=BoneRegionConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (tuples as lists), as saved in a model directory."""
+        d = asdict(self)
+        return {k: ({n: list(v) if isinstance(v, tuple) else v for n, v in d[k].items()} if isinstance(d[k], dict)
+                    else d[k]) for k in d}  # fmt: skip
+
+
+#: The statistics this cspine computes.
+FEATURES = FeatureConfig()
