@@ -30,6 +30,7 @@ class PredictConfig:
     threshold: float = 0.5
     series_uid: str | None = None
     report: bool = True
+    dicom: bool = False  # also OUT/dicom/: SEG + SR (+ key-object selection), see cspine.dicom_out
 
 
 def predict_study(cfg: PredictConfig, bundle: Any = None) -> dict[str, Any]:
@@ -73,6 +74,12 @@ def predict_study(cfg: PredictConfig, bundle: Any = None) -> dict[str, Any]:
         t = time.perf_counter()
         write_report(cfg.out, vol, out.mask, result, out.slice_scores, threshold=cfg.threshold)
         timings["report"] = time.perf_counter() - t
+    if cfg.dicom:
+        from cspine.dicom_out import write_dicom_outputs
+
+        t = time.perf_counter()
+        result["dicom"] = write_dicom_outputs(cfg.out / "dicom", cfg.study, vol, out.mask, result, out.slice_scores)
+        timings["dicom"] = time.perf_counter() - t
     result["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
     write_json(cfg.out / "result.json", result)
     return result
