@@ -77,11 +77,28 @@ class Pacs:
             code = exc.response.status_code if exc.response is not None else "?"
             raise PacsError(f"{self.url}: PACS answered HTTP {code} to {what}") from exc
 
-    def find_studies(self, query: Mapping[str, str], limit: int | None = None) -> list[str]:
-        """StudyInstanceUIDs of the studies a QIDO-RS query matches (e.g. ModalitiesInStudy=CT)."""
-        found = self._call("a study query", self.client.search_for_studies, search_filters=dict(query),
-                           limit=limit, get_remaining=limit is None)
-        uids = [u for u in (_value(s, "StudyInstanceUID") for s in found) if u]
+    def ping(self) -> None:
+        """One cheap query, so that a server that is down or a wrong URL is said at once (no retries with back-off,
+        which later calls keep for busy servers) and before any model loads."""
+        self.client.set_http_retry_params(retry=False)
+        try:
+            self._call("a first query", self.client.search_for_studies, limit=1)
+        finally:
+            self.client.set_http_retry_params()
+
+    def find_studies(self, query: Mapping[str, str], limit: int | None = None, page: int = 100) -> list[str]:
+        """StudyInstanceUIDs of the studies a QIDO-RS query matches (e.g. ModalitiesInStudy=CT), page by page.
+
+        Paging stops at a short page or at a page that brings nothing new (a server ignoring ``offset``).
+        """
+        uids: list[str] = []
+        while limit is None or len(uids) < limit:
+            found = self._call("a study query", self.client.search_for_studies, search_filters=dict(query),
+                               limit=page, offset=len(uids))  # fmt: skip
+            new = [u for u in (_value(s, "StudyInstanceUID") for s in found) if u and u not in uids]
+            uids.extend(new)
+            if len(found) < page or not new:
+                break
         return uids[:limit] if limit else uids
 
     def ct_series(self, study_uid: str) -> list[str]:
@@ -146,6 +163,7 @@ def run_pacs(cfg: PacsConfig, progress: bool = False) -> dict[str, Any]:
     if bool(cfg.studies) == bool(cfg.query):
         raise CspineInputError("give either study UIDs or a query (e.g. ModalitiesInStudy=CT), not both or neither")
     pacs = Pacs(cfg.url, timeout=cfg.timeout)
+    pacs.ping()
     uids = list(cfg.studies) if cfg.studies else pacs.find_studies(cfg.query, cfg.limit)
     cfg.out.mkdir(parents=True, exist_ok=True)
     journal = cfg.out / JOURNAL
