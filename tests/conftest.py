@@ -153,3 +153,13 @@ class StubBundle:
 def stub_bundle() -> StubBundle:
     """A model bundle stand-in (see :class:`StubBundle`)."""
     return StubBundle()
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Stop a server a test started (Orthanc, Chromium): terminate, then kill if it lingers."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=15)

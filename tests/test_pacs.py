@@ -20,6 +20,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from conftest import stop_process
 from cspine import bundle as bundle_mod
 from cspine.cli import main
 from cspine.pacs import JOURNAL, Pacs, PacsConfig, PacsError, run_pacs
@@ -63,11 +64,7 @@ def orthanc(tmp_path_factory) -> str:
             pytest.fail("Orthanc did not answer within 20 s")
         yield f"{base}/dicom-web"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         log.close()
 
 
