@@ -162,6 +162,10 @@ def test_clicking_a_vertebra_jumps_to_its_key_slice(page) -> None:
     after_pos = dt.eval("cspineViewer.where()")
     assert round(after_pos[2]) == round(key[2]) != round(before_pos[2])  # the axial slice shown changed to C4's
     assert np.abs(dt.canvas_png() - before).mean() > 0.5
+    dt.eval("document.querySelector(\"tr[data-vertebra='C2']\").click()")  # p 0.9: drawn red
+    time.sleep(0.3)
+    img = dt.canvas_png()
+    assert ((img[..., 0] > 150) & (img[..., 1] < 100)).sum() > 50
     dt.eval("document.querySelector(\"button[data-preset='soft tissue']\").click()")
     time.sleep(0.3)
     soft = dt.canvas_png()

@@ -203,15 +203,18 @@ def build_seg(source: SourceSeries, mask: np.ndarray, result: Mapping[str, Any])
 
     if mask.shape != (len(source.headers), int(source.headers[0].Rows), int(source.headers[0].Columns)):
         raise ValueError(f"mask shape {mask.shape} does not match the source series")
-    present = [n for n in CERVICAL if (mask == LABEL_VALUES[n]).any()]
+    counts = np.bincount(mask.ravel(), minlength=256)
+    present = [n for n in CERVICAL if counts[LABEL_VALUES[n]]]
     if not present:
         raise CspineInputError("the mask holds no vertebra C1-C7: there is nothing to write as a DICOM SEG")
     numbers = {n: i + 1 for i, n in enumerate(present)}
-    # Label values -> segment numbers (1..n, consecutive, as the standard wants).
-    lut = np.zeros(256, dtype=np.uint8)
-    for n, k in numbers.items():
-        lut[LABEL_VALUES[n]] = k
-    labels = lut[mask]
+    labels = mask
+    if any(LABEL_VALUES[n] != k for n, k in numbers.items()) or counts[8:].any():
+        # Label values -> segment numbers (1..n, consecutive, as the standard wants); anything else -> 0.
+        lut = np.zeros(256, dtype=np.uint8)
+        for n, k in numbers.items():
+            lut[LABEL_VALUES[n]] = k
+        labels = lut[mask]
     name, version = _algorithm(result)
     algo = hd.AlgorithmIdentificationSequence(name=name, version=version, family=codes.cid7162.ArtificialIntelligence)
     descriptions = [

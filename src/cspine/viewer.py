@@ -84,17 +84,18 @@ def _nifti_b64(array: np.ndarray, affine_zyx: np.ndarray) -> str:
 
 
 def _colormap() -> dict[str, list[int]]:
-    """Overlay value v = 1 + 99 p -> the report's green (p 0) -> yellow (0.5) -> red (1); 0 stays transparent."""
+    """The report's green (p 0) -> yellow (0.5) -> red (1) as a NiiVue colormap. NiiVue spreads the overlay's
+    window [0, 100] over the table's 0..255, so an overlay value v = 1 + 99 p lands at index 2.55 v; index 0
+    (v = 0: no vertebra) is transparent."""
     from cspine.report import _prob_colour
 
-    stops = [0, 1, 50, 100, 255]
-    colours = [(0.0, 0.0, 0.0), _prob_colour(0.0), _prob_colour(0.5), _prob_colour(1.0), _prob_colour(1.0)]
+    colours = [(0.0, 0.0, 0.0), _prob_colour(0.0), _prob_colour(0.5), _prob_colour(1.0)]
     return {
         "R": [round(255 * c[0]) for c in colours],
         "G": [round(255 * c[1]) for c in colours],
         "B": [round(255 * c[2]) for c in colours],
-        "A": [0, 255, 255, 255, 255],
-        "I": stops,
+        "A": [0, 255, 255, 255],
+        "I": [0, 2, 128, 255],
     }
 
 
@@ -199,7 +200,7 @@ _VIEWER_JS = r"""
                                                    cal_min: bone[0], cal_max: bone[1] });
     var ov = await niivue.NVImage.loadFromBase64({ base64: data.overlay, name: "vertebrae.nii.gz",
                                                    colormap: "cspine-probability", opacity: 0.45,
-                                                   cal_min: 1, cal_max: 100 });
+                                                   cal_min: 0, cal_max: 100 });
     nv.addVolume(ct);
     nv.addVolume(ov);
     nv.setSliceType(nv.sliceTypeMultiplanar);
