@@ -38,7 +38,9 @@ log = logging.getLogger(__name__)
 SEG_FILE, SR_FILE, KO_FILE = "seg.dcm", "sr.dcm", "ko.dcm"
 #: Series numbers of the new series (high, so they sort after the scanner's own).
 SERIES_NUMBERS = {"seg": 9701, "sr": 9702, "ko": 9703}
-#: Attributes of the source CT headers that the outputs need: geometry, identity, and the patient/study modules.
+#: What is kept of each source header: geometry, identity, and the patient/study modules. Everything else (station,
+#: institution, operators, device serial numbers ...) is dropped before highdicom sees the header, which would
+#: otherwise copy the acquisition equipment into the outputs.
 SOURCE_TAGS = (
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "Modality",
     "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "Rows", "Columns",
@@ -108,12 +110,13 @@ def read_source_series(study: Path, vol: Volume) -> SourceSeries:
     with _input_files(study) as files:
         for f in files:
             try:
-                ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=list(SOURCE_TAGS))
+                ds = pydicom.dcmread(f, stop_before_pixels=True)  # (specific_tags would parse slower)
             except (InvalidDicomError, OSError):
                 continue
             if str(ds.get("SeriesInstanceUID", "")) != series_uid or "ImagePositionPatient" not in ds:
                 continue
             _identity_from_file_meta(ds)
+            ds = _slim(ds)
             z = float(vol.patient_to_index(np.array([float(v) for v in ds.ImagePositionPatient]))[0, 0])
             k = round(z)
             if abs(z - k) < 0.05 and 0 <= k < len(slots) and slots[k] is None:
@@ -145,6 +148,18 @@ def _fill_missing_uids(headers: list[Any], study: Path) -> None:
         for ds in headers:
             if not ds.get(key):
                 setattr(ds, key, uid)
+
+
+def _slim(ds: Any) -> Any:
+    """A copy of a header holding only :data:`SOURCE_TAGS` (and the file meta)."""
+    from pydicom.dataset import Dataset
+
+    out = Dataset()
+    out.file_meta = ds.file_meta
+    for key in SOURCE_TAGS:
+        if key in ds:
+            out[key] = ds[key]
+    return out
 
 
 def _identity_from_file_meta(ds: Any) -> None:
@@ -196,6 +211,19 @@ def _fill_type2(ds: Any) -> None:
             setattr(ds, key, "")
 
 
+def _label_counts(mask: np.ndarray) -> np.ndarray:
+    """Voxels per label value (256 bins), counted inside the mask's bounding box only (a 512x512x400 mask is
+    mostly zeros, and bincount over all of it costs seconds)."""
+    box = []
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        hit = np.flatnonzero(mask.max(axis=others))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1) if len(hit) else slice(0, 0))
+    counts = np.bincount(mask[tuple(box)].ravel(), minlength=256)
+    counts[0] += mask.size - int(counts.sum())
+    return counts
+
+
 def build_seg(source: SourceSeries, mask: np.ndarray, result: Mapping[str, Any]) -> tuple[Any, dict[str, int]]:
     """The SEG of C1..C7 on the source slices; returns it and vertebra -> segment number."""
     import highdicom as hd
@@ -203,7 +231,7 @@ def build_seg(source: SourceSeries, mask: np.ndarray, result: Mapping[str, Any])
 
     if mask.shape != (len(source.headers), int(source.headers[0].Rows), int(source.headers[0].Columns)):
         raise ValueError(f"mask shape {mask.shape} does not match the source series")
-    counts = np.bincount(mask.ravel(), minlength=256)
+    counts = _label_counts(mask)
     present = [n for n in CERVICAL if counts[LABEL_VALUES[n]]]
     if not present:
         raise CspineInputError("the mask holds no vertebra C1-C7: there is nothing to write as a DICOM SEG")

@@ -26,6 +26,9 @@ from cspine.labels import CERVICAL, LABEL_VALUES
 MAX_VOXELS = 4_000_000
 #: Margin kept around the cervical vertebrae, in mm.
 MARGIN_MM = 25.0
+#: The CT travels as one byte per voxel: HU in [-800, 1495] in steps of 9 HU (NIfTI scl_slope / scl_inter give
+#: HU back), which holds both presets whole: bone (-500..1300) keeps 200 grey levels, soft tissue (-160..240) 44.
+HU_RANGE, HU_STEP = (-800, 1495), 9
 #: Window presets offered as buttons (from the project's window table).
 PRESETS = {"bone": WINDOWS["bone"], "soft tissue": WINDOWS["soft"]}
 
@@ -60,10 +63,10 @@ def viewer_grid(vol: Volume, mask: np.ndarray, max_voxels: int = MAX_VOXELS) -> 
     cerv = (mask >= 1) & (mask <= 7)
     shape = np.array(vol.shape)
     if cerv.any():
-        idx = np.argwhere(cerv)
+        spans = [np.flatnonzero(cerv.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1))]
         pad = np.ceil(MARGIN_MM / np.asarray(vol.spacing)).astype(int)
-        lo = np.maximum(idx.min(axis=0) - pad, 0)
-        hi = np.minimum(idx.max(axis=0) + pad + 1, shape)
+        lo = np.maximum(np.array([s[0] for s in spans]) - pad, 0)
+        hi = np.minimum(np.array([s[-1] for s in spans]) + pad + 1, shape)
     else:
         lo, hi = np.zeros(3, dtype=int), shape
     stride = np.ones(3, dtype=int)
@@ -73,13 +76,16 @@ def viewer_grid(vol: Volume, mask: np.ndarray, max_voxels: int = MAX_VOXELS) -> 
     return ViewerGrid(tuple(int(v) for v in lo), tuple(int(v) for v in hi), tuple(int(v) for v in stride))
 
 
-def _nifti_b64(array: np.ndarray, affine_zyx: np.ndarray) -> str:
+def _nifti_b64(array: np.ndarray, affine_zyx: np.ndarray, scale: tuple[float, float] | None = None) -> str:
+    """A gzipped NIfTI as base64; ``scale`` = (slope, intercept) from stored values to the real ones (HU)."""
     import nibabel as nib
 
     from cspine.io.nifti import nifti_affine
 
     img = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), nifti_affine(affine_zyx))
     img.header.set_xyzt_units("mm")
+    if scale is not None:
+        img.header.set_slope_inter(*scale)
     return base64.b64encode(gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)).decode("ascii")
 
 
@@ -111,7 +117,8 @@ def key_voxels(
         if not len(zz):
             continue
         scored = sorted((slice_scores or {}).get(name, []), key=lambda t: -t[1])
-        z = int(scored[0][0]) if scored and sel[int(scored[0][0])].any() else int(zz[len(zz) // 2])
+        peak = int(scored[0][0]) if scored else -1
+        z = peak if 0 <= peak < len(sel) and sel[peak].any() else int(zz[len(zz) // 2])
         ys, xs = np.nonzero(sel[z])
         out[name] = (z, int(np.median(ys)), int(np.median(xs)))
     return out
@@ -130,16 +137,19 @@ def viewer_html(
     Rows of the report's table with ``data-vertebra="C2"`` jump to that vertebra's key slice when clicked.
     """
     grid = viewer_grid(vol, mask, max_voxels)
-    ct = np.clip(grid.take(vol.array), -1024, 3071).astype(np.int16)
+    ct = ((np.clip(grid.take(vol.array), HU_RANGE[0], HU_RANGE[1]) - HU_RANGE[0]) // HU_STEP).astype(np.uint8)
     lut = np.zeros(256, dtype=np.uint8)
     for name in CERVICAL:
         if name in probs:
             lut[LABEL_VALUES[name]] = 1 + round(99 * float(np.clip(probs[name], 0.0, 1.0)))
     overlay = lut[grid.take(mask)]
     aff = grid.affine(vol.affine)
-    keys = {name: grid.to_grid(zyx) for name, zyx in key_voxels(mask, slice_scores).items()}
+    (z0, y0, x0), (z1, y1, x1) = grid.start, grid.stop
+    box = mask[z0:z1, y0:y1, x0:x1]  # every vertebra lies inside the crop: search there only
+    box_scores = {n: [(z - z0, sc) for z, sc in v] for n, v in (slice_scores or {}).items()}
+    keys = {n: grid.to_grid((z + z0, y + y0, x + x0)) for n, (z, y, x) in key_voxels(box, box_scores).items()}
     data = {
-        "ct": _nifti_b64(ct, aff),
+        "ct": _nifti_b64(ct, aff, scale=(HU_STEP, HU_RANGE[0])),
         "overlay": _nifti_b64(overlay, aff),
         "colormap": _colormap(),
         "presets": {k: [lv - wd / 2, lv + wd / 2] for k, (lv, wd) in PRESETS.items()},
