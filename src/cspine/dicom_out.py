@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,13 +153,15 @@ def _fill_missing_uids(headers: list[Any], study: Path) -> None:
 
 def _slim(ds: Any) -> Any:
     """A copy of a header holding only :data:`SOURCE_TAGS` (and the file meta)."""
+    from pydicom.datadict import tag_for_keyword
     from pydicom.dataset import Dataset
 
     out = Dataset()
     out.file_meta = ds.file_meta
     for key in SOURCE_TAGS:
-        if key in ds:
-            out[key] = ds[key]
+        tag = tag_for_keyword(key)
+        if tag in ds:
+            out[tag] = ds.get_item(tag)  # as read: values are decoded only if something asks for them
     return out
 
 
@@ -224,6 +227,36 @@ def _label_counts(mask: np.ndarray) -> np.ndarray:
     return counts
 
 
+@contextmanager
+def _multiframe_check_once_per_class() -> Iterator[None]:
+    """While a SEG is built, answer highdicom's "is this a multi-frame IOD?" once per SOP class.
+
+    highdicom 0.28 asks it for every source slice and walks the IOD's module tables each time: for 400 slices that
+    was ~45 % of building the SEG. The answer depends only on the SOP class, so it is cached here, for the duration
+    of the call only (the pinned version's ``highdicom.utils.is_multiframe_image``; a version without it is left
+    alone).
+    """
+    import highdicom.utils as hd_utils
+
+    original = getattr(hd_utils, "is_multiframe_image", None)
+    if original is None:
+        yield
+        return
+    answers: dict[str, bool] = {}
+
+    def once(ds: Any) -> bool:
+        key = str(ds.SOPClassUID)
+        if key not in answers:
+            answers[key] = bool(original(ds))
+        return answers[key]
+
+    hd_utils.is_multiframe_image = once
+    try:
+        yield
+    finally:
+        hd_utils.is_multiframe_image = original
+
+
 def build_seg(source: SourceSeries, mask: np.ndarray, result: Mapping[str, Any]) -> tuple[Any, dict[str, int]]:
     """The SEG of C1..C7 on the source slices; returns it and vertebra -> segment number."""
     import highdicom as hd
@@ -258,23 +291,24 @@ def build_seg(source: SourceSeries, mask: np.ndarray, result: Mapping[str, Any])
         )
         for n, k in numbers.items()
     ]
-    seg = hd.seg.Segmentation(
-        source_images=source.headers,
-        pixel_array=labels,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(),
-        series_number=SERIES_NUMBERS["seg"],
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="cspine",
-        manufacturer_model_name=name,
-        software_versions=f"cspine {__version__}",
-        device_serial_number="none",
-        series_description="cspine C1-C7 vertebrae",
-        content_label="VERTEBRAE",
-        content_description="C1-C7 vertebra masks (cspine, research software)",
-    )
+    with _multiframe_check_once_per_class():
+        seg = hd.seg.Segmentation(
+            source_images=source.headers,
+            pixel_array=labels,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=hd.UID(),
+            series_number=SERIES_NUMBERS["seg"],
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="cspine",
+            manufacturer_model_name=name,
+            software_versions=f"cspine {__version__}",
+            device_serial_number="none",
+            series_description="cspine C1-C7 vertebrae",
+            content_label="VERTEBRAE",
+            content_description="C1-C7 vertebra masks (cspine, research software)",
+        )
     _fill_type2(seg)
     return seg, numbers
 
