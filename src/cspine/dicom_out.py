@@ -207,6 +207,14 @@ def _algorithm(result: Mapping[str, Any]) -> tuple[str, str]:
     return name[:64], version[:64]
 
 
+def _new_series(kind: str) -> dict[str, Any]:
+    """New UIDs, the series number of ``kind`` and cspine as the manufacturer: what each output object starts from."""
+    import highdicom as hd
+
+    return {"series_instance_uid": hd.UID(), "series_number": SERIES_NUMBERS[kind], "sop_instance_uid": hd.UID(),
+            "instance_number": 1, "manufacturer": "cspine"}  # fmt: skip
+
+
 def _fill_type2(ds: Any) -> None:
     """Type 2 patient/study attributes the source lacked: present and empty, as the standard asks."""
     for key in _TYPE2:
@@ -297,11 +305,7 @@ def build_seg(source: SourceSeries, mask: np.ndarray, result: Mapping[str, Any])
             pixel_array=labels,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions,
-            series_instance_uid=hd.UID(),
-            series_number=SERIES_NUMBERS["seg"],
-            sop_instance_uid=hd.UID(),
-            instance_number=1,
-            manufacturer="cspine",
+            **_new_series("seg"),
             manufacturer_model_name=name,
             software_versions=f"cspine {__version__}",
             device_serial_number="none",
@@ -394,11 +398,7 @@ def build_sr(
     sr = hd.sr.Comprehensive3DSR(
         evidence=[*source.headers, seg],
         content=report,
-        series_instance_uid=hd.UID(),
-        series_number=SERIES_NUMBERS["sr"],
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="cspine",
+        **_new_series("sr"),
         is_complete=True,
         series_description="cspine fracture probabilities",
     )
@@ -429,11 +429,7 @@ def build_ko(source: SourceSeries, keys: Mapping[str, list[int]], result: Mappin
     ko = hd.ko.KeyObjectSelectionDocument(
         evidence=[source.headers[z] for z in zs],
         content=content,
-        series_instance_uid=hd.UID(),
-        series_number=SERIES_NUMBERS["ko"],
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="cspine",
+        **_new_series("ko"),
         series_description=f"cspine key slices ({name})"[:64],
     )
     _fill_type2(ko)
