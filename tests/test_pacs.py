@@ -161,3 +161,15 @@ def test_server_down_exits_2_with_one_line(tmp_path: Path) -> None:
     assert out.returncode == 2 and "Traceback" not in out.stderr
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "PACS not reachable" in lines[0] and url in lines[0]
+
+
+@pytest.mark.parametrize(("extra", "message"), [(["--url", "ftp://x"], "--url must be"),
+                                                (["--query", "nonsense"], "KEY=VALUE"),
+                                                (["--limit", "0"], "--limit")])  # fmt: skip
+def test_bad_options_exit_2(tmp_path: Path, capsys, extra: list[str], message: str) -> None:
+    args = ["pacs", "--url", "http://127.0.0.1:1/dicom-web", "--model", str(tmp_path), "--out", str(tmp_path / "o"),
+            "--study", "1.2.3"]  # fmt: skip
+    for i in range(0, len(extra), 2):  # later options override the defaults above
+        args += extra[i : i + 2]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err

@@ -152,6 +152,10 @@ def cmd_pacs(args: argparse.Namespace) -> int:
         if not sep or not key:
             raise UsageError(f"--query must look like KEY=VALUE (e.g. ModalitiesInStudy=CT), got {item!r}")
         query[key] = value
+    if not 0.0 < args.threshold < 1.0:
+        raise UsageError("--threshold must be between 0 and 1")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("--limit must be at least 1")
     if not args.url.startswith(("http://", "https://")):
         raise UsageError(f"--url must be a DICOMweb root such as http://127.0.0.1:8042/dicom-web, got {args.url!r}")
     cfg = PacsConfig(url=args.url, model=_existing(args.model), out=Path(args.out), studies=tuple(args.study or ()),
