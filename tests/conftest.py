@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -115,3 +116,50 @@ def torchrun() -> Callable[[list[str]], subprocess.CompletedProcess[str]]:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
 
     return run
+
+
+class StubBundle:
+    """Stands in for a trained model bundle where a test checks what is done with a prediction, not the model.
+
+    The mask is the study's bone (> 300 HU) cut into seven equal bands along the slice axis, labelled C1 (top) to
+    C7; C2 and C5 are flagged (p 0.9, 0.6), C2's slice score peaks in the middle of its band.
+    """
+
+    PROBS: ClassVar[dict[str, float]] = {
+        "patient_overall": 0.8, "C1": 0.1, "C2": 0.9, "C3": 0.2, "C4": 0.05, "C5": 0.6, "C6": 0.3, "C7": 0.1
+    }  # fmt: skip
+
+    def summary(self) -> dict[str, str]:
+        return {"path": "stub-model", "cspine": "0.1.0", "created": "2026-01-01T00:00:00"}
+
+    def predict(self, vol, timings=None):
+        from cspine.bundle import Prediction
+
+        nz = vol.shape[0]
+        band = np.minimum(np.arange(nz) * 7 // nz, 6)
+        if vol.affine[2, 0] > 0:  # z runs to the head: C1 is the last band
+            band = 6 - band
+        mask = np.where(vol.array > 300, (band + 1)[:, None, None], 0).astype(np.uint8)
+        c2 = np.flatnonzero(band == 1)
+        return Prediction(
+            probabilities=dict(self.PROBS),
+            mask=mask,
+            vertebrae={f"C{i}": {"present": True, "cut_off": i == 7} for i in range(1, 8)},
+            slice_scores={"C2": [(int(c2[0]), 0.2), (int(c2[len(c2) // 2]), 0.95)]},
+        )
+
+
+@pytest.fixture
+def stub_bundle() -> StubBundle:
+    """A model bundle stand-in (see :class:`StubBundle`)."""
+    return StubBundle()
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Stop a server a test started (Orthanc, Chromium): terminate, then kill if it lingers."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=15)

@@ -41,7 +41,8 @@ def test_report_files_and_content(tmp_path: Path, study) -> None:
     assert len(re.findall(r"src='data:image/png;base64,|src=\"data:image/png;base64,", text)) == 3  # overview + C2 + C5
     assert not re.search(r"src=['\"](?!data:)", text)  # nothing external
     assert "&lt;check&gt;" in text  # warnings are escaped
-    assert "<tr class='hit'><td>C2</td>" in text and "<tr class=''><td>C4</td>" in text
+    assert "<tr class='hit' data-vertebra='C2'><td>C2</td>" in text
+    assert "<tr class='' data-vertebra='C4'><td>C4</td>" in text
 
 
 def test_report_opens_in_headless_chromium(tmp_path: Path, study) -> None:

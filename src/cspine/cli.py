@@ -173,14 +173,54 @@ def cmd_predict(args: argparse.Namespace) -> int:
         assume_cervical=args.assume_cervical,
         mask=_existing(args.mask) if args.mask else None,
         mask_labels=args.labels,
+        dicom=args.dicom,
     )
+    if cfg.dicom:
+        from cspine.dicom_out import require_dicom
+
+        require_dicom(cfg.study)
     result = predict_study(cfg)
     print(format_table(result))
     if result["cervical_spine"] == "present":
         for w in result["warnings"]:
             print(f"warning: {w}")
-    print(f"outputs in {cfg.out} (result.json, mask.nii.gz{', report.png, report.html' if cfg.report else ''})")
+    print(f"outputs in {cfg.out} (result.json, mask.nii.gz{', report.png, report.html' if cfg.report else ''}"
+          f"{', dicom/' if result.get('dicom') else ''})")
     return 0
+
+
+def cmd_dicom_out(args: argparse.Namespace) -> int:
+    """An existing result folder + its DICOM study -> RESULT_DIR/dicom/ (SEG, SR, key objects)."""
+    from cspine.dicom_out import dicom_out
+
+    written = dicom_out(_existing(args.result_dir), _existing(args.study), Path(args.out) if args.out else None,
+                        series_uid=args.series_uid)
+    print(json.dumps(written, indent=2))
+    return 0
+
+
+def cmd_pacs(args: argparse.Namespace) -> int:
+    """Studies from a DICOMweb PACS -> predictions -> SEG + SR stored back."""
+    from cspine.pacs import PacsConfig, run_pacs
+
+    query: dict[str, str] = {}
+    for item in args.query or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--query must look like KEY=VALUE (e.g. ModalitiesInStudy=CT), got {item!r}")
+        query[key] = value
+    if not 0.0 < args.threshold < 1.0:
+        raise UsageError("--threshold must be between 0 and 1")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    if not args.url.startswith(("http://", "https://")):
+        raise UsageError(f"--url must be a DICOMweb root such as http://127.0.0.1:8042/dicom-web, got {args.url!r}")
+    cfg = PacsConfig(url=args.url, model=_existing(args.model), out=Path(args.out), studies=tuple(args.study or ()),
+                     query=query, store=not args.no_store, device=args.device, threshold=args.threshold,
+                     limit=args.limit)
+    summary = run_pacs(cfg, progress=not args.no_progress)
+    print(json.dumps(summary, indent=2))
+    return 1 if summary["failed"] else 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -487,7 +527,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", choices=tuple(MASK_CONVENTIONS), default="rsna",
                    help="label convention of --mask (rsna and verse: 1..7 = C1..C7; totalsegmentator: 50..44)")
     _add_reading(p)
+    p.add_argument("--dicom", action="store_true",
+                   help="also OUT/dicom/: DICOM SEG of C1-C7, Comprehensive 3D SR, key-object selection")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("dicom-out", help="an existing result folder -> DICOM SEG + SR + key objects")
+    p.add_argument("result_dir", help="a cspine predict output folder (result.json, mask.nii.gz)")
+    p.add_argument("--study", required=True, help="the DICOM folder / .zip / file the result was made from")
+    p.add_argument("--out", default=None, help="output folder (default RESULT_DIR/dicom)")
+    p.add_argument("--series-uid", default=None, help="the series predicted (default: the one in result.json)")
+    p.set_defaults(func=cmd_dicom_out)
+
+    p = sub.add_parser("pacs", help="studies from a DICOMweb PACS -> predict -> SEG + SR stored back (STOW-RS)")
+    p.add_argument("--url", required=True, help="DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")
+    p.add_argument("--model", required=True, help="model bundle directory")
+    p.add_argument("--out", required=True, help="folder of result folders (one per study) and the journal")
+    p.add_argument("--study", action="append", metavar="UID", help="StudyInstanceUID (repeatable)")
+    p.add_argument("--query", action="append", metavar="KEY=VALUE",
+                   help="batch: every study matching these QIDO-RS filters (repeatable), e.g. ModalitiesInStudy=CT")
+    p.add_argument("--limit", type=int, default=None, help="batch: at most this many studies")
+    p.add_argument("--no-store", action="store_true", help="predict only; store nothing back")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--threshold", type=float, default=0.5, help="probability flagged as positive")
+    _add_progress(p)
+    p.set_defaults(func=cmd_pacs)
 
     p = sub.add_parser("submit", help="RSNA test set -> Kaggle submission.csv (resumable)")
     p.add_argument("--data", required=True, help="RSNA-layout folder with test.csv and test_images/")

@@ -36,6 +36,7 @@ class PredictConfig:
     assume_cervical: bool = False
     mask: Path | None = None  # the user's own vertebra mask, used instead of the segmenter
     mask_labels: str = "rsna"  # its label convention (cspine.labels.MASK_CONVENTIONS)
+    dicom: bool = False  # also OUT/dicom/: SEG + SR (+ key-object selection), see cspine.dicom_out
 
 
 #: The file that marks a folder as predict's output (a folder holding it may be replaced as a whole).
@@ -134,6 +135,15 @@ def predict_study(cfg: PredictConfig, bundle: Any = None) -> dict[str, Any]:
             t = time.perf_counter()
             write_report(tmp, vol, out.mask, result, out.slice_scores, threshold=cfg.threshold)
             timings["report"] = time.perf_counter() - t
+        if cfg.dicom and out.cervical_spine == "absent":
+            result["warnings"].append("no DICOM outputs: no cervical spine in the field of view")
+        elif cfg.dicom:
+            from cspine.dicom_out import write_dicom_outputs
+
+            t = time.perf_counter()
+            written = write_dicom_outputs(tmp / "dicom", cfg.study, vol, out.mask, result, out.slice_scores)
+            result["dicom"] = {k: str(cfg.out / "dicom" / Path(v).name) for k, v in written.items()}
+            timings["dicom"] = time.perf_counter() - t
         result["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
         write_json(tmp / RESULT_FILE, result)
         _replace_folder(tmp, cfg.out)

@@ -141,8 +141,9 @@ def write_report(
     result: Mapping[str, Any],
     slice_scores: Mapping[str, Sequence[tuple[int, float]]] | None = None,
     threshold: float = 0.5,
+    viewer: bool = True,
 ) -> tuple[Path, Path]:
-    """Write report.png (the overview) and report.html (overview, table, axial views; self-contained).
+    """Write report.png (the overview) and report.html (overview, viewer, table, axial views; self-contained).
 
     Args:
         out_dir: output folder.
@@ -150,6 +151,7 @@ def write_report(
         result: the result dict (patient_overall, C1..C7, vertebrae, warnings).
         slice_scores: per vertebra, (z index, score) of its sampled slices; the highest are shown.
         threshold: vertebrae at or above it get axial views.
+        viewer: embed the interactive viewer (cspine.viewer: NiiVue, the CT and the coloured vertebrae).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     probs = {k: float(result[k]) for k in CERVICAL if result.get(k) is not None}
@@ -169,7 +171,7 @@ def write_report(
         present = info.get("present", p is not None)
         sl = info.get("slices")
         rows.append(
-            f"<tr class='{'hit' if p is not None and p >= threshold else ''}'><td>{name}</td>"
+            f"<tr class='{'hit' if p is not None and p >= threshold else ''}' data-vertebra='{name}'><td>{name}</td>"
             f"<td>{'' if p is None else f'{p:.3f}'}</td><td>{'yes' if present else 'no'}</td>"
             f"<td>{html.escape(str(sl) if sl else '-')}</td></tr>"
         )
@@ -186,16 +188,26 @@ def write_report(
                 )
     warnings = "".join(f"<li>{html.escape(str(w))}</li>" for w in result.get("warnings", []))
     uid = html.escape(str(result.get("StudyInstanceUID", "")))
+    scroll = ""
+    if viewer:
+        from cspine.viewer import viewer_html
+
+        scroll = ("<h2>Viewer</h2><p>Axial, coronal and sagittal planes: click or drag to move, scroll to page "
+                  "through slices, click a vertebra in the table to jump to its key slice.</p>"
+                  + viewer_html(vol, mask, probs, slice_scores, threshold))
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>cspine report {uid}</title>
 <style>body{{font-family:sans-serif;background:#111;color:#eee;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #555;padding:4px 10px}}tr.hit td{{background:#5a1d1d}}img{{max-width:100%}}</style></head>
+td,th{{border:1px solid #555;padding:4px 10px}}tr.hit td{{background:#5a1d1d}}img{{max-width:100%}}
+tr[data-vertebra]{{cursor:pointer}}#viewer{{width:100%;height:440px;display:block}}
+#viewer-tools button{{margin:0 4px 6px 0}}</style></head>
 <body><h1>Cervical spine fracture report</h1>
 <p>Study {uid}. Patient-level fracture probability: <b>{patient_text}</b>
 (threshold {threshold:.2f}). Research software, not a medical device.</p>
 <img id="overview" alt="sagittal and coronal overview" src="data:image/png;base64,{_b64(overview)}">
 <table id="vertebrae"><tr><th>vertebra</th><th>probability</th><th>in field of view</th><th>slices</th></tr>
 {"".join(rows)}</table>
+{scroll}
 {"<h2>Warnings</h2><ul>" + warnings + "</ul>" if warnings else ""}
 <h2>Vertebrae above threshold</h2>{"".join(axials) or "<p>none</p>"}
 <script>
