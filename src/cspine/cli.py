@@ -454,7 +454,7 @@ def _add_reading(p: argparse.ArgumentParser, hu_offset: bool = True) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command-line interface, for ``main`` and for documentation."""
-    from cspine.labels import MASK_CONVENTIONS  # torch-free registries
+    from cspine.labels import MASK_CONVENTION_ALIASES, MASK_CONVENTIONS  # torch-free registries
     from cspine.seg.totalsegmentator import ENGINES
 
     parser = argparse.ArgumentParser(
@@ -621,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-labels", default=None,
                    help="the labels the model was trained on: adds their per-column prevalence as a baseline")
     p.set_defaults(func=cmd_evaluate)
-    from cspine.seg.config import LABEL_CONVENTION_NAMES, STAGE_CLASSES, TrainSegConfig  # torch-free registries
+    from cspine.seg.config import STAGE_CLASSES, TrainSegConfig  # torch-free registries
     from cspine.seg.models import MODEL_NAMES
 
     p = sub.add_parser("train-seg", help="train the C1-C7 segmenter (3D U-Net; resumable; DDP under torchrun)")
@@ -667,8 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="fold seed (as in train-seg)")
     p.add_argument("--pred", default=None, help="mask file or folder to score (instead of --model)")
     p.add_argument("--truth", default=None, help="reference mask file, folder or prepared cache (with --pred)")
-    p.add_argument("--pred-labels", choices=LABEL_CONVENTION_NAMES, default="project")
-    p.add_argument("--truth-labels", choices=LABEL_CONVENTION_NAMES, default="project")
+    conventions = (*MASK_CONVENTIONS, *MASK_CONVENTION_ALIASES)
+    p.add_argument("--pred-labels", choices=conventions, default="rsna")
+    p.add_argument("--truth-labels", choices=conventions, default="rsna")
     p.add_argument("--out", required=True, help="folder for eval.json and eval.md")
     p.add_argument("--device", default="auto")
     _add_progress(p)

@@ -36,8 +36,6 @@ OTHER_VALUE = 255
 CLASS_TO_VALUE: tuple[int, ...] = (0, *CERVICAL_VALUES, OTHER_VALUE)
 #: major.minor of MODEL_DIR/config.json (cspine.engine.formats); 1.1 adds the network's ``arch_args``.
 CONFIG_FORMAT = "1.1"
-#: Label conventions that reference masks may come in (lookup tables in :mod:`cspine.seg.evaluate`).
-LABEL_CONVENTION_NAMES: tuple[str, ...] = ("project", "totalseg")
 
 
 

@@ -8,7 +8,7 @@ centroid lies in its hole (in all 45 generated studies checked); filling the hol
 stands there (C1 predictions 1 mm off had their centroid on the dens). What the predicted centroid's voxel holds
 is still reported (``centroid_voxel``) beside the centroid distance in mm.
 
-Real masks come in other label conventions; :data:`LABEL_CONVENTIONS` maps them onto the project's values
+Real masks come in other label conventions; :func:`cspine.labels.to_project_labels` maps them onto the project's values
 (1..7 C1..C7, 8..19 T1..T12, 20..25 L1..L6, 26 sacrum, 28 T13) before anything is compared. Masks on different
 grids are aligned through their affines (:func:`cspine.io.nifti.resample_labels`), never by array order.
 """
@@ -24,38 +24,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from cspine.labels import CERVICAL_VALUES, LABEL_NAMES, label_name
-from cspine.seg.config import LABEL_CONVENTION_NAMES
-
-
-def _totalseg_lut() -> np.ndarray:
-    """TotalSegmentator v2 "total" task -> project values (ts 50..32 = C1..T12 -> 1..19; 31..27 = L1..L5 -> 20..24;
-    26 = S1 and 25 = sacrum -> 26 sacrum; everything else, organs included -> 0)."""
-    lut = np.zeros(256, dtype=np.uint8)
-    for ts in range(32, 51):
-        lut[ts] = 51 - ts
-    for ts in range(27, 32):
-        lut[ts] = 20 + (31 - ts)
-    lut[25] = lut[26] = 26
-    return lut
-
-
-#: Label convention name -> uint8 lookup table onto project values.
-LABEL_CONVENTIONS: dict[str, np.ndarray] = {
-    "project": np.arange(256, dtype=np.uint8),
-    "totalseg": _totalseg_lut(),
-}
-assert tuple(LABEL_CONVENTIONS) == LABEL_CONVENTION_NAMES
-
-
-def to_project_labels(mask: np.ndarray, convention: str) -> np.ndarray:
-    """Map a label mask of a named convention onto project values."""
-    if convention not in LABEL_CONVENTIONS:
-        raise ValueError(f"unknown label convention {convention!r}; valid: {', '.join(LABEL_CONVENTIONS)}")
-    if mask.size and (mask.min() < 0 or mask.max() > 255):
-        raise ValueError(f"label values {mask.min()}..{mask.max()} do not fit 0..255")
-    return LABEL_CONVENTIONS[convention][mask.astype(np.uint8, copy=False)]
-
+from cspine.labels import CERVICAL_VALUES, LABEL_NAMES, label_name, to_project_labels
 
 #: Names of every vertebra value a reference mask may carry (project convention, MANIFEST): labels.py names
 #: 1..19; lumbar, sacrum and T13 are added here for real-data checks.
@@ -295,8 +264,8 @@ def evaluate_files(
     pred: Path,
     truth: Path,
     out: Path | None = None,
-    pred_labels: str = "project",
-    truth_labels: str = "project",
+    pred_labels: str = "rsna",
+    truth_labels: str = "rsna",
     labels: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Score existing masks against references (files or folders matched by name), e.g. real third-party masks.
