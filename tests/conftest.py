@@ -132,7 +132,7 @@ class StubBundle:
     def summary(self) -> dict[str, str]:
         return {"path": "stub-model", "cspine": "0.1.0", "created": "2026-01-01T00:00:00"}
 
-    def predict(self, vol, timings=None):
+    def predict(self, vol, timings=None, **kwargs):
         from cspine.bundle import Prediction
 
         nz = vol.shape[0]

@@ -198,12 +198,13 @@ def nifti_header_bomb(path: Path, side: int = 4096) -> Path:
 def fake_bundle(folder: Path) -> Path:
     """A bundle folder that passes the cheap check (predict refuses the study before loading any weights)."""
     from cspine import __version__
-    from cspine.bundle import BUNDLE_FILE, BUNDLE_FORMAT
+    from cspine.bundle import BUNDLE_FILE, BUNDLE_FORMAT, component_formats
 
     for stage in ("seg", "cls"):
         (folder / stage).mkdir(parents=True)
         (folder / stage / "config.json").write_text("{}")
-    (folder / BUNDLE_FILE).write_text(json.dumps({"format": BUNDLE_FORMAT, "cspine": __version__}))
+    info = {"format": BUNDLE_FORMAT, "cspine": __version__, "formats": component_formats()}
+    (folder / BUNDLE_FILE).write_text(json.dumps(info))
     return folder
 
 
