@@ -88,6 +88,14 @@ def predict_study(cfg: PredictConfig, bundle: Any = None) -> dict[str, Any]:
     from cspine.report import write_report
 
     check_out_folder(cfg.out)
+    warming = None
+    if cfg.dicom:  # highdicom's import overlaps decoding and segmentation instead of following them
+        import threading
+
+        from cspine.dicom_out import warm_up
+
+        warming = threading.Thread(target=warm_up, name="cspine-dicom-warm-up", daemon=True)
+        warming.start()
     if bundle is None:
         check_bundle(cfg.model)  # its files, cheaply, before the study is read
     timings: dict[str, float] = {}
@@ -141,6 +149,8 @@ def predict_study(cfg: PredictConfig, bundle: Any = None) -> dict[str, Any]:
             from cspine.dicom_out import write_dicom_outputs
 
             t = time.perf_counter()
+            if warming is not None:
+                warming.join()
             written = write_dicom_outputs(tmp / "dicom", cfg.study, vol, out.mask, result, out.slice_scores)
             result["dicom"] = {k: str(cfg.out / "dicom" / Path(v).name) for k, v in written.items()}
             timings["dicom"] = time.perf_counter() - t

@@ -38,6 +38,26 @@ from cspine.io.volume import Volume
 
 log = logging.getLogger(__name__)
 
+
+def warm_up() -> None:
+    """Import highdicom and load the standard's tables it reads on first use (about a second), so that a caller
+    can do it in a background thread while the study is decoded and segmented, instead of after.
+
+    The tables are loaded through highdicom's private, cached loaders (the version is pinned in pyproject): where a
+    later highdicom moves them, they are simply loaded on first use, as without the warm-up.
+    """
+    import highdicom.ko
+    import highdicom.seg
+    import highdicom.sr  # noqa: F401
+
+    try:
+        from highdicom import _standard_utils as standard
+    except ImportError:
+        return
+    for loader in ("get_sop_class_iod_map", "get_iod_module_map", "get_module_attribute_map"):
+        if callable(getattr(standard, loader, None)):
+            getattr(standard, loader)()
+
 __all__ = [
     "KO_FILE",
     "SEG_FILE",
