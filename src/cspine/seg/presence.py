@@ -69,7 +69,7 @@ def _level_facts(mask: np.ndarray, vol: Volume) -> dict[int, dict[str, Any]]:
             "volume_ml": n * voxel_ml,
             "mean_hu": float(vol.array[sl][local].mean()),
             "lps": vol.index_to_patient(centroid)[0],
-            "cut_off": any(s.start == 0 or s.stop == n for s, n in zip(sl, mask.shape, strict=True)),
+            "cut_off": any(s.start == 0 or s.stop == size for s, size in zip(sl, mask.shape, strict=True)),
         }
     return facts
 
