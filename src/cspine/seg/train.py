@@ -236,7 +236,10 @@ def train_segmentation(
         from monai.losses import DiceCELoss
 
         loss_fn = DiceCELoss(include_background=False, to_onehot_y=not cfg.soft_labels, softmax=True, batch=True)
-        sampler = PatchSampler(train_cases, cfg.patch, cfg.augment, cfg.fg_fraction, soft=cfg.soft_labels)
+        sampler = PatchSampler(
+            train_cases, cfg.patch, cfg.augment, cfg.fg_fraction, soft=cfg.soft_labels,
+            randomize=cfg.randomization if cfg.randomize else None, preprocess=cfg.preprocess,
+        )
         total_steps = cfg.epochs * cfg.iters_per_epoch
         bar = None
         if progress and rt.is_main:
