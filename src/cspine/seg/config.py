@@ -156,6 +156,9 @@ class TrainSegConfig:
         threads: torch CPU threads per process (None: torch's default). On a shared machine 1 can be faster than
             2: OpenMP threads spin while waiting for a core another job holds.
         max_studies: use at most this many studies with masks (smoke runs).
+        cervical_box_mm: train on the box around C1..C7 plus this margin (mm) only, skipping studies without
+            them (None: whole studies). For the refinement stage, which at inference only sees the box around the
+            coarse C1..C7: whole chest and abdomen fields of view on its fine grid cost minutes and gigabytes.
         randomize: domain-randomise every training patch (tissue intensities, bias field, gamma, blur,
             resolution, noise, field-of-view edges; ranges in ``randomization``), so that real scanners are one
             more variation of the generated studies.
@@ -185,6 +188,7 @@ class TrainSegConfig:
     device: str = "auto"
     threads: int | None = None
     max_studies: int | None = None
+    cervical_box_mm: float | None = None
     randomize: bool = False
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cspine.io.volume import Volume
+from cspine.labels import CERVICAL_VALUES
 from cspine.seg.config import CLASS_TO_VALUE, AugmentConfig, PreprocessConfig, RandomizeConfig
 from cspine.seg.grid import argmax0, class_shares, foreground_shares, to_model_grid
 
@@ -69,6 +70,20 @@ class Case:
                 pts = pts[rng.choice(len(pts), max_points, replace=False)]
             fg[int(c)] = pts.astype(np.int32)
         return cls(uid, image.astype(np.float16), labels, q, fg)
+
+
+def cervical_box(vol: Volume, mask: np.ndarray, margin_mm: float) -> tuple[Volume, np.ndarray] | None:
+    """The study cropped to the box around its C1..C7 voxels plus ``margin_mm``, or None when it has none."""
+    from cspine.io.volume import crop
+
+    pts = np.argwhere(np.isin(mask, CERVICAL_VALUES))
+    if len(pts) == 0:
+        return None
+    pad = np.ceil(margin_mm / np.asarray(vol.spacing)).astype(np.int64)
+    lo, hi = pts.min(0) - pad, pts.max(0) + pad + 1
+    box = crop(vol, tuple(lo), tuple(hi))
+    lo = np.maximum(lo, 0)
+    return box, mask[lo[0] : lo[0] + box.shape[0], lo[1] : lo[1] + box.shape[1], lo[2] : lo[2] + box.shape[2]]
 
 
 def _crop_padded(arr: np.ndarray, lo: np.ndarray, size: np.ndarray) -> np.ndarray:

@@ -63,7 +63,9 @@ class ShippedRecipe:
         default_factory=lambda: {"fold": -1, "epochs": 30, "iters_per_epoch": 100, "randomize": True, "seed": 0}
     )
     refine: dict[str, Any] = field(
-        default_factory=lambda: {"fold": -1, "epochs": 60, "iters_per_epoch": 100, "randomize": True, "seed": 0}
+        default_factory=lambda: {
+            "fold": -1, "epochs": 60, "iters_per_epoch": 100, "randomize": True, "seed": 0, "cervical_box_mm": 40.0
+        }
     )
     threads_per_stage: int = 1
     workers: int = 2

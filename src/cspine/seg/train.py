@@ -38,6 +38,7 @@ from cspine.seg.config import (
 )
 from cspine.seg.data import Case, PatchSampler, describe_cases, discover_studies, fold_of
 from cspine.seg.model_dir import check_resumable, labels_json, model_config_json, plot_curve, write_log
+from cspine.seg.patches import cervical_box
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,11 @@ def _build_cases(items: list[tuple[str, Callable[[], tuple]]], cfg: TrainSegConf
         vol, mask = load()
         if mask.shape != vol.shape:
             raise ValueError(f"study {uid}: mask shape {mask.shape} differs from volume shape {vol.shape}")
+        if cfg.cervical_box_mm is not None:
+            boxed = cervical_box(vol, mask, cfg.cervical_box_mm)
+            if boxed is None:
+                continue
+            vol, mask = boxed
         cases.append(Case.build(uid, vol, mask, cfg.preprocess, soft=soft, stage=cfg.stage))
     return cases
 
