@@ -22,28 +22,8 @@ def demo(tmp_path_factory) -> dict:
     from cspine.demo import DemoConfig, run_demo
 
     out = tmp_path_factory.mktemp("demo")
-    cfg = DemoConfig(
-        out=out,
-        train_studies=8,
-        test_studies=3,
-        segmented=1.0,
-        seg_epochs=1,
-        seg_iters=3,
-        cls_epochs=1,
-        cls_folds=2,
-        device="cpu",
-    )
-    summary = run_demo(cfg, progress=False)
-    # A 3-step segmenter's labels rarely pass the anatomical checks (cspine.seg.presence); the tests below follow
-    # the study through classification, so its prediction is made as for a known cervical spine CT.
-    from cspine.predict import PredictConfig, predict_study
-
-    study = Path(summary["out"]) / "data" / "test_images" / json.loads(
-        (Path(summary["predict"]) / "result.json").read_text()
-    )["StudyInstanceUID"]
-    predict_study(PredictConfig(study=study, model=Path(summary["model"]), out=Path(summary["predict"]),
-                                device="cpu", assume_cervical=True))
-    return summary
+    cfg = DemoConfig(out=out, train_studies=8, test_studies=3, segmented=1.0, cls_epochs=1, cls_folds=2, device="cpu")
+    return run_demo(cfg, progress=False)
 
 
 def test_demo_outputs(demo: dict) -> None:
@@ -61,19 +41,20 @@ def test_demo_outputs(demo: dict) -> None:
 
 
 def test_no_oof_mask_comes_from_a_segmenter_that_trained_on_its_study(demo: dict) -> None:
-    """The classifier's out-of-fold predictions use masks from the segmenter of the same fold, which held it out."""
-    work = Path(demo["out"]) / "work"
-    cls_folds = json.loads((work / "cls" / "folds.json").read_text())  # {uid: fold}
-    splits = json.loads((Path(demo["out"]) / "cache" / "splits.json").read_text())
+    """Every training study's mask comes from the shipped segmenter, which trained on none of them (its recipe
+    lists the studies it trained on); the classifier's folds are the dataset's one split file."""
+    from cspine.seg.shipped import SHIPPED_DIR
+
+    out = Path(demo["out"])
+    cls_folds = json.loads((out / "work" / "cls" / "folds.json").read_text())  # {uid: fold}
+    splits = json.loads((out / "cache" / "splits.json").read_text())
     assert cls_folds == splits["train/2-folds/seed-0"]  # one split file, read by both stages
-    trained_on = {
-        run.parent.resolve(): set(json.loads(run.read_text())["train_studies"]) for run in work.glob("seg*/run.json")
-    }
-    assert len(trained_on) == 2 and all(trained_on.values())
-    for uid, fold in cls_folds.items():
-        model = Path(json.loads((work / "pseudo" / f"{uid}.json").read_text())["model"]).resolve()
-        assert model == (work / f"seg{fold}").resolve()
-        assert uid not in trained_on[model], f"{uid}: its mask comes from a segmenter that trained on it"
+    trained_on = set(json.loads((SHIPPED_DIR / "recipe.json").read_text())["train_uids"])
+    assert len(trained_on) >= 64
+    for uid in cls_folds:
+        record = json.loads((out / "work" / "pseudo" / f"{uid}.json").read_text())
+        assert Path(record["model"]).resolve() == SHIPPED_DIR.resolve()
+        assert uid not in trained_on, f"{uid}: its mask comes from a segmenter that trained on it"
 
 
 def test_predict_outputs_aligned_mask(demo: dict) -> None:

@@ -188,6 +188,8 @@ def build(out: Path, recipe: ShippedRecipe | None = None, install_into: Path | N
         "command": f"cspine build-segmenter --out {out}",
         "seconds": timings,
         "heldout": figures,
+        # what it trained on, so that anyone can check a study was not among them (the demo's test does)
+        "train_uids": sorted(p.name for p in (cache / "train").iterdir()),
         "versions": versions(),
         "machine": {"cpus": os.cpu_count()},
     }

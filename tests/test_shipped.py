@@ -1,0 +1,137 @@
+"""The segmenter that ships in the package: its record, its quality on fresh generated studies, and real CT.
+
+The real-CT tests are the acceptance of the real-anatomy issue on the CTs in ../shared/data/real: the two real necks
+(OpenKBP pt2 with its clinician contours; the Slicer neck against the reading in docs/real_ct.md) and two real CTs
+without a cervical spine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from cspine.seg.shipped import SHIPPED_DIR, shipped_model
+
+pytestmark = pytest.mark.skipif(shipped_model() is None, reason=f"no shipped segmenter in {SHIPPED_DIR}")
+
+LEVELS = [f"C{k}" for k in range(1, 8)]
+#: The Slicer neck read by eye on its reformats (docs/real_ct.md): centre height (mm above its lowest slice).
+SLICER_READING = {"C1": 80.0, "C2": 66.0, "C3": 48.0, "C4": 36.0, "C5": 24.0, "C6": 11.0}
+HALF_VERTEBRA_MM = 6.0
+
+
+@pytest.fixture(scope="module")
+def seg_model():
+    from cspine.seg.infer import load_model
+
+    return load_model(SHIPPED_DIR)
+
+
+def test_record_says_how_to_rebuild_it_and_what_it_scored() -> None:
+    record = json.loads((SHIPPED_DIR / "recipe.json").read_text())
+    assert record["command"].startswith("cspine build-segmenter")
+    recipe = record["recipe"]
+    assert recipe["coarse"]["randomize"] and recipe["refine"]["randomize"]
+    seeds = {s["seed"] for s in recipe["train_sets"]} | {s["seed"] for s in recipe["heldout_sets"]}
+    assert 0 not in seeds and len(seeds) == len(recipe["train_sets"]) + len(recipe["heldout_sets"])
+    assert set(record["heldout"]) == {s["name"] for s in recipe["heldout_sets"]}
+    assert record["seconds"]["train"]["coarse"] > 0
+    size = sum(p.stat().st_size for p in SHIPPED_DIR.rglob("*") if p.is_file())
+    assert size < 40e6, f"the shipped segmenter is {size / 1e6:.0f} MB"
+
+
+def test_checkpoints_load_with_weights_only() -> None:
+    import torch
+
+    for path in (SHIPPED_DIR / "best.pt", SHIPPED_DIR / "refine" / "best.pt"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        assert "model" in state and state["model"]
+
+
+def test_fresh_generated_studies_are_segmented_well(seg_model) -> None:
+    """Two studies of a seed the segmenter never trained on (default profile, small): Dice per vertebra."""
+    from cspine.seg.evaluate import evaluate_masks
+    from cspine.seg.infer import segment_volume
+    from cspine.synth import generate_study
+
+    for index in range(2):
+        st = generate_study(4321, "small", index)
+        res = segment_volume(st.volume, seg_model)
+        scores = evaluate_masks(res.mask, st.mask, st.volume.spacing, labels=range(1, 8))
+        dice = {lv: scores[lv]["dice"] for lv in LEVELS if scores[lv]["truth_voxels"]}
+        assert len(dice) >= 6 and all(d is not None for d in dice.values()), scores
+        assert np.mean(list(dice.values())) >= 0.85, dice
+
+
+def _segment(study: Path, out: Path, *extra: str) -> dict:
+    """``cspine segment`` with no --model (the shipped segmenter) -> per level centroid (RAS mm) and volume."""
+    r = subprocess.run([sys.executable, "-m", "cspine.cli", "segment", str(study), "--out", str(out), *extra],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    img = nib.load(str(out))
+    m = np.asarray(img.dataobj)
+    vox = abs(np.linalg.det(img.affine[:3, :3])) / 1000.0
+    found = {}
+    for k, name in enumerate(LEVELS, 1):
+        idx = np.argwhere(m == k)
+        if len(idx) and len(idx) * vox >= 1.0:
+            found[name] = img.affine @ np.r_[idx.mean(0), 1.0]
+    return found
+
+
+def test_openkbp_neck_all_seven_in_order_below_the_foramen_magnum(real: Path, tmp_path: Path) -> None:
+    d = real / "nifti" / "openkbp_hn_pt2"
+    found = _segment(d / "ct.nii.gz", tmp_path / "m.nii.gz")
+    assert list(found) == LEVELS, f"found {list(found)}"
+    z = [found[lv][2] for lv in LEVELS]
+    assert all(a > b for a, b in zip(z, z[1:], strict=False)), z
+    img = nib.load(str(d / "structures.nii.gz"))
+    names = {v: int(k) for k, v in (line.split() for line in (d / "structures_labels.txt").read_text().splitlines())}
+    s = np.asarray(img.dataobj)
+
+    def world(label: str) -> np.ndarray:
+        idx = np.argwhere(s == names[label])
+        return (img.affine @ np.c_[idx, np.ones(len(idx))].T)[:3].T
+
+    below = world("Brainstem")[:, 2].min() - z[0]
+    assert 0 <= below <= 25, f"C1 {below:.0f} mm below the foramen magnum"
+    assert 70 <= z[0] - z[-1] <= 140
+    cord = world("SpinalCord")
+    for lv in LEVELS:
+        near = cord[np.abs(cord[:, 2] - found[lv][2]) <= 3]
+        if len(near):
+            assert np.linalg.norm(near[:, :2].mean(0) - found[lv][:2]) <= 30, lv
+
+
+def test_slicer_neck_levels_match_the_reading(real: Path, tmp_path: Path) -> None:
+    import pydicom
+
+    src = real / "series" / "slicer_ctheadaxial_neck"
+    found = _segment(src, tmp_path / "m.nii.gz", "--hu-offset", "-1024")
+    z0 = min(float(pydicom.dcmread(str(f), stop_before_pixels=True).ImagePositionPatient[2])
+             for f in src.glob("*.dcm"))
+    heights = {lv: float(c[2]) - z0 for lv, c in found.items()}
+    assert set(SLICER_READING) <= set(heights), f"found {sorted(heights)}"
+    off = {lv: round(heights[lv] - mm) for lv, mm in SLICER_READING.items() if abs(heights[lv] - mm) > HALF_VERTEBRA_MM}
+    assert not off, f"levels off the reading by more than half a vertebra (mm): {off}"
+
+
+@pytest.mark.parametrize("case", ["abdomen", "lumbar"])
+def test_real_ct_without_a_cervical_spine_reports_none(real: Path, tmp_path: Path, case: str) -> None:
+    study = {
+        "abdomen": real / "series" / "totalseg_example_ct_dicom",
+        "lumbar": real / "nifti" / "tptbox_lumbar_ct" / "sub-ct_label-22_ct.nii.gz",
+    }[case]
+    if not study.exists():
+        pytest.skip(f"{study} not in this copy of the real data")
+    r = subprocess.run([sys.executable, "-m", "cspine.cli", "segment", str(study), "--out", str(tmp_path / "m.nii.gz"),
+                        "--report", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["found"] == [], report["found"]
