@@ -26,8 +26,10 @@ from cspine.errors import ConfigError
 #: Bump when the crop arrays change meaning; old caches are then rebuilt instead of misread.
 CROP_FORMAT = 2
 #: major.minor of the model directory (cspine.engine.formats): 4.0 saves the lucency model apart
-#: (fold{k}.features.json); older directories keep it inside the network's weights and are refused.
-MODEL_DIR_FORMAT = "4.0"
+#: (fold{k}.features.json); older directories keep it inside the network's weights and are refused. 4.1: the
+#: files of the schema shared with the segmenter (cspine.engine.model_dir: weights under "model", not
+#: "state_dict"; both are read).
+MODEL_DIR_FORMAT = "4.1"
 
 
 @dataclass(frozen=True)
@@ -196,7 +198,8 @@ class TrainConfig:
         lr: peak learning rate.
         weight_decay: optimiser weight decay.
         optimizer: adam or adamw.
-        schedule: cosine (warm-up, then cosine to 2 %) or constant.
+        schedule: cosine (warm-up, then cosine to ``lr_floor``) or constant.
+        lr_floor: where the cosine schedule ends, as a fraction of ``lr``.
         patience: early stopping patience (epochs).
         augment: seeded flips, shifts and contrast jitter of the crops.
         seed: seed of folds, initialisation and augmentation.
@@ -226,6 +229,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     optimizer: str = "adamw"
     schedule: str = "cosine"
+    lr_floor: float = 0.02
     patience: int = 4
     augment: bool = True
     seed: int = 0
