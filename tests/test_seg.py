@@ -614,4 +614,4 @@ def test_ddp_two_gloo_processes_train_and_only_rank0_writes(cache: Path, tmp_pat
          "run.json"]
     )  # fmt: skip
     assert proc.stdout.count('"epochs_run"') == 1  # the summary is printed by rank 0 only
-    assert proc.stderr.count("epoch 2/2") == 1  # and only rank 0 logs
+    assert proc.stderr.count("model epoch 2:") == 1  # and only rank 0 logs

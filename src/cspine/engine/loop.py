@@ -199,10 +199,9 @@ def fit(
             hist.update(best_score=best, best_epoch=best_epoch)
             write_history(run.history, hist)
             log.info(
-                "%s epoch %d/%d: train loss %.4f, val score %s (best %s @ %d), %.1f s",
+                "%s epoch %d: train loss %.4f, val score %s (best %s @ %d), %.1f s",
                 run.name,
                 epoch + 1,
-                epochs,
                 row["train_loss"],
                 ev.get("score"),
                 best,

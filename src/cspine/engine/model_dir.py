@@ -125,10 +125,16 @@ def check_resumable(
     """A folder holds one configuration: refuse to continue it with other settings than ``may_change``,
     naming each that differs (one line)."""
     allowed = set(may_change)
-    diffs = sorted(k for k in now if k not in allowed and saved.get(k) != now[k])
+    diffs = [d for k in sorted(now) if k not in allowed for d in differences(k, saved.get(k), now[k])]
     if diffs:
-        detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in diffs)
-        raise ConfigError(f"{path} holds a run with a different config ({detail}); {hint}")
+        raise ConfigError(f"{path} was trained with other settings (a different config: {'; '.join(diffs)}); {hint}")
+
+
+def differences(name: str, saved: Any, now: Any) -> list[str]:
+    """'name: saved x, now y' for each differing value, nested settings by their dotted names."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [d for k in sorted(set(saved) | set(now)) for d in differences(f"{name}.{k}", saved.get(k), now.get(k))]
+    return [] if saved == now else [f"{name}: saved {saved!r}, now {now!r}"]
 
 
 __all__ = [
