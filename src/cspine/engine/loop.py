@@ -85,9 +85,10 @@ def warmup_cosine_steps(lr: float, step: int, total: int, warmup: int, floor: fl
 
 
 def finished(hist: dict[str, Any], epochs: int) -> bool:
-    """A history that needs no more training: stopped early, or reached ``epochs``."""
+    """A history that needs no more training: stopped early, or reached ``epochs`` (a finished history from before
+    ``stopped_early`` was recorded counts as finished: its resume state is gone)."""
     last = hist["epochs"][-1]["epoch"] if hist.get("epochs") else 0
-    return bool(hist.get("done")) and (bool(hist.get("stopped_early")) or last >= epochs)
+    return bool(hist.get("done")) and (bool(hist.get("stopped_early", True)) or last >= epochs)
 
 
 def fit(
