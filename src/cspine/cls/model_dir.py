@@ -37,7 +37,7 @@ def load_config(model_dir: Path) -> TrainConfig:
     path = Path(model_dir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{model_dir}: not a cspine classifier directory (no config.json)")
-    return config_from_dict(json.loads(path.read_text()))
+    return config_from_dict(json.loads(path.read_text()), f"{path}: classifier model directory")
 
 
 def fold_checkpoints(model_dir: Path) -> list[Path]:

@@ -2,7 +2,8 @@
 
 One training run (a classifier fold, a seed-baseline vertebra net, a segmentation stage) named ``NAME`` leaves::
 
-    FOLDER/config.json            format "major.minor", network name + its arguments, resolved training config
+    FOLDER/config.json            {"format": "major.minor", "kind", "arch": network name, "arch_args": what it is
+                                  built from, the stage's facts (classes ...), "train": resolved training config}
     FOLDER/NAME.pt                best weights: {"format", "model", "epoch", "score", "run", "config"}
     FOLDER/NAME.history.json      {"done", "stopped_early", "best_score", "best_epoch", "epochs": [one row per epoch]}
     FOLDER/NAME.history.csv       the same rows, flat (nested values as NAME_key columns)
@@ -119,6 +120,20 @@ def flat_row(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def model_config(
+    fmt: str, kind: str, arch: str, arch_args: dict[str, Any], train: dict[str, Any], **facts: Any
+) -> dict[str, Any]:
+    """FOLDER/config.json: {"format", "kind", "arch" (network name), "arch_args" (what it is built from), the
+    stage's other ``facts`` (classes ...), "train" (the resolved training config)}."""
+    return {"format": fmt, "kind": kind, "arch": arch, "arch_args": arch_args, **facts, "train": train}
+
+
+def training_config(data: dict[str, Any]) -> dict[str, Any]:
+    """The resolved training config of a config.json (under "train"; classifier directories before 4.1 kept it at
+    the top level, beside "format")."""
+    return dict(data["train"]) if "train" in data else {k: v for k, v in data.items() if k != "format"}
+
+
 def check_resumable(
     path: Path, saved: dict[str, Any], now: dict[str, Any], may_change: Iterable[str], hint: str
 ) -> None:
@@ -145,8 +160,10 @@ __all__ = [
     "flat_row",
     "load_state",
     "load_weights",
+    "model_config",
     "read_history",
     "save_state",
     "save_weights",
+    "training_config",
     "write_history",
 ]

@@ -15,7 +15,7 @@ from typing import Any
 
 from cspine.engine.config import from_dict, to_dict
 from cspine.engine.formats import parse_format
-from cspine.engine.model_dir import RunFiles
+from cspine.engine.model_dir import RunFiles, model_config
 from cspine.engine.model_dir import check_resumable as check_resumable_config
 from cspine.errors import ConfigError
 from cspine.seg.config import (
@@ -51,17 +51,8 @@ def model_config_json(cfg: TrainSegConfig) -> dict[str, Any]:
     from cspine.seg.models import get_spec
 
     spec = get_spec(cfg.arch)
-    return {
-        "format": CONFIG_FORMAT,
-        "kind": "cspine-seg",
-        "arch": cfg.arch,
-        "arch_args": spec.arch(),
-        "arch_description": spec.description,
-        "stage": cfg.stage,
-        "classes": list(STAGE_CLASSES[cfg.stage]),
-        "in_channels": 1,
-        "train": to_dict(cfg),
-    }
+    facts = {"arch_description": spec.description, "stage": cfg.stage, "classes": list(STAGE_CLASSES[cfg.stage])}
+    return model_config(CONFIG_FORMAT, "cspine-seg", cfg.arch, spec.arch(), to_dict(cfg), **facts, in_channels=1)
 
 
 def check_resumable(out: Path, cfg: TrainSegConfig) -> None:
