@@ -93,7 +93,7 @@ def test_segment_engine_choices_are_clear_input_errors(tmp_path: Path) -> None:
     study = tmp_path / "ct.nii.gz"
     nib.save(nib.Nifti1Image(np.full((8, 8, 8), -1000, dtype=np.int16), np.eye(4)), study)
     for args, message in (
-        ([], "--model is required with the cspine engine"),
+        ([], "no shipped segmenter: give --model"),
         (["--engine", "totalsegmentator"], "pip install TotalSegmentator"),
     ):
         r = subprocess.run([sys.executable, "-m", "cspine.cli", "segment", str(study), "--out",

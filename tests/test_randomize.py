@@ -90,3 +90,51 @@ def test_shape_mismatch_refused(volume: tuple[np.ndarray, np.ndarray]) -> None:
     image, mask = volume
     with pytest.raises(ValueError, match="same shape"):
         randomize(image, mask[:-1], np.random.default_rng(0))
+
+
+def test_fov_edge_pads_the_image_and_clears_labels_and_shares_beyond_the_box(
+    volume: tuple[np.ndarray, np.ndarray],
+) -> None:
+    from cspine.seg.randomize import FovEdge
+
+    image, mask = volume
+    t = FovEdge(1.0, (0.4, 0.6), (0.0,))
+    params = t.sample(np.random.default_rng(3), image, (1.0, 1.0, 1.0))
+    out, out_mask = t.apply(image, mask, params)
+    inside = tuple(slice(a, b) for a, b in zip(params["start"], params["end"], strict=True))
+    outside = np.ones(image.shape, bool)
+    outside[inside] = False
+    assert out.shape == image.shape and outside.any()
+    assert np.all(out[outside] == 0.0) and np.array_equal(out[inside], image[inside])
+    assert not out_mask[outside].any() and np.array_equal(out_mask[inside], mask[inside])
+    shares = np.stack([(mask == 0), (mask == 3)]).astype(np.float32)
+    _, out_shares = t.apply(image, shares, params)
+    assert np.all(out_shares[0][outside] == 1.0) and np.all(out_shares[1][outside] == 0.0)
+
+
+def test_training_patches_are_randomised_in_hu_seeded_and_keep_their_labels() -> None:
+    from cspine.io.volume import Volume
+    from cspine.seg.config import AugmentConfig, PreprocessConfig
+    from cspine.seg.patches import Case, PatchSampler
+
+    _, y, x = np.mgrid[:40, :48, :48]
+    hu = np.where((abs(y - 24) < 8) & (abs(x - 24) < 8), 700.0, 40.0).astype(np.int16)
+    mask = np.where(hu > 100, 4, 0).astype(np.uint8)
+    pre = PreprocessConfig()
+    affine = np.array([[0, 0, 2.0, 0], [0, 2.0, 0, 0], [2.0, 0, 0, 0], [0, 0, 0, 1]])  # (z, y, x) -> LPS
+    case = Case.build("s", Volume(hu, (2.0, 2.0, 2.0), affine), mask, pre, soft=False)
+    no_aug = AugmentConfig(p_affine=0.0, p_intensity=0.0, p_blur=0.0)
+    plain = PatchSampler([case], (32, 32, 32), no_aug, 1.0)
+    rand = PatchSampler([case], (32, 32, 32), no_aug, 1.0, randomize=ALL, preprocess=pre)
+    for seed in range(4):  # one patch per draw: the same centre with and without randomisation
+        a = plain.batch(1, np.random.default_rng(seed))
+        b = rand.batch(1, np.random.default_rng(seed))
+        c = rand.batch(1, np.random.default_rng(seed))
+        assert b[0].shape == a[0].shape and b[1].shape == a[1].shape
+        assert np.array_equal(b[0].numpy(), c[0].numpy())  # the seed is the record
+        assert not np.allclose(a[0].numpy(), b[0].numpy())
+        assert float(b[0].min()) >= 0.0 and float(b[0].max()) <= 1.0
+        # labels only ever lose voxels (beyond a field-of-view edge), never move or gain them
+        assert not ((b[1] > 0) & (a[1] == 0)).any() and (b[1] > 0).any()
+    with pytest.raises(ValueError, match="preprocessing"):
+        PatchSampler([case], (32, 32, 32), no_aug, 1.0, randomize=ALL)

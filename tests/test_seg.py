@@ -484,13 +484,13 @@ def test_refinement_stage_trains_into_the_coarse_model_and_refines_its_masks(
         load_model(coarse / "refine", "cpu")
 
 
-def test_a_format_1_1_model_dir_still_predicts_and_is_refused_for_resuming(
+def test_a_format_1_1_model_dir_still_predicts_and_its_training_continues_in_1_2(
     studies: list[SynthStudy], tmp_path: Path
 ) -> None:
     """A segmenter directory of format 1.1 (best.pt, last.pt, log.json: the configs in tests/data/seg_model_1_1
     were written by that code; its checkpoints are rebuilt here with the keys it wrote) predicts with its own
-    weights; continuing its training is refused in one line, a fresh start writes 1.2 beside its 1.1 refine/;
-    another major is refused in one line."""
+    weights; a rerun continues its training in format 1.2 (beside its 1.1 refine/); another major, a newer minor
+    or an unknown resume state is refused in one line."""
     import shutil
 
     import torch
@@ -511,9 +511,11 @@ def test_a_format_1_1_model_dir_still_predicts_and_is_refused_for_resuming(
         torch.manual_seed(len(sub))
         nets[sub] = create_model(cfg["arch"], 1, len(cfg["classes"]), cfg["arch_args"])
         state = nets[sub].state_dict()
+        opt = torch.optim.AdamW(nets[sub].parameters()).state_dict()
+        log_rows = json.loads((old / sub / "log.json").read_text())
         save_checkpoint({"model": state, "epoch": 1, "score": None}, old / sub / "best.pt")
-        save_checkpoint({"format": 1, "model": state, "optimizer": {}, "epoch": 1, "best_score": -1.0,
-                         "best_epoch": 1, "bad_epochs": 0, "log": []}, old / sub / "last.pt")  # fmt: skip
+        save_checkpoint({"format": 1, "model": state, "optimizer": opt, "epoch": 1, "best_score": -1.0,
+                         "best_epoch": 1, "bad_epochs": 0, "log": log_rows}, old / sub / "last.pt")  # fmt: skip
     model = load_model(old, "cpu")
     assert model.info["checkpoint"] == str(old / "best.pt") and model.refine is not None
     for net, sub in ((model.net, ""), (model.refine.net, "refine")):
@@ -521,15 +523,23 @@ def test_a_format_1_1_model_dir_still_predicts_and_is_refused_for_resuming(
             assert torch.equal(net.state_dict()[k], v), k
     assert segment_volume(studies[0].volume, model).mask.shape == studies[0].volume.shape
 
-    cfg = train_config(out=old, **{**TINY, "epochs": 1, "iters_per_epoch": 1})
-    with pytest.raises(ConfigError, match=r"format 1\.1") as info:
-        train_segmentation(cfg, studies)
-    assert "\n" not in str(info.value) and str(old) in str(info.value) and "--fresh" in str(info.value)
-    train_segmentation(cfg, studies, resume=False)
+    saved = json.loads((old / "config.json").read_text())["train"]
+    cfg = train_config(**{**saved, "out": old, "data": None, "epochs": 2})
+    seen: list[int] = []
+    train_segmentation(cfg, studies, on_epoch_end=lambda e, r: seen.append(e))
+    assert seen == [2]  # continued after the 1.1 run's epoch 1
     assert json.loads((old / "config.json").read_text())["format"] == CONFIG_FORMAT
-    assert not (old / "best.pt").exists() and not (old / "last.pt").exists() and (old / "model.pt").exists()
+    assert not any((old / n).exists() for n in ("best.pt", "last.pt", "log.json")) and (old / "model.pt").exists()
+    assert [r["epoch"] for r in json.loads((old / "model.history.json").read_text())["epochs"]] == [1, 2]
     assert load_model(old, "cpu").refine.info["checkpoint"] == str(old / "refine" / "best.pt")
+    with pytest.raises(ConfigError, match="different config"):
+        train_segmentation(train_config(**{**saved, "out": old, "data": None, "lr": 0.5}), studies)
 
+    (old / "refine" / "last.pt").write_bytes((old / "work" / "model.state.pt").read_bytes())  # not 1.1's
+    refine_cfg = json.loads((old / "refine" / "config.json").read_text())["train"]
+    with pytest.raises(ConfigError, match="unknown checkpoint format") as info:
+        train_segmentation(train_config(**{**refine_cfg, "out": old / "refine", "data": None}), studies)
+    assert "\n" not in str(info.value) and "--fresh" in str(info.value)
     for bad in ("2.0", "1.9", 1.1, None):  # another major, a newer minor, a number, none
         data = json.loads((old / "refine" / "config.json").read_text())
         (old / "refine" / "config.json").write_text(json.dumps({**data, "format": bad}))

@@ -1,12 +1,11 @@
 """`cspine demo`: the whole pipeline on generated data, in minutes, on a laptop CPU.
 
-Generate a small RSNA-layout dataset -> prepare -> per fold of the dataset's split, train a segmenter on the other
-folds' studies with masks and segment the fold's studies with it -> train the `sequence` classifier (same folds) on
-those masks -> bundle -> submit on the
-generated test studies -> evaluate against their hidden labels -> predict one study with a
-report. Every stage is the same library call the CLI makes, so the demo is also the
-end-to-end check of the tool. The bundle it leaves in OUT/model works with predict, submit
-and segment.
+Generate a small RSNA-layout dataset -> prepare -> segment every training study with the shipped segmenter
+(:mod:`cspine.seg.shipped`; it trained on generated studies of other seeds, so no study's mask comes from a
+segmenter that trained on it) -> train the `sequence` classifier on those masks -> bundle -> submit on the generated
+test studies -> evaluate against their hidden labels -> predict one study with a report. Every stage is the same
+library call the CLI makes, so the demo is also the end-to-end check of the tool. The bundle it leaves in
+OUT/model works with predict, submit and segment.
 """
 
 from __future__ import annotations
@@ -40,16 +39,8 @@ class DemoConfig:
     seed: int = 0
     device: str = "auto"
     workers: int = 2  # generation and decoding in parallel processes
-    # The segmenter gets a minute or two. At 4 mm one 48^3 patch holds the whole neck, so single-patch steps at a
-    # high rate learn as much as 700 steps of 64^3 at 2 mm did, in under half the time (helper study of
-    # session 3: full-resolution Dice 0.60 vs 0.52-0.61 on 4 validation studies; 103 s vs 215-302 s, 1 thread).
-    seg_spacing: float = 4.0
-    # 9 x 150 steps (session 4): validation Dice 0.68 instead of 0.52 at 7 x 150, and the classifier on its masks
-    # ranks better on 320 fresh studies (mean vertebra AUC 0.57 / 0.73 instead of 0.51 / 0.65), for ~20 s more
-    seg_epochs: int = 9
-    seg_iters: int = 150
-    seg_patch: tuple[int, int, int] = (48, 48, 48)
-    seg_lr: float = 4e-2
+    # the segmenter: None = the shipped one (cspine build-segmenter); any segmentation model directory otherwise
+    seg_model: Path | None = None
     # the frozen logistic path carries what the demo can learn; a few epochs let the CNN add what it can
     cls_epochs: int = 4
     cls_folds: int = 3
@@ -65,6 +56,25 @@ def _stage(name: str, timings: dict[str, float], fn: Callable[[], Any]) -> Any:
     timings[name] = time.perf_counter() - t
     log.info("demo: %s done in %.1f s", name, timings[name])
     return result
+
+
+def _segmenter(cfg: DemoConfig) -> Path:
+    from cspine.errors import UsageError
+    from cspine.seg.shipped import shipped_model
+
+    model = cfg.seg_model or shipped_model()
+    if model is None:
+        raise UsageError("this installation has no shipped segmenter (cspine/weights/segmenter): build it with "
+                         "cspine build-segmenter --out DIR --install, or give the demo a segmenter")
+    return model
+
+
+def _heldout_dice(model: Path) -> dict[str, float] | None:
+    """The segmenter's held-out mean Dice per generated set, from its recipe.json (None for other models)."""
+    recipe = model / "recipe.json"
+    if not recipe.exists():
+        return None
+    return {k: v.get("dice_mean") for k, v in json.loads(recipe.read_text())["heldout"].items()}
 
 
 def _write_test_labels(data: Path, out: Path) -> Path:
@@ -86,10 +96,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     from cspine.cls.evaluate import EvaluateConfig, evaluate
     from cspine.cls.train import train_cls
     from cspine.data.cache import PrepareConfig, prepare_dataset
-    from cspine.data.splits import study_folds
     from cspine.predict import PredictConfig, predict_study
     from cspine.seg.pseudo import PseudoLabelConfig, pseudo_label
-    from cspine.seg.train import train_config, train_segmentation
     from cspine.submit import SubmitConfig, submit
     from cspine.synth import SynthConfig, generate_dataset
 
@@ -118,35 +126,9 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
         timings,
         lambda: prepare_dataset(PrepareConfig(data=data, out=cache, workers=cfg.workers), progress=progress),
     )
-    # One segmenter per classifier fold, on the folds of the dataset's split file (cspine.data.splits), and each
-    # fold's studies masked by the segmenter that held them out: the classifier's out-of-fold predictions then
-    # never see a mask from a segmenter that trained on that study (the bundle ships fold 0's segmenter).
-    folds = study_folds(cache, "train", cfg.cls_folds, seed=0)
-    seg_summaries = []
-    for k in range(cfg.cls_folds):
-        seg_cfg = train_config(
-            data=cache,
-            out=work / f"seg{k}",
-            fold=k,
-            folds=cfg.cls_folds,
-            epochs=cfg.seg_epochs,
-            iters_per_epoch=cfg.seg_iters,
-            patch=cfg.seg_patch,
-            batch_size=1,
-            lr=cfg.seg_lr,
-            preprocess={"spacing": (cfg.seg_spacing,) * 3},
-            device=cfg.device,
-            patience=0,
-        )
-        seg_summaries.append(
-            _stage(f"train-seg{k}", timings, lambda c=seg_cfg: train_segmentation(c, resume=True, progress=progress))
-        )
-        held_out = tuple(u for u, f in folds.items() if f == k)
-        pseudo = PseudoLabelConfig(
-            data=cache, model=work / f"seg{k}", out=work / "pseudo", all_studies=True, uids=held_out, device=cfg.device
-        )
-        _stage(f"pseudo-label{k}", timings, lambda p=pseudo: pseudo_label(p, progress=progress))
-    seg_summary = seg_summaries[0]
+    seg_model = _segmenter(cfg)
+    pseudo = PseudoLabelConfig(data=cache, model=seg_model, out=work / "pseudo", all_studies=True, device=cfg.device)
+    seg_summary = _stage("segment", timings, lambda: pseudo_label(pseudo, progress=progress))
     cls_cfg = resolve_train_config(
         "sequence",
         cache,
@@ -173,11 +155,11 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
         "bundle",
         timings,
         lambda: make_bundle(
-            work / "seg0",
+            seg_model,
             work / "cls",
             out / "model",
             metrics={
-                "segmentation": {k: seg_summary.get(k) for k in ("best_val_dice", "best_epoch") if k in seg_summary},
+                "segmentation": {"model": str(seg_model), "heldout": _heldout_dice(seg_model)},
                 "classification_oof": {k: cls_summary.get(k) for k in ("competition_loss", "mean_vertebra_auc")},
             },
         ),
@@ -219,7 +201,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
         "test_mean_vertebra_auc": metrics.get("mean_vertebra_auc"),
         "test_patient_auc": metrics.get("patient_auc"),
         "cv_competition_loss": cls_summary.get("competition_loss"),
-        "seg_best_dice": seg_summary.get("best_val_dice"),
+        "segmenter": str(seg_model),
+        "segmented_studies": seg_summary.get("studies"),
         "predicted_study": result["StudyInstanceUID"],
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }

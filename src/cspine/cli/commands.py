@@ -257,12 +257,14 @@ def cmd_train_seg(args: argparse.Namespace) -> int:
 def cmd_segment(args: argparse.Namespace) -> int:
     """One study -> vertebra mask NIfTI on its own grid + JSON report."""
     from cspine.seg.infer import InferConfig, segment_study
+    from cspine.seg.shipped import shipped_model
 
     cfg = InferConfig(device=args.device, threads=args.threads)
-    if args.engine == "cspine" and not args.model:
-        raise UsageError("--model is required with the cspine engine (a segmentation model or bundle directory)")
+    model = _existing(args.model) if args.model else shipped_model() if args.engine == "cspine" else None
+    if args.engine == "cspine" and model is None:
+        raise UsageError("this installation has no shipped segmenter: give --model (a segmentation model or bundle "
+                         "directory), or build one with cspine build-segmenter --out DIR --install")
     study = _existing(args.study)
-    model = _existing(args.model) if args.model else None
     out = _output_file(args.out, (".nii.gz", ".nii"))
     if args.report:
         _output_file(args.report, (".json",))
@@ -271,6 +273,17 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.report:  # details are in the file; print the gist
         report = {"report": args.report, "found": report["found"], "warnings": report["warnings"]}
     print(json.dumps({"mask": args.out, **report}, indent=2))
+    return 0
+
+
+def cmd_build_segmenter(args: argparse.Namespace) -> int:
+    """Rebuild the shipped segmenter from generated data (resumable); --install puts it into the package."""
+    from cspine.seg.shipped import SHIPPED_DIR, build
+
+    record = build(Path(args.out), install_into=SHIPPED_DIR if args.install else None)
+    print(json.dumps({"model": str(Path(args.out) / "model"), "seconds": record["seconds"],
+                      "heldout": {k: v.get("dice_mean") for k, v in record["heldout"].items()},
+                      "installed": str(SHIPPED_DIR) if args.install else None}, indent=2))
     return 0
 
 

@@ -11,6 +11,7 @@ import argparse
 from cspine import __version__
 from cspine.cli.args import _size
 from cspine.cli.commands import (
+    cmd_build_segmenter,
     cmd_bundle,
     cmd_crops,
     cmd_demo,
@@ -259,15 +260,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("segment", help="one study -> C1-C7 mask NIfTI on its own grid + per-vertebra report")
     p.add_argument("study", help="DICOM folder / .zip / file, NIfTI volume, or prepared study folder")
-    p.add_argument("--model", default=None, help="segmentation model directory (or a bundle with seg/)")
+    p.add_argument("--model", default=None,
+                   help="segmentation model directory (or a bundle with seg/); default: the shipped segmenter")
     p.add_argument("--engine", choices=ENGINES, default="cspine",
-                   help="cspine's network (needs --model) or TotalSegmentator (where installed)")
+                   help="cspine's network or TotalSegmentator (where installed)")
     p.add_argument("--out", required=True, help="mask file (.nii.gz)")
     p.add_argument("--report", default=None, help="JSON report file (default: printed)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     _add_reading(p)
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("build-segmenter", help="rebuild the shipped segmenter from generated data (resumable)")
+    p.add_argument("--out", required=True, help="work folder: generated data, caches, OUT/model, evaluation")
+    p.add_argument("--install", action="store_true", help="copy OUT/model into the package as the shipped segmenter")
+    p.set_defaults(func=cmd_build_segmenter)
 
     p = sub.add_parser("pseudo-label", help="masks + quality records for studies without masks (resumable)")
     p.add_argument("--data", required=True, help="prepared cache or RSNA-layout folder")

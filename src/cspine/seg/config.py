@@ -91,6 +91,28 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
+class RandomizeConfig:
+    """Probabilities and ranges of each transform (each is applied with its probability, in the order listed)."""
+
+    p_crop: float = 0.3
+    crop_keep: tuple[float, float] = (0.5, 1.0)  # fraction of each axis kept
+    p_intensity: float = 0.8
+    intensity_scale: tuple[float, float] = (0.7, 1.3)  # per knot, multiplies the knot's HU distance from water
+    intensity_shift_hu: float = 60.0  # per knot, sd of an added shift
+    p_bias: float = 0.3
+    bias_coeff: float = 0.3  # Legendre coefficients of log-field drawn in [-c, c]
+    p_gamma: float = 0.3
+    gamma: tuple[float, float] = (0.7, 1.5)
+    p_blur: float = 0.3
+    blur_mm: tuple[float, float] = (0.3, 1.5)
+    p_resolution: float = 0.3
+    resolution_mm: tuple[float, float] = (1.0, 5.0)  # simulated voxel size per axis (never finer than the input)
+    p_noise: float = 0.5
+    noise_hu: tuple[float, float] = (2.0, 60.0)
+    pad_hu: tuple[float, ...] = (-1024.0, -2048.0, 0.0)  # what lies beyond a cut field of view (training patches)
+
+
+@dataclass(frozen=True)
 class PostprocessConfig:
     """Clean-up of predicted label maps.
 
@@ -138,6 +160,12 @@ class TrainSegConfig:
         threads: torch CPU threads per process (None: torch's default). On a shared machine 1 can be faster than
             2: OpenMP threads spin while waiting for a core another job holds.
         max_studies: use at most this many studies with masks (smoke runs).
+        cervical_box_mm: train on the box around C1..C7 plus this margin (mm) only, skipping studies without
+            them (None: whole studies). For the refinement stage, which at inference only sees the box around the
+            coarse C1..C7: whole chest and abdomen fields of view on its fine grid cost minutes and gigabytes.
+        randomize: domain-randomise every training patch (tissue intensities, bias field, gamma, blur,
+            resolution, noise, field-of-view edges; ranges in ``randomization``), so that real scanners are one
+            more variation of the generated studies.
         seed: seed of folds, initialisation and patch sampling.
         device: auto, cpu, cuda or cuda:N (DDP under torchrun).
     """
@@ -165,8 +193,11 @@ class TrainSegConfig:
     device: str = "auto"
     threads: int | None = None
     max_studies: int | None = None
+    cervical_box_mm: float | None = None
+    randomize: bool = False
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    randomization: RandomizeConfig = field(default_factory=RandomizeConfig)
 
     def __post_init__(self) -> None:
         if self.stage not in STAGE_CLASSES:

@@ -56,15 +56,15 @@ def model_config_json(cfg: TrainSegConfig) -> dict[str, Any]:
 
 
 def check_resumable(out: Path, cfg: TrainSegConfig) -> None:
-    """Refuse to continue a run whose saved config differs in anything but RESUMABLE_FIELDS, or that an older
-    cspine wrote (1.0/1.1 directories resume from last.pt, which this cspine does not continue)."""
+    """Refuse to continue a run whose saved config differs in anything but RESUMABLE_FIELDS, or whose directory
+    is of another format (a 1.0/1.1 run is first brought to this one by :func:`upgrade_legacy_run`)."""
     import json
 
     path = out / "config.json"
     if not path.exists():
         return
     data = json.loads(path.read_text())
-    if (out / "last.pt").exists() or parse_format(data.get("format")) != parse_format(CONFIG_FORMAT):
+    if parse_format(data.get("format")) != parse_format(CONFIG_FORMAT):
         raise ConfigError(
             f"{out}: a training run of model-directory format {data.get('format')}; this cspine continues only "
             f"{CONFIG_FORMAT} runs: use --fresh to start over, or another --out"
@@ -74,6 +74,37 @@ def check_resumable(out: Path, cfg: TrainSegConfig) -> None:
     except ValueError as exc:
         raise ConfigError(f"{path}: saved config is not readable by this cspine ({exc}); use --fresh") from exc
     check_resumable_config(out, saved, to_dict(cfg), RESUMABLE_FIELDS, "use another --out, or --fresh to start over")
+
+
+def upgrade_legacy_run(out: Path) -> None:
+    """Bring a 1.0/1.1 training run to this format so that it can continue: last.pt -> work/model.state.pt, best.pt
+    -> model.pt, log.json -> model.history.json, config.json's format. Same weights, optimiser state and counters,
+    and both formats re-derive the patches from (seed, rank, epoch), so the run continues as it would have."""
+    import json
+
+    from cspine.engine.model_dir import load_weights, save_state, save_weights, write_history
+    from cspine.runtime import load_checkpoint, write_json
+
+    last = load_checkpoint(out / "last.pt")
+    if last.get("format") != 1:
+        raise ConfigError(f"{out / 'last.pt'}: unknown checkpoint format {last.get('format')!r}; use --fresh")
+    data = json.loads((out / "config.json").read_text())
+    run = RunFiles.standard(out, RUN_NAME)
+    best = float(last["best_score"]) if last["best_score"] >= 0 else None
+    progress = {"epoch": int(last["epoch"]), "best": best, "best_epoch": int(last["best_epoch"])}
+    save_state(run.state, last["model"], last["optimizer"], {**progress, "bad": int(last["bad_epochs"])})
+    if (out / "best.pt").exists():
+        weights, info = load_weights(out / "best.pt")
+        save_weights(run.weights, weights, info.get("epoch"), info.get("score"), RUN_NAME, data.get("train"))
+    rows, running = [], None
+    for r in last["log"]:
+        improved = bool(r.get("best"))
+        running = r.get("val_dice_mean") if improved and r.get("val_dice_mean") is not None else running
+        rows.append({"run": RUN_NAME, **r, "best": running, "improved": improved, "train_seconds": r.get("seconds")})
+    write_history(run.history, {"done": False, "epochs": rows, "best_score": best, "best_epoch": last["best_epoch"]})
+    write_json(out / "config.json", {**data, "format": CONFIG_FORMAT})
+    for name in ("last.pt", "best.pt", "log.json", "log.csv"):
+        (out / name).unlink(missing_ok=True)
 
 
 def weights_path(model_dir: Path, fmt: Any) -> Path:
@@ -119,4 +150,12 @@ TRAINING_FILES = (
 )  # fmt: skip
 
 
-__all__ = ["TRAINING_FILES", "check_resumable", "labels_json", "model_config_json", "plot_curve", "weights_path"]
+__all__ = [
+    "TRAINING_FILES",
+    "check_resumable",
+    "labels_json",
+    "model_config_json",
+    "plot_curve",
+    "upgrade_legacy_run",
+    "weights_path",
+]

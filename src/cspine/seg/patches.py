@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cspine.io.volume import Volume
-from cspine.seg.config import CLASS_TO_VALUE, AugmentConfig, PreprocessConfig
+from cspine.labels import CERVICAL_VALUES
+from cspine.seg.config import CLASS_TO_VALUE, AugmentConfig, PreprocessConfig, RandomizeConfig
 from cspine.seg.grid import argmax0, class_shares, foreground_shares, to_model_grid
 
 if TYPE_CHECKING:
@@ -71,6 +72,20 @@ class Case:
         return cls(uid, image.astype(np.float16), labels, q, fg)
 
 
+def cervical_box(vol: Volume, mask: np.ndarray, margin_mm: float) -> tuple[Volume, np.ndarray] | None:
+    """The study cropped to the box around its C1..C7 voxels plus ``margin_mm``, or None when it has none."""
+    from cspine.io.volume import crop
+
+    pts = np.argwhere(np.isin(mask, CERVICAL_VALUES))
+    if len(pts) == 0:
+        return None
+    pad = np.ceil(margin_mm / np.asarray(vol.spacing)).astype(np.int64)
+    lo, hi = pts.min(0) - pad, pts.max(0) + pad + 1
+    box = crop(vol, tuple(lo), tuple(hi))
+    lo = np.maximum(lo, 0)
+    return box, mask[lo[0] : lo[0] + box.shape[0], lo[1] : lo[1] + box.shape[1], lo[2] : lo[2] + box.shape[2]]
+
+
 def _crop_padded(arr: np.ndarray, lo: np.ndarray, size: np.ndarray) -> np.ndarray:
     """arr[..., lo:lo+size] over the last three axes, zeros outside the array."""
     lead = arr.shape[:-3]
@@ -105,12 +120,21 @@ class PatchSampler:
     Centres: with probability ``fg_fraction`` a random voxel of a random present vertebra class (class-balanced,
     so C1 and C7 are seen as often as C4), otherwise anywhere. Spatial augmentation rotates and scales about the
     centre by resampling the patch from the case (trilinear image; trilinear class shares when ``soft``, else
-    nearest labels); intensity augmentation adds gamma, contrast, brightness, noise and blur. Every draw comes
-    from the generators passed in.
+    nearest labels); intensity augmentation adds gamma, contrast, brightness, noise and blur. With ``randomize``
+    (and the ``preprocess`` the cases were built with) each patch is first taken back to HU and domain-randomised
+    (:func:`cspine.seg.randomize.randomize_patch`: field-of-view edges, tissue intensities, bias field, gamma, blur,
+    resolution, noise), then windowed again. Every draw comes from the generators passed in.
     """
 
     def __init__(
-        self, cases: Sequence[Case], patch: Sequence[int], aug: AugmentConfig, fg_fraction: float, soft: bool = False
+        self,
+        cases: Sequence[Case],
+        patch: Sequence[int],
+        aug: AugmentConfig,
+        fg_fraction: float,
+        soft: bool = False,
+        randomize: RandomizeConfig | None = None,
+        preprocess: PreprocessConfig | None = None,
     ) -> None:
         if not cases:
             raise ValueError("no training cases")
@@ -121,6 +145,10 @@ class PatchSampler:
         self.aug = aug
         self.fg_fraction = fg_fraction
         self.soft = soft
+        if randomize is not None and preprocess is None:
+            raise ValueError("domain randomisation needs the preprocessing the cases were built with")
+        self.randomize = randomize
+        self.preprocess = preprocess
 
     def batch(self, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(images (n, 1, *patch) float32, targets): class shares (n, classes, *patch) float32 when soft, else
@@ -163,6 +191,8 @@ class PatchSampler:
             y = torch.from_numpy(_crop_padded(target, lo, p))
             if self.soft:
                 y = _shares_from_uint8(y)
+        if self.randomize is not None:
+            x, y = self._randomized(x, y, rng)
         if rng.random() < a.p_intensity:
             x = x.clamp(0, 1) ** float(rng.uniform(*a.gamma))
             x = x * float(1 + rng.uniform(-a.contrast, a.contrast)) + float(rng.uniform(-a.brightness, a.brightness))
@@ -172,6 +202,24 @@ class PatchSampler:
         if rng.random() < a.p_blur:
             x = gaussian_blur(x, float(rng.uniform(*a.blur_sigma)))
         return x.contiguous(), y
+
+
+    def _randomized(
+        self, x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The patch in HU through the domain randomisation, windowed again (values the window clipped stay at its
+        ends: the network never sees beyond them either)."""
+        import torch
+
+        from cspine.seg.randomize import randomize_patch
+
+        pre = self.preprocess
+        assert pre is not None and self.randomize is not None
+        lo = pre.window_level - pre.window_width / 2.0
+        hu = x.numpy() * np.float32(pre.window_width) + np.float32(lo)
+        hu, target = randomize_patch(hu, y.numpy(), rng, self.randomize, pre.spacing)
+        x = torch.from_numpy(np.clip((hu - lo) / pre.window_width, 0.0, 1.0).astype(np.float32))
+        return x, torch.from_numpy(np.ascontiguousarray(target))
 
 
 def _shares_from_uint8(q: torch.Tensor) -> torch.Tensor:

@@ -26,32 +26,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from cspine.seg.config import RandomizeConfig
+
 Params = dict[str, Any]
 
 #: HU knots of the intensity mapping: air, fat, soft tissue, cancellous bone, cortical bone, metal.
 HU_KNOTS: tuple[float, ...] = (-1000.0, -100.0, 40.0, 300.0, 1200.0, 3000.0)
-
-
-@dataclass(frozen=True)
-class RandomizeConfig:
-    """Probabilities and ranges of each transform (each is applied with its probability, in the order listed)."""
-
-    p_crop: float = 0.3
-    crop_keep: tuple[float, float] = (0.5, 1.0)  # fraction of each axis kept
-    p_intensity: float = 0.8
-    intensity_scale: tuple[float, float] = (0.7, 1.3)  # per knot, multiplies the knot's HU distance from water
-    intensity_shift_hu: float = 60.0  # per knot, sd of an added shift
-    p_bias: float = 0.3
-    bias_coeff: float = 0.3  # Legendre coefficients of log-field drawn in [-c, c]
-    p_gamma: float = 0.3
-    gamma: tuple[float, float] = (0.7, 1.5)
-    p_blur: float = 0.3
-    blur_mm: tuple[float, float] = (0.3, 1.5)
-    p_resolution: float = 0.3
-    resolution_mm: tuple[float, float] = (1.0, 5.0)  # simulated voxel size per axis (never finer than the input)
-    p_noise: float = 0.5
-    noise_hu: tuple[float, float] = (2.0, 60.0)
-
 
 class Transform(Protocol):
     """A random transform: ``sample`` draws parameters (or None: not applied), ``apply`` is deterministic."""
@@ -97,6 +77,40 @@ class Crop:
 
         crop = SpatialCrop(roi_start=params["start"], roi_end=params["end"])
         return _numpy(crop(_tensor(image))), _numpy(crop(_tensor(mask))).round().astype(mask.dtype)
+
+
+@dataclass(frozen=True)
+class FovEdge:
+    """The edge of a field of view inside a training patch: beyond a random box the image is scanner padding (a
+    value drawn from ``pad_hu``) and the labels are background, so the network meets vertebrae cut off by the first
+    or last slice or by the reconstruction circle. Shape-preserving (patches keep their size); labels (z, y, x) or
+    class shares (classes, z, y, x, background first)."""
+
+    p: float
+    keep: tuple[float, float]
+    pad_hu: tuple[float, ...]
+    name: str = "fov_edge"
+
+    def sample(self, rng: np.random.Generator, image: np.ndarray, spacing: Sequence[float]) -> Params | None:
+        if rng.random() >= self.p:
+            return None
+        start, end = [], []
+        for n in image.shape[-3:]:
+            k = max(1, round(n * float(rng.uniform(*self.keep))))
+            s = int(rng.integers(0, n - k + 1))
+            start.append(s)
+            end.append(s + k)
+        return {"start": start, "end": end, "pad_hu": float(self.pad_hu[int(rng.integers(len(self.pad_hu)))])}
+
+    def apply(self, image: np.ndarray, mask: np.ndarray, params: Params) -> tuple[np.ndarray, np.ndarray]:
+        outside = np.ones(image.shape[-3:], dtype=bool)
+        outside[tuple(slice(a, b) for a, b in zip(params["start"], params["end"], strict=True))] = False
+        image = np.where(outside, np.float32(params["pad_hu"]), image).astype(np.float32)
+        mask = mask.copy()
+        mask[..., outside] = 0
+        if mask.ndim == 4:  # class shares: what lies outside is background
+            mask[0][outside] = 1
+        return image, mask
 
 
 @dataclass(frozen=True)
@@ -245,6 +259,27 @@ def pipeline(cfg: RandomizeConfig) -> list[Transform]:
         Resolution(cfg.p_resolution, cfg.resolution_mm),
         Noise(cfg.p_noise, cfg.noise_hu),
     ]
+
+
+def patch_pipeline(cfg: RandomizeConfig) -> list[Transform]:
+    """The pipeline for training patches: as :func:`pipeline`, with the shape-preserving :class:`FovEdge` in place
+    of :class:`Crop` (a batch needs patches of one size)."""
+    return [FovEdge(cfg.p_crop, cfg.crop_keep, cfg.pad_hu), *pipeline(cfg)[1:]]
+
+
+def randomize_patch(
+    image: np.ndarray, target: np.ndarray, rng: np.random.Generator, cfg: RandomizeConfig, spacing: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Randomise one training patch in HU, (z, y, x), with its labels or class shares; draws only from ``rng``.
+
+    Not recorded per patch (thousands per run): the config and the training seed are the record, and the same seed
+    draws the same patches again.
+    """
+    for t in patch_pipeline(cfg):
+        params = t.sample(rng, image, spacing)
+        if params is not None:
+            image, target = t.apply(image, target, params)
+    return image, target
 
 
 def randomize(

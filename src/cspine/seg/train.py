@@ -35,7 +35,15 @@ from cspine.labels import CERVICAL
 from cspine.runtime import Runtime, write_json
 from cspine.seg.config import REFINE_RECIPE, RUN_NAME, STAGE_CLASSES, TrainSegConfig
 from cspine.seg.data import Case, PatchSampler, describe_cases, discover_studies, fold_of
-from cspine.seg.model_dir import TRAINING_FILES, check_resumable, labels_json, model_config_json, plot_curve
+from cspine.seg.model_dir import (
+    TRAINING_FILES,
+    check_resumable,
+    labels_json,
+    model_config_json,
+    plot_curve,
+    upgrade_legacy_run,
+)
+from cspine.seg.patches import cervical_box
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +101,11 @@ def _build_cases(items: list[tuple[str, Callable[[], tuple]]], cfg: TrainSegConf
         vol, mask = load()
         if mask.shape != vol.shape:
             raise ValueError(f"study {uid}: mask shape {mask.shape} differs from volume shape {vol.shape}")
+        if cfg.cervical_box_mm is not None:
+            boxed = cervical_box(vol, mask, cfg.cervical_box_mm)
+            if boxed is None:
+                continue
+            vol, mask = boxed
         cases.append(Case.build(uid, vol, mask, cfg.preprocess, soft=soft, stage=cfg.stage))
     return cases
 
@@ -146,7 +159,10 @@ def fit_hooks(
     from monai.losses import DiceCELoss
 
     loss_fn = DiceCELoss(include_background=False, to_onehot_y=not cfg.soft_labels, softmax=True, batch=True)
-    sampler = PatchSampler(train_cases, cfg.patch, cfg.augment, cfg.fg_fraction, soft=cfg.soft_labels)
+    sampler = PatchSampler(
+        train_cases, cfg.patch, cfg.augment, cfg.fg_fraction, soft=cfg.soft_labels,
+        randomize=cfg.randomization if cfg.randomize else None, preprocess=cfg.preprocess,
+    )  # fmt: skip
 
     def batches(epoch: int) -> Iterator[tuple[Any, Any]]:
         rng = np.random.default_rng([cfg.seed, rt.rank, epoch])
@@ -221,7 +237,10 @@ def train_segmentation(
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     try:
-        if resume and (run.state.exists() or (out / "last.pt").exists()):
+        if resume and (out / "last.pt").exists() and rt.is_main:
+            upgrade_legacy_run(out)  # a run an older cspine started (format 1.0/1.1) continues in this format
+        barrier(rt)
+        if resume and run.state.exists():
             check_resumable(out, cfg)  # on every rank: a refusal stops them all, none is left at the barrier
         if rt.is_main and not resume and out.exists():
             for name in TRAINING_FILES:

@@ -1,0 +1,205 @@
+"""The segmenter that ships with cspine: where it lives in the package, and the one command that rebuilds it.
+
+``cspine build-segmenter --out DIR`` generates its training data (tight cervical scans and wide fields of view,
+head to abdomen), prepares them, trains the coarse and the refinement stage side by side with domain
+randomisation, scores the result on held-out generated studies of fresh seeds, and writes ``DIR/model`` (a model
+directory: the coarse stage with ``refine/``) and ``DIR/model/recipe.json`` (this recipe, seeds, steps, times,
+figures). ``--install`` copies the model into the package (:data:`SHIPPED_DIR`), where ``cspine segment``,
+``predict`` and the demo find it when no ``--model`` is given. Rerunning the command resumes every stage.
+
+Seeds of the training and held-out sets are disjoint from the demo's (seed 0) and from the held-out sets the
+README's figures use, so no figure is measured on a study the shipped segmenter trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cspine.runtime import versions, write_json
+
+log = logging.getLogger(__name__)
+
+#: Where the shipped model directory lives inside the package.
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "weights" / "segmenter"
+#: Files of a model directory that ship (no resume state: it would triple the size); format 1.2 names, then 1.1's.
+SHIPPED_FILES = ("config.json", "labels.json", "model.pt", "model.history.json", "run.json", "best.pt", "log.json")
+
+
+@dataclass(frozen=True)
+class GeneratedSet:
+    """One ``cspine synth`` call of the recipe."""
+
+    name: str
+    studies: int
+    seed: int
+    profile: str = "default"
+    size: str = "small"
+
+
+@dataclass(frozen=True)
+class ShippedRecipe:
+    """Everything ``cspine build-segmenter`` does, saved as ``recipe.json`` beside the model."""
+
+    train_sets: tuple[GeneratedSet, ...] = (
+        GeneratedSet("default", 48, 1101),
+        GeneratedSet("wide", 48, 1102, profile="wide"),
+    )
+    heldout_sets: tuple[GeneratedSet, ...] = (
+        GeneratedSet("heldout-default-small", 10, 1201),
+        GeneratedSet("heldout-default-full", 3, 1202, size="full"),
+        GeneratedSet("heldout-wide-small", 10, 1203, profile="wide"),
+    )
+    # train-seg overrides of each stage (the rest: TrainSegConfig's defaults and REFINE_RECIPE)
+    coarse: dict[str, Any] = field(
+        default_factory=lambda: {"fold": -1, "epochs": 30, "iters_per_epoch": 100, "randomize": True, "seed": 0}
+    )
+    refine: dict[str, Any] = field(
+        default_factory=lambda: {
+            "fold": -1, "epochs": 60, "iters_per_epoch": 100, "randomize": True, "seed": 0, "cervical_box_mm": 40.0
+        }
+    )
+    threads_per_stage: int = 1
+    workers: int = 2
+
+
+def _flags(overrides: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    for key, value in overrides.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value is False:
+            out.append("--no-" + key.replace("_", "-"))
+        else:
+            out += [flag, *(map(str, value) if isinstance(value, list | tuple) else [str(value)])]
+    return out
+
+
+def _cspine(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cspine.cli", *args]
+
+
+def _generate(work: Path, sets: tuple[GeneratedSet, ...], workers: int) -> None:
+    """``cspine synth`` + ``cspine prepare`` of each set (each skipped when already complete)."""
+    for s in sets:
+        data, cache = work / "data" / s.name, work / "cache" / s.name
+        if not (data / "synth.json").exists():
+            subprocess.run(
+                _cspine("synth", "--out", str(data), "--studies", str(s.studies), "--test-studies", "0",
+                        "--segmented", "1", "--seed", str(s.seed), "--size", s.size, "--profile", s.profile,
+                        "--workers", str(workers), "--no-progress"),
+                check=True,
+            )
+        subprocess.run(_cspine("prepare", "--data", str(data), "--out", str(cache), "--workers", str(workers),
+                               "--no-progress"), check=True, stdout=subprocess.DEVNULL)
+
+
+def _union_cache(work: Path, sets: tuple[GeneratedSet, ...]) -> Path:
+    """One cache whose train/ links to every set's prepared studies (UIDs differ by seed)."""
+    union = work / "cache" / "train-union" / "train"
+    union.mkdir(parents=True, exist_ok=True)
+    for s in sets:
+        for study in sorted((work / "cache" / s.name / "train").iterdir()):
+            link = union / study.name
+            if study.is_dir() and not link.exists():
+                link.symlink_to(study.resolve(), target_is_directory=True)
+    return union.parent
+
+
+def _train(cache: Path, model: Path, recipe: ShippedRecipe) -> dict[str, float]:
+    """Both stages at once, one process each (they train independently; the refinement stage learns vertebra vs
+    background from the true masks)."""
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    threads = ["--threads", str(recipe.threads_per_stage), "--no-progress"]
+    jobs = {
+        "coarse": _cspine("train-seg", "--data", str(cache), "--out", str(model), *_flags(recipe.coarse), *threads),
+        "refine": _cspine("train-seg", "--stage", "refine", "--data", str(cache), "--out", str(model / "refine"),
+                          *_flags(recipe.refine), *threads),
+    }
+    model.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    procs = {name: subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL) for name, cmd in jobs.items()}
+    seconds: dict[str, float] = {}
+    while procs:
+        for name, p in list(procs.items()):
+            if p.poll() is not None:
+                if p.returncode != 0:
+                    for other in procs.values():
+                        other.terminate()
+                    raise RuntimeError(f"train-seg ({name}) failed with exit code {p.returncode}")
+                seconds[name] = round(time.perf_counter() - t0, 1)
+                del procs[name]
+        time.sleep(2)
+    return seconds
+
+
+def _evaluate(work: Path, model: Path, sets: tuple[GeneratedSet, ...]) -> dict[str, Any]:
+    """``cspine eval-seg`` on each held-out set: mean Dice, per-vertebra Dice, identification."""
+    figures: dict[str, Any] = {}
+    for s in sets:
+        out = work / "eval" / s.name
+        subprocess.run(_cspine("eval-seg", "--model", str(model), "--data", str(work / "cache" / s.name),
+                               "--out", str(out)), check=True, stdout=subprocess.DEVNULL)
+        figures[s.name] = json.loads((out / "eval.json").read_text())["summary"]
+    return figures
+
+
+def install(model: Path, dest: Path = SHIPPED_DIR) -> Path:
+    """Copy a built model (coarse + refine, weights and records only) into ``dest``, replacing it as a whole."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for sub in ("", "refine"):
+        (tmp / sub).mkdir(parents=True, exist_ok=True)
+        for name in SHIPPED_FILES:
+            if (model / sub / name).exists():
+                shutil.copy2(model / sub / name, tmp / sub / name)
+    for name in ("recipe.json", "curve.png"):
+        if (model / name).exists():
+            shutil.copy2(model / name, tmp / name)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+
+
+def build(out: Path, recipe: ShippedRecipe | None = None, install_into: Path | None = None) -> dict[str, Any]:
+    """Generate, prepare, train both stages, evaluate, and write ``out/model/recipe.json``; resumable."""
+    recipe = recipe or ShippedRecipe()
+    work, model = out / "work", out / "model"
+    timings: dict[str, Any] = {}
+    t = time.perf_counter()
+    _generate(work, recipe.train_sets + recipe.heldout_sets, recipe.workers)
+    timings["generate_and_prepare"] = round(time.perf_counter() - t, 1)
+    cache = _union_cache(work, recipe.train_sets)
+    timings["train"] = _train(cache, model, recipe)
+    t = time.perf_counter()
+    figures = _evaluate(work, model, recipe.heldout_sets)
+    timings["evaluate"] = round(time.perf_counter() - t, 1)
+    record = {
+        "recipe": asdict(recipe),
+        "command": f"cspine build-segmenter --out {out}",
+        "seconds": timings,
+        "heldout": figures,
+        "versions": versions(),
+        "machine": {"cpus": os.cpu_count()},
+    }
+    write_json(model / "recipe.json", record)
+    if install_into is not None:
+        install(model, install_into)
+    return record
+
+
+def shipped_model() -> Path | None:
+    """The shipped model directory, or None when this installation has none."""
+    return SHIPPED_DIR if any((SHIPPED_DIR / n).exists() for n in ("model.pt", "best.pt")) else None
+
+
+__all__ = ["SHIPPED_DIR", "GeneratedSet", "ShippedRecipe", "build", "install", "shipped_model"]
