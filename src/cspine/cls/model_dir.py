@@ -3,7 +3,7 @@
 Layout (self-sufficient for :mod:`cspine.cls.infer`; the per-run files follow the schema both stages share,
 :mod:`cspine.engine.model_dir`)::
 
-    MODEL_DIR/config.json          resolved TrainConfig (crop, model, training), format version
+    MODEL_DIR/config.json          format version, network (recipe; model and crop settings), resolved TrainConfig
     MODEL_DIR/fold{k}.pt           best weights of fold k (seed-baseline: fold0.pt holds all seven nets)
     MODEL_DIR/fold{k}.history.json per-epoch losses, accuracies, images/s; ``done`` when the fold is finished
     MODEL_DIR/fold{k}.history.csv  the same, flat
