@@ -822,6 +822,33 @@ def test_a_lucency_model_fitted_on_other_feature_definitions_is_refused(tmp_path
     assert "\n" not in str(info.value) and "retrain" in str(info.value)
 
 
+def test_a_format_4_0_classifier_directory_is_still_read_and_3_0_is_refused(tmp_path: Path) -> None:
+    """4.0 wrote the config at the top level of config.json and the weights under "state_dict"; 4.1 (the schema
+    shared with the segmenter) nests the config under "train" and the weights under "model". Both read the same."""
+    import torch
+
+    from cspine.cls.config import config_from_dict, config_to_dict
+    from cspine.cls.model_dir import load_config
+    from cspine.engine.config import to_dict
+    from cspine.engine.model_dir import load_weights, save_weights
+    from cspine.errors import ConfigError
+
+    cfg = resolve_train_config("sequence", tmp_path, tmp_path, {"crop": TINY_CROP, "model": TINY_MODEL})
+    (tmp_path / "config.json").write_text(json.dumps({"format": "4.0", **to_dict(cfg)}))
+    assert load_config(tmp_path) == cfg
+    new = config_to_dict(cfg)
+    assert new["arch"] == "sequence" and new["arch_args"]["crop"]["size"] == 32 and config_from_dict(new) == cfg
+    weights = {"w": torch.arange(3.0)}
+    torch.save({"state_dict": weights, "run": "fold0"}, tmp_path / "old.pt")
+    save_weights(tmp_path / "new.pt", weights, 1, 0.5, "fold0", new)
+    for name in ("old.pt", "new.pt"):
+        assert torch.equal(load_weights(tmp_path / name)[0]["w"], weights["w"])
+    (tmp_path / "config.json").write_text(json.dumps({"format": "3.0", **to_dict(cfg)}))
+    with pytest.raises(ConfigError, match=r"classifier model directory format 3\.0") as info:
+        load_config(tmp_path)
+    assert "\n" not in str(info.value) and str(tmp_path / "config.json") in str(info.value)
+
+
 def test_bundle_check_fires_on_another_format_or_component_version(tmp_path: Path) -> None:
     from cspine.bundle import BUNDLE_FORMAT, BundleError, check_bundle, component_formats
     from cspine.engine.formats import check_format

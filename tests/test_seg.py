@@ -378,11 +378,12 @@ def test_two_epochs_lower_the_loss_and_write_a_loadable_model_dir(trained: dict[
     from cspine.seg.infer import load_model
 
     out = trained["out"]
-    rows = json.loads((out / "log.json").read_text())
+    rows = json.loads((out / "model.history.json").read_text())["epochs"]
     assert [r["epoch"] for r in rows] == [1, 2]
     assert rows[1]["train_loss"] < rows[0]["train_loss"]
     assert rows[0]["val_dice_mean"] is not None and set(rows[0]["val_dice"]) == {f"C{i}" for i in range(1, 8)}
-    for name in ("config.json", "labels.json", "best.pt", "last.pt", "log.csv", "curve.png", "run.json"):
+    for name in ("config.json", "labels.json", "model.pt", "work/model.state.pt", "model.history.csv", "curve.png",
+                 "run.json"):  # fmt: skip
         assert (out / name).exists(), name
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["arch"] == "unet-tiny" and cfg["train"]["preprocess"]["spacing"] == [4.0, 4.0, 4.0]
@@ -410,14 +411,14 @@ def test_resume_after_interruption_continues_from_saved_epoch(
 
     with pytest.raises(KeyboardInterrupt):
         train_segmentation(cfg, studies, on_epoch_end=kill_after_first)
-    assert load_checkpoint(out / "last.pt")["epoch"] == 1
+    assert load_checkpoint(out / "work" / "model.state.pt")["epoch"] == 1
     seen: list[int] = []
     summary = train_segmentation(cfg, studies, on_epoch_end=lambda e, r: seen.append(e))
     assert seen == [2] and summary["epochs_run"] == 2
-    rows = json.loads((out / "log.json").read_text())
+    rows = json.loads((out / "model.history.json").read_text())["epochs"]
     assert [r["epoch"] for r in rows] == [1, 2]
-    resumed = load_checkpoint(out / "last.pt")["model"]
-    straight = load_checkpoint(trained["out"] / "last.pt")["model"]
+    resumed = load_checkpoint(out / "work" / "model.state.pt")["model"]
+    straight = load_checkpoint(trained["out"] / "work" / "model.state.pt")["model"]
     for k in straight:  # same patches, same steps: the resumed run ends where the uninterrupted one did
         torch.testing.assert_close(resumed[k], straight[k], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="different config"):
@@ -452,7 +453,7 @@ def test_inference_returns_masks_on_the_studys_own_grid(
     # a bundle holding the model as seg/ loads the same way
     bundle = tmp_path / "bundle"
     (bundle / "seg").mkdir(parents=True)
-    for f in ("config.json", "best.pt"):
+    for f in ("config.json", "model.pt"):
         (bundle / "seg" / f).write_bytes((trained["out"] / f).read_bytes())
     assert load_model(bundle, "cpu").path == bundle / "seg"
 
@@ -465,11 +466,11 @@ def test_refinement_stage_trains_into_the_coarse_model_and_refines_its_masks(
 
     coarse = tmp_path / "model"
     coarse.mkdir()
-    for f in ("config.json", "best.pt"):
+    for f in ("config.json", "model.pt"):
         (coarse / f).write_bytes((trained["out"] / f).read_bytes())
     cfg = train_config(out=coarse / "refine", **{**TINY, "stage": "refine", "arch": "unet-fine", "epochs": 1})
     train_segmentation(cfg, studies, resume=False)
-    rows = json.loads((coarse / "refine" / "log.json").read_text())
+    rows = json.loads((coarse / "refine" / "model.history.json").read_text())["epochs"]
     assert set(rows[0]["val_dice"]) == {"vertebra"} and rows[0]["val_dice_mean"] is not None
     assert json.loads((coarse / "refine" / "config.json").read_text())["classes"] == ["background", "vertebra"]
     model = load_model(coarse, "cpu")
@@ -481,6 +482,70 @@ def test_refinement_stage_trains_into_the_coarse_model_and_refines_its_masks(
     assert "refine" not in plain.timings
     with pytest.raises(ValueError, match="refine stage"):
         load_model(coarse / "refine", "cpu")
+
+
+def test_a_format_1_1_model_dir_still_predicts_and_its_training_continues_in_1_2(
+    studies: list[SynthStudy], tmp_path: Path
+) -> None:
+    """A segmenter directory of format 1.1 (best.pt, last.pt, log.json: the configs in tests/data/seg_model_1_1
+    were written by that code; its checkpoints are rebuilt here with the keys it wrote) predicts with its own
+    weights; a rerun continues its training in format 1.2 (beside its 1.1 refine/); another major, a newer minor
+    or an unknown resume state is refused in one line."""
+    import shutil
+
+    import torch
+
+    from cspine.errors import ConfigError
+    from cspine.runtime import save_checkpoint
+    from cspine.seg.config import CONFIG_FORMAT
+    from cspine.seg.infer import load_model, segment_volume
+    from cspine.seg.models import create_model
+    from cspine.seg.train import train_config, train_segmentation
+
+    old = tmp_path / "old"
+    shutil.copytree(Path(__file__).parent / "data" / "seg_model_1_1", old)
+    nets = {}
+    for sub in ("", "refine"):
+        cfg = json.loads((old / sub / "config.json").read_text())
+        assert cfg["format"] == "1.1"
+        torch.manual_seed(len(sub))
+        nets[sub] = create_model(cfg["arch"], 1, len(cfg["classes"]), cfg["arch_args"])
+        state = nets[sub].state_dict()
+        opt = torch.optim.AdamW(nets[sub].parameters()).state_dict()
+        log_rows = json.loads((old / sub / "log.json").read_text())
+        save_checkpoint({"model": state, "epoch": 1, "score": None}, old / sub / "best.pt")
+        save_checkpoint({"format": 1, "model": state, "optimizer": opt, "epoch": 1, "best_score": -1.0,
+                         "best_epoch": 1, "bad_epochs": 0, "log": log_rows}, old / sub / "last.pt")  # fmt: skip
+    model = load_model(old, "cpu")
+    assert model.info["checkpoint"] == str(old / "best.pt") and model.refine is not None
+    for net, sub in ((model.net, ""), (model.refine.net, "refine")):
+        for k, v in nets[sub].state_dict().items():
+            assert torch.equal(net.state_dict()[k], v), k
+    assert segment_volume(studies[0].volume, model).mask.shape == studies[0].volume.shape
+
+    saved = json.loads((old / "config.json").read_text())["train"]
+    cfg = train_config(**{**saved, "out": old, "data": None, "epochs": 2})
+    seen: list[int] = []
+    train_segmentation(cfg, studies, on_epoch_end=lambda e, r: seen.append(e))
+    assert seen == [2]  # continued after the 1.1 run's epoch 1
+    assert json.loads((old / "config.json").read_text())["format"] == CONFIG_FORMAT
+    assert not any((old / n).exists() for n in ("best.pt", "last.pt", "log.json")) and (old / "model.pt").exists()
+    assert [r["epoch"] for r in json.loads((old / "model.history.json").read_text())["epochs"]] == [1, 2]
+    assert load_model(old, "cpu").refine.info["checkpoint"] == str(old / "refine" / "best.pt")
+    with pytest.raises(ConfigError, match="different config"):
+        train_segmentation(train_config(**{**saved, "out": old, "data": None, "lr": 0.5}), studies)
+
+    (old / "refine" / "last.pt").write_bytes((old / "work" / "model.state.pt").read_bytes())  # not 1.1's
+    refine_cfg = json.loads((old / "refine" / "config.json").read_text())["train"]
+    with pytest.raises(ConfigError, match="unknown checkpoint format") as info:
+        train_segmentation(train_config(**{**refine_cfg, "out": old / "refine", "data": None}), studies)
+    assert "\n" not in str(info.value) and "--fresh" in str(info.value)
+    for bad in ("2.0", "1.9", 1.1, None):  # another major, a newer minor, a number, none
+        data = json.loads((old / "refine" / "config.json").read_text())
+        (old / "refine" / "config.json").write_text(json.dumps({**data, "format": bad}))
+        with pytest.raises(ConfigError, match="segmentation model format") as info:
+            load_model(old, "cpu")
+        assert "\n" not in str(info.value) and "refine" in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -508,7 +573,7 @@ def test_cli_train_segment_evaluate_pseudo_label(cache: Path, tmp_path: Path, ca
     args = ["--arch", "unet-tiny", "--spacing", "4", "--patch", "32", "32", "32", "--epochs", "1"]
     args += ["--iters-per-epoch", "2", "--fold", "-1", "--device", "cpu", "--no-progress"]
     assert main(["train-seg", "--data", str(cache), "--out", str(model), *args]) == 0
-    assert json.loads((model / "log.json").read_text())[0]["val_dice_mean"] is None
+    assert json.loads((model / "model.history.json").read_text())["epochs"][0].get("val_dice_mean") is None
     study = next(p for p in sorted((cache / "train").iterdir()) if (p / "mask.nii.gz").exists())
     assert main(["segment", str(study), "--model", str(model), "--out", str(tmp_path / "m.nii.gz"),
                  "--report", str(tmp_path / "r.json")]) == 0  # fmt: skip
@@ -555,7 +620,8 @@ def test_ddp_two_gloo_processes_train_and_only_rank0_writes(cache: Path, tmp_pat
     run = json.loads((out / "run.json").read_text())
     assert run["world_size"] == 2 and run["epochs_run"] == 2
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["best.pt", "config.json", "curve.png", "labels.json", "last.pt", "log.csv", "log.json", "run.json"]
-    )
+        ["model.pt", "config.json", "curve.png", "labels.json", "work", "model.history.csv", "model.history.json",
+         "run.json"]
+    )  # fmt: skip
     assert proc.stdout.count('"epochs_run"') == 1  # the summary is printed by rank 0 only
-    assert proc.stderr.count("epoch 2/2") == 1  # and only rank 0 logs
+    assert proc.stderr.count("model epoch 2:") == 1  # and only rank 0 logs

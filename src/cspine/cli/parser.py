@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
                      choices={"arch": MODEL_NAMES, "stage": tuple(STAGE_CLASSES)})
     p.add_argument("--spacing", type=float, default=None,
                    help="isotropic model spacing in mm (PreprocessConfig.spacing; default 2.0, refine stage 1.25)")
-    p.add_argument("--fresh", action="store_true", help="start over instead of resuming from OUT/last.pt")
+    p.add_argument("--fresh", action="store_true", help="start over instead of resuming from OUT/work/model.state.pt")
     _add_progress(p)
     p.set_defaults(func=cmd_train_seg)
 

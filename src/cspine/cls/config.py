@@ -26,8 +26,10 @@ from cspine.errors import ConfigError
 #: Bump when the crop arrays change meaning; old caches are then rebuilt instead of misread.
 CROP_FORMAT = 2
 #: major.minor of the model directory (cspine.engine.formats): 4.0 saves the lucency model apart
-#: (fold{k}.features.json); older directories keep it inside the network's weights and are refused.
-MODEL_DIR_FORMAT = "4.0"
+#: (fold{k}.features.json); older directories keep it inside the network's weights and are refused. 4.1: the
+#: files of the schema shared with the segmenter (cspine.engine.model_dir: weights under "model", not
+#: "state_dict"; config.json with the network and the config under "train"; both layouts are read).
+MODEL_DIR_FORMAT = "4.1"
 
 
 @dataclass(frozen=True)
@@ -196,7 +198,8 @@ class TrainConfig:
         lr: peak learning rate.
         weight_decay: optimiser weight decay.
         optimizer: adam or adamw.
-        schedule: cosine (warm-up, then cosine to 2 %) or constant.
+        schedule: cosine (warm-up, then cosine to ``lr_floor``) or constant.
+        lr_floor: where the cosine schedule ends, as a fraction of ``lr``.
         patience: early stopping patience (epochs).
         augment: seeded flips, shifts and contrast jitter of the crops.
         seed: seed of folds, initialisation and augmentation.
@@ -226,6 +229,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     optimizer: str = "adamw"
     schedule: str = "cosine"
+    lr_floor: float = 0.02
     patience: int = 4
     augment: bool = True
     seed: int = 0
@@ -329,17 +333,21 @@ def _deep_update(dst: dict[str, Any], src: dict[str, Any]) -> None:
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
-    """JSON-ready form (paths as strings) with the format version, as written to ``config.json``."""
-    return {"format": MODEL_DIR_FORMAT, **to_dict(cfg)}
+    """MODEL_DIR/config.json in the schema both stages share (cspine.engine.model_dir): format version, the
+    network (recipe name; its model and crop settings) and the resolved config (paths as strings)."""
+    from cspine.engine.model_dir import model_config
+
+    arch_args = {"model": to_dict(cfg.model), "crop": to_dict(cfg.crop)}
+    return model_config(MODEL_DIR_FORMAT, "cspine-cls", cfg.recipe, arch_args, to_dict(cfg))
 
 
-def config_from_dict(d: dict[str, Any]) -> TrainConfig:
-    """Inverse of :func:`config_to_dict` (the ``format`` key is checked, then dropped)."""
-    d = dict(d)
-    fmt = d.pop("format", MODEL_DIR_FORMAT)
+def config_from_dict(d: dict[str, Any], where: str = "classifier model directory") -> TrainConfig:
+    """Inverse of :func:`config_to_dict`, its format checked (4.0 directories kept the config at the top level)."""
+    from cspine.engine.model_dir import training_config
+
     hint = "retrain it with `cspine train-cls`"
-    check_format(fmt, MODEL_DIR_FORMAT, "classifier model directory", hint)
-    return from_dict(TrainConfig, d)
+    check_format(d.get("format", MODEL_DIR_FORMAT), MODEL_DIR_FORMAT, where, hint)
+    return from_dict(TrainConfig, training_config(d))
 
 
 def with_overrides(cfg: TrainConfig, **kw: Any) -> TrainConfig:

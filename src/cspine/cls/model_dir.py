@@ -1,10 +1,12 @@
 """The classifier's model directory: its layout, and reading it back (config, fold weights). Torch-free.
 
-Layout (self-sufficient for :mod:`cspine.cls.infer`)::
+Layout (self-sufficient for :mod:`cspine.cls.infer`; the per-run files follow the schema both stages share,
+:mod:`cspine.engine.model_dir`)::
 
-    MODEL_DIR/config.json          resolved TrainConfig (crop, model, training), format version
+    MODEL_DIR/config.json          format version, network (recipe; model and crop settings), resolved TrainConfig
     MODEL_DIR/fold{k}.pt           best weights of fold k (seed-baseline: fold0.pt holds all seven nets)
     MODEL_DIR/fold{k}.history.json per-epoch losses, accuracies, images/s; ``done`` when the fold is finished
+    MODEL_DIR/fold{k}.history.csv  the same, flat
     MODEL_DIR/folds.json           study -> fold (or train/val/test for the hold-out splits)
     MODEL_DIR/labels.csv           the training labels (train.csv rows of the studies used)
     MODEL_DIR/oof.csv              out-of-fold (or held-out) probabilities, uncalibrated, wide format
@@ -14,7 +16,7 @@ Layout (self-sufficient for :mod:`cspine.cls.infer`)::
     MODEL_DIR/metrics.json         summary: OOF metrics, per fold, speed, timings
     MODEL_DIR/eval/                cspine evaluate output on the OOF predictions (report.md, PNGs)
     MODEL_DIR/run.json             run record: versions, config, device, timings
-    MODEL_DIR/work/                resume states while training (removed when all folds are done)
+    MODEL_DIR/work/                resume states (fold{k}.state.pt) while training (removed when all folds are done)
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import re
 from pathlib import Path
 
 from cspine.cls.config import TrainConfig, config_from_dict, config_to_dict
+from cspine.engine.model_dir import check_resumable
 
 #: Settings that may change between a run and its resumption (they do not change what is learned).
 RESUMABLE_CHANGES = ("fold", "device", "workers", "threads", "data", "out", "crops_dir", "progress")
@@ -34,7 +37,7 @@ def load_config(model_dir: Path) -> TrainConfig:
     path = Path(model_dir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{model_dir}: not a cspine classifier directory (no config.json)")
-    return config_from_dict(json.loads(path.read_text()))
+    return config_from_dict(json.loads(path.read_text()), f"{path}: classifier model directory")
 
 
 def fold_checkpoints(model_dir: Path) -> list[Path]:
@@ -53,13 +56,8 @@ def check_resume(cfg: TrainConfig) -> None:
     if not path.exists():
         return
     old = config_to_dict(config_from_dict(json.loads(path.read_text())))
-    new = config_to_dict(cfg)
-    diff = sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
-    if diff:
-        raise ValueError(
-            f"{cfg.out} was trained with other settings ({', '.join(diff)} differ); "
-            "use a new --out folder, or the same settings to resume"
-        )
+    hint = "use a new --out folder, or the same settings to resume"
+    check_resumable(cfg.out, old, config_to_dict(cfg), RESUMABLE_CHANGES, hint)
 
 
 __all__ = ["RESUMABLE_CHANGES", "check_resume", "fold_checkpoints", "load_config"]

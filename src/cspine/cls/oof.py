@@ -17,7 +17,7 @@ from cspine.cls.config import TrainConfig
 from cspine.cls.dataset import StudyStore
 from cspine.cls.evaluate import EvaluateConfig, evaluate, write_wide
 from cspine.cls.recipes import noisy_or, sequence_probs
-from cspine.engine.loop import read_history
+from cspine.engine.model_dir import read_history
 from cspine.labels import PREDICTION_TYPES
 from cspine.metrics import competition_loss
 from cspine.runtime import write_json

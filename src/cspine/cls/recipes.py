@@ -75,11 +75,11 @@ class Recipe:
 
     def load_fold(self, path: Path, device: torch.device) -> Fold:
         """A fold's network with the weights of ``path`` (fold{k}.pt), on ``device``, in eval mode."""
-        from cspine.runtime import load_checkpoint
+        from cspine.engine.model_dir import load_weights
 
         net = self.build()
         try:
-            net.load_state_dict(load_checkpoint(path, map_location="cpu")["state_dict"])
+            net.load_state_dict(load_weights(path)[0])
         except (KeyError, RuntimeError) as exc:
             raise ValueError(f"{path}: weights do not fit the model of {path.parent / 'config.json'}: {exc}") from exc
         return Fold(net.to(device).eval())

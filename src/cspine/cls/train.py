@@ -16,15 +16,18 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
+from torch.utils.data import Dataset
 
 from cspine.cls.config import TrainConfig, config_to_dict
 from cspine.cls.crop_cache import CropsConfig, build_crops
 from cspine.cls.dataset import StudyStore
 from cspine.cls.model_dir import check_resume
 from cspine.cls.recipes import get_recipe
-from cspine.engine.loop import barrier
+from cspine.engine.loop import Hooks, barrier, cosine_epochs, dataset_batches
+from cspine.engine.step import StepResult
 from cspine.errors import CspineInputError
-from cspine.runtime import timed, write_json
+from cspine.runtime import Runtime, timed, write_json
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +35,41 @@ log = logging.getLogger(__name__)
 _after_epoch: Callable[[str, int], None] | None = None
 
 
-def after_epoch(run: str, epoch: int) -> None:
+def after_epoch(row: dict[str, Any]) -> None:
     """Called by the loop after every epoch; forwards to the test hook when one is set."""
     if _after_epoch is not None:
-        _after_epoch(run, epoch)
+        _after_epoch(row["run"], row["epoch"])
+
+
+def fit_hooks(
+    cfg: TrainConfig,
+    rt: Runtime,
+    train_ds: Dataset,
+    step: Callable[[nn.Module, Any], StepResult],
+    validate: Callable[[nn.Module], dict[str, float]],
+) -> Hooks:
+    """The classifier's hooks of the shared loop: the Dataset's shuffled batches, the recipe's step, its
+    schedule (constant, or warm-up + cosine to ``lr_floor``), early stopping on a validation loss."""
+    batches, steps = dataset_batches(train_ds, cfg.batch_size, cfg.workers, cfg.seed, rt)
+
+    def lr(epoch: int, i: int) -> float:
+        if cfg.schedule == "constant":
+            return cfg.lr
+        return cosine_epochs(cfg.lr, cfg.epochs, epoch + i / steps, cfg.lr_floor)
+
+    return Hooks(
+        batches,
+        steps,
+        step,
+        lr,
+        validate=lambda net, epoch: validate(net),
+        maximize=False,
+        patience=cfg.patience,
+        optimizer=cfg.optimizer,
+        weight_decay=cfg.weight_decay,
+        grad_clip=5.0,
+        after_epoch=after_epoch,
+    )
 
 
 def train_cls(cfg: TrainConfig, progress: bool = False) -> dict[str, Any]:
@@ -89,4 +123,4 @@ def train_cls(cfg: TrainConfig, progress: bool = False) -> dict[str, Any]:
         shutdown(rt)
 
 
-__all__ = ["train_cls"]
+__all__ = ["fit_hooks", "train_cls"]

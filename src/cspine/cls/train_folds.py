@@ -24,9 +24,10 @@ from cspine.cls.dataset import StudyDataset, StudyStore
 from cspine.cls.oof import finish, write_oof
 from cspine.cls.recipes import Fold, SequenceRecipe
 from cspine.data.splits import fold_members
-from cspine.engine.loop import FitRun, barrier, fit, read_history
+from cspine.engine.loop import barrier, finished, fit
+from cspine.engine.model_dir import RunFiles, load_weights, read_history
 from cspine.metrics import competition_loss
-from cspine.runtime import Runtime, load_checkpoint, timed, write_json
+from cspine.runtime import Runtime, timed, write_json
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def train_folds(
     recipe: SequenceRecipe, cfg: TrainConfig, rt: Runtime, store: StudyStore, progress: bool, timings: dict[str, float]
 ) -> dict[str, Any]:
     """Train every fold (or ``cfg.fold``) into ``cfg.out``; the summary once all folds are done, else partial."""
-    from cspine.cls import train  # the kill-simulating test hook lives there
+    from cspine.cls import train  # the loop's hooks (and the kill-simulating test hook) live there
 
     out = cfg.out
     y = store.labels()
@@ -46,9 +47,9 @@ def train_folds(
     todo = [cfg.fold] if cfg.fold is not None else list(range(cfg.folds))
     batch = cfg.batch_size * 2
     for k in todo:
-        run = FitRun(f"fold{k}", out / f"fold{k}.pt", out / "work" / f"fold{k}.state.pt", out / f"fold{k}.history.json")
+        run = RunFiles.standard(out, f"fold{k}")
         oof_path = out / f"oof_fold{k}.csv"
-        if read_history(run.history_path).get("done") and oof_path.exists():
+        if finished(read_history(run.history), cfg.epochs) and oof_path.exists():
             log.info("fold %d already trained", k)
             continue
         torch.manual_seed(cfg.seed * 100 + k)
@@ -57,7 +58,7 @@ def train_folds(
         va_rows = np.flatnonzero(folds == k)
         lucency = recipe.fit_lucency(*store.study_stats(tr_rows), y[tr_rows, 1:])
         if lucency is not None and rt.is_main:
-            lucency.save(run.best_path.with_suffix(".features.json"))
+            lucency.save(run.weights.with_suffix(".features.json"))
         train_ds = StudyDataset(store, tr_rows, augment=cfg.augment, seed=cfg.seed * 100 + k)
         val_ds = StudyDataset(store, va_rows)
 
@@ -71,9 +72,10 @@ def train_folds(
 
         with timed(timings, f"train_fold{k}"):
             step = partial(recipe.step, lucency=lucency)
-            fit(model, train_ds, step, validate, run, cfg, rt, progress, config_to_dict(cfg), train.after_epoch)
+            hooks = train.fit_hooks(cfg, rt, train_ds, step, validate)
+            fit(model, hooks, run, cfg.epochs, cfg.lr, rt, progress, config_to_dict(cfg))
         if rt.is_main:
-            model.load_state_dict(load_checkpoint(run.best_path)["state_dict"])
+            model.load_state_dict(load_weights(run.weights)[0])
             model.to(rt.device)
             t0 = time.perf_counter()
             pred = recipe.predict([Fold(model, lucency)], val_ds, rt.device, batch)

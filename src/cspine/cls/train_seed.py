@@ -22,9 +22,10 @@ from cspine.cls.folds import holdout_split, leaky_image_split
 from cspine.cls.models import SeedBaseline, SeedNet
 from cspine.cls.oof import finish
 from cspine.cls.recipes import SeedBaselineRecipe
-from cspine.engine.loop import FitRun, fit, read_history
+from cspine.engine.loop import finished, fit
+from cspine.engine.model_dir import RunFiles, load_weights, read_history, save_weights
 from cspine.labels import CERVICAL
-from cspine.runtime import Runtime, load_checkpoint, save_checkpoint, timed, write_json
+from cspine.runtime import Runtime, timed, write_json
 
 
 def _image_labels(store: StudyStore, index: ImageIndex, rows: np.ndarray) -> np.ndarray:
@@ -89,12 +90,8 @@ def train_seed(
     for vi, v in enumerate(CERVICAL):
         rows_v = index.vertebra == vi
         tr, va, te = (np.flatnonzero(rows_v & (part == p)) for p in (0, 1, 2))
-        run = FitRun(
-            f"seed-{v}",
-            out / "work" / f"seed-{v}.pt",
-            out / "work" / f"seed-{v}.state.pt",
-            out / f"seed-{v}.history.json",
-        )
+        std = RunFiles.standard(out, f"seed-{v}")
+        run = RunFiles(std.name, out / "work" / f"seed-{v}.pt", std.state, std.history)  # all seven go to fold0.pt
         torch.manual_seed(cfg.seed * 100 + vi)
         net = SeedNet(cfg.model, cfg.crop)
         val_ds = ImageDataset(store, index, va)
@@ -106,22 +103,12 @@ def train_seed(
             bce = float(-(yv * np.log(q) + (1 - yv) * np.log(1 - q)).mean()) if len(p) else 0.0
             return {"score": bce, "val_loss": bce, "val_acc": float(((p >= 0.5) == (yv > 0.5)).mean()) if len(p) else 0}
 
-        hist = read_history(run.history_path)
-        if not (hist.get("done") and run.best_path.exists()):
+        if not (finished(read_history(run.history), cfg.epochs) and run.weights.exists()):
             with timed(timings, f"train_seed_{v}"):
-                fit(
-                    net,
-                    ImageDataset(store, index, tr, augment=cfg.augment, seed=cfg.seed + vi),
-                    recipe.step,
-                    validate,
-                    run,
-                    cfg,
-                    rt,
-                    progress,
-                    config_to_dict(cfg),
-                    train.after_epoch,
-                )
-        net.load_state_dict(load_checkpoint(run.best_path)["state_dict"])
+                train_ds = ImageDataset(store, index, tr, augment=cfg.augment, seed=cfg.seed + vi)
+                hooks = train.fit_hooks(cfg, rt, train_ds, recipe.step, validate)
+                fit(net, hooks, run, cfg.epochs, cfg.lr, rt, progress, config_to_dict(cfg))
+        net.load_state_dict(load_weights(run.weights)[0])
         full.nets[v].load_state_dict(net.state_dict())
         net.to(rt.device)
         t0 = time.perf_counter()
@@ -131,9 +118,7 @@ def train_seed(
         test_probs[rows] = p
     if not rt.is_main:
         return {}
-    save_checkpoint(
-        {"state_dict": full.state_dict(), "run": "seed-baseline", "config": config_to_dict(cfg)}, out / "fold0.pt"
-    )
+    save_weights(out / "fold0.pt", full.state_dict(), cfg.epochs, None, "seed-baseline", config_to_dict(cfg))
     # image-level numbers, as the seed reported them (accuracy, classification report, confusion matrix)
     te = np.flatnonzero(part == 2)
     y_img = _image_labels(store, index, te)

@@ -1,149 +1,155 @@
 """The training loop both learning stages share (nanoGPT's readable loop, with nnU-Net-style hooks).
 
-:func:`fit` trains one model: per-step learning rate, AMP (bf16) on CUDA only, DDP under torchrun (each rank trains
-on its shard and evaluates the whole validation set, so every rank takes the same early-stopping decision; only
-rank 0 writes), the best checkpoint by the validation score, early stopping, and a resume state written after
-every epoch (a killed run restarts at the last finished epoch, and a finished run is never redone). What is
-trained is the caller's: ``step(net, batch) -> StepResult`` and ``validate(net) -> {"score", "val_loss", ...}``.
+:func:`fit` trains one model: per-step learning rate, AMP (bf16) on CUDA only, gradient clipping, DDP under
+torchrun (only rank 0 writes; its early-stopping decision is broadcast), the best weights by the validation score,
+early stopping, and a resume state written after every epoch (a killed run restarts after its last finished
+epoch; a finished run is not redone, one given more epochs continues). Files: :mod:`cspine.engine.model_dir`.
+
+What is trained is the stage's, given as :class:`Hooks`: the epoch's batches (the classifier iterates a
+DataLoader, the segmenter draws random patches), the step (forward + loss), the learning rate per step and the
+validation. The schedules of both stages are here (:func:`cosine_epochs`, :func:`warmup_cosine_steps`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from cspine.engine.model_dir import RunFiles, load_state, read_history, save_state, save_weights, write_history
 from cspine.engine.step import StepResult
-from cspine.runtime import Runtime, load_checkpoint, save_checkpoint, write_json
+from cspine.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 
-class LoopSettings(Protocol):
-    """The settings :func:`fit` reads (a stage's training config has them as fields)."""
+@dataclass
+class Hooks:
+    """What a stage gives :func:`fit`.
 
-    epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    optimizer: str
-    schedule: str
+    Attributes:
+        batches: ``batches(epoch)`` -> that epoch's batches (tensors, or dicts/tuples of tensors, moved to the
+            device by the loop), ``steps`` of them.
+        steps: batches per epoch (for the learning rate and the progress bar).
+        step: ``step(net, batch)`` -> :class:`StepResult` (runs under autocast on CUDA).
+        lr: ``lr(epoch, i)`` -> learning rate of the epoch's i-th step.
+        validate: ``validate(net, epoch)`` -> {"score", ...} logged in the epoch's row; no "score" key: not
+            validated this epoch (e.g. ``val_every``, or a rank that does not validate); score None: validated,
+            nothing to score. ``validate=None``: no validation, every epoch's weights are the best.
+        maximize: a higher score is better (Dice); else lower (loss).
+        patience: stop after this many validated epochs without a better score (0: never).
+        optimizer: adam or adamw; lr and weight decay from the settings passed to :func:`fit`.
+        weight_decay: the optimiser's weight decay.
+        grad_clip: maximal gradient norm.
+        after_epoch: called on every rank with the epoch's row once its state is written (tests simulate kills).
+    """
+
+    batches: Callable[[int], Iterable[Any]]
+    steps: int
+    step: Callable[[nn.Module, Any], StepResult]
+    lr: Callable[[int, int], float]
+    validate: Callable[[nn.Module, int], dict[str, Any]] | None
+    maximize: bool
     patience: int
-    seed: int
-    workers: int
+    optimizer: str
+    weight_decay: float
+    grad_clip: float
+    after_epoch: Callable[[dict[str, Any]], None] | None = None
 
 
-@dataclass(frozen=True)
-class FitRun:
-    """One model's training: its name (``fold2`` or ``seed-C5``) and files."""
-
-    name: str
-    best_path: Path
-    state_path: Path
-    history_path: Path
-
-
-def lr_at(cfg: LoopSettings, epoch: float) -> float:
-    """Learning rate at a fractional epoch: constant, or linear warm-up then cosine to 2 % (sequence recipe)."""
-    if cfg.schedule == "constant":
-        return cfg.lr
-    t = epoch / cfg.epochs
-    warm = min(0.1, 1.0 / cfg.epochs)
-    if t < warm:
-        return cfg.lr * (0.1 + 0.9 * t / warm)
-    return cfg.lr * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * (t - warm) / (1.0 - warm))))
+def cosine_epochs(lr: float, epochs: int, t: float, floor: float) -> float:
+    """The classifier's schedule at fractional epoch ``t``: linear warm-up from 10 % over min(10 %, one epoch)
+    of the run, then cosine to ``floor`` x the peak."""
+    frac = t / epochs
+    warm = min(0.1, 1.0 / epochs)
+    if frac < warm:
+        return lr * (0.1 + 0.9 * frac / warm)
+    return lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * (frac - warm) / (1.0 - warm))))
 
 
-def read_history(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.exists() else {"done": False, "epochs": []}
+def warmup_cosine_steps(lr: float, step: int, total: int, warmup: int, floor: float) -> float:
+    """The segmenter's schedule at optimiser step ``step`` of ``total``: linear warm-up over ``warmup`` steps,
+    then cosine to ``floor`` x the peak."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return lr * (floor + (1.0 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def finished(hist: dict[str, Any], epochs: int) -> bool:
+    """A history that needs no more training: stopped early, or reached ``epochs`` (a finished history from before
+    ``stopped_early`` was recorded counts as finished: its resume state is gone)."""
+    last = hist["epochs"][-1]["epoch"] if hist.get("epochs") else 0
+    return bool(hist.get("done")) and (bool(hist.get("stopped_early", True)) or last >= epochs)
 
 
 def fit(
     model: nn.Module,
-    train_ds: Dataset,
-    step: Callable[[nn.Module, dict[str, torch.Tensor]], StepResult],
-    validate: Callable[[nn.Module], dict[str, float]],
-    run: FitRun,
-    cfg: LoopSettings,
+    hooks: Hooks,
+    run: RunFiles,
+    epochs: int,
+    lr: float,
     rt: Runtime,
     progress: bool = False,
     config: dict[str, Any] | None = None,
-    after_epoch: Callable[[str, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` with early stopping on ``validate(model)['score']`` (lower is better); resume if possible.
-
-    ``validate`` returns at least score, val_loss and val_acc. The best weights go to ``run.best_path`` (with
-    ``config``, the resolved run config), the resume state to ``run.state_path`` after every epoch, the epoch rows to
-    ``run.history_path``. ``after_epoch(run.name, epoch)`` is called once each epoch's state is saved (a test
-    hook that simulates a kill). Returns the history dict (``done`` True).
-    """
+    """Train ``model`` for up to ``epochs`` epochs with ``hooks``, resuming from ``run.state`` when it exists;
+    returns the history (``run.history``'s content, ``done`` True). ``config`` is saved with the weights."""
     from tqdm import tqdm
 
-    hist = read_history(run.history_path)
-    if hist.get("done"):
+    hist = read_history(run.history)
+    if finished(hist, epochs):
         return hist
     model.to(rt.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    opt = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start, best, best_epoch, bad = 0, math.inf, -1, 0
-    if run.state_path.exists():
-        state = load_checkpoint(run.state_path, map_location=rt.device)
+    opt_cls = torch.optim.AdamW if hooks.optimizer == "adamw" else torch.optim.Adam
+    opt = opt_cls(params, lr=lr, weight_decay=hooks.weight_decay)
+    start, best, best_epoch, bad = 0, None, 0, 0
+    if run.state.exists():
+        state = load_state(run.state, map_location=rt.device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, best, best_epoch, bad = state["epoch"], state["best"], state["best_epoch"], state["bad"]
-        hist["epochs"] = [r for r in hist["epochs"] if r["epoch"] <= start]
-        log.info("%s: resuming after epoch %d (best %.4f at epoch %d)", run.name, start, best, best_epoch)
+        log.info("%s: resuming after epoch %d (best %s at epoch %d)", run.name, start, best, best_epoch)
+    hist.update(done=False, stopped_early=False)
+    hist["epochs"] = [r for r in hist["epochs"] if r["epoch"] <= start]
     net: nn.Module = model
     if rt.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         net = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    sampler = DistributedSampler(train_ds, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=cfg.seed)
-    per_rank = math.ceil(len(train_ds) / rt.world_size)
-    loader = DataLoader(
-        train_ds,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        num_workers=cfg.workers,
-        drop_last=per_rank > cfg.batch_size,
-        pin_memory=rt.device.type == "cuda",
-        persistent_workers=cfg.workers > 0,
-    )
-    steps = max(1, len(loader))
-    for epoch in range(start, cfg.epochs):
-        sampler.set_epoch(epoch)
-        if hasattr(train_ds, "set_epoch"):
-            train_ds.set_epoch(epoch)
+    stop = False
+    for epoch in range(start, epochs):
         net.train()
         t0 = time.perf_counter()
         tot_loss = tot_correct = 0.0
         n_batches = n_images = n_targets = 0
+        step_lr = lr
         bar = tqdm(
-            loader,
-            desc=f"{run.name} epoch {epoch + 1}/{cfg.epochs}",
+            hooks.batches(epoch),
+            total=hooks.steps,
+            desc=f"{run.name} epoch {epoch + 1}/{epochs}",
             leave=False,
             disable=not (progress and rt.is_main),
         )
         for it, batch in enumerate(bar):
+            step_lr = hooks.lr(epoch, it)
             for g in opt.param_groups:
-                g["lr"] = lr_at(cfg, epoch + it / steps)
-            batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
+                g["lr"] = step_lr
+            batch = to_device(batch, rt.device)
             with torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16, enabled=rt.amp):
-                res = step(net, batch)
+                res = hooks.step(net, batch)
             opt.zero_grad(set_to_none=True)
             res.loss.backward()
-            nn.utils.clip_grad_norm_(params, 5.0)
+            nn.utils.clip_grad_norm_(params, hooks.grad_clip)
             opt.step()
             tot_loss += float(res.loss.detach())
             tot_correct += res.correct
@@ -153,7 +159,7 @@ def fit(
             bar.set_postfix(loss=f"{tot_loss / n_batches:.4f}")
         bar.close()
         train_s = time.perf_counter() - t0
-        if rt.distributed:  # each rank saw its own shard: the logged loss and accuracy are over all of them
+        if rt.distributed:  # each rank saw its own batches: the logged loss and accuracy are over all of them
             import torch.distributed as dist
 
             sums = torch.tensor([tot_loss, n_batches, tot_correct, n_targets], dtype=torch.float64, device=rt.device)
@@ -161,72 +167,110 @@ def fit(
             tot_loss, n, tot_correct, t = sums.tolist()
             n_batches, n_targets = int(n), int(t)
         t1 = time.perf_counter()
-        ev = validate(model)
-        row = {
-            "run": run.name,
-            "epoch": epoch + 1,
-            "lr": lr_at(cfg, epoch + 1),
-            "train_loss": tot_loss / max(1, n_batches),
-            "train_acc": tot_correct / max(1, n_targets),
-            **{k: float(v) for k, v in ev.items()},
-            "train_images_per_s": n_images * rt.world_size / max(train_s, 1e-9),
-            "train_seconds": train_s,
-            "val_seconds": time.perf_counter() - t1,
-        }
-        improved = ev["score"] < best - 1e-6
-        if improved:
-            best, best_epoch, bad = float(ev["score"]), epoch + 1, 0
-        else:
-            bad += 1
-        row["best"] = best
+        ev = hooks.validate(model, epoch) if hooks.validate is not None else {"score": None}
+        row: dict[str, Any] = {"run": run.name, "epoch": epoch + 1, "lr": step_lr}
+        row["train_loss"] = tot_loss / max(1, n_batches)
+        if n_targets:
+            row["train_acc"] = tot_correct / n_targets
+        row.update(ev)
+        improved = False
+        if hooks.validate is None:
+            improved, best_epoch = True, epoch + 1
+        elif "score" in ev:
+            s = ev["score"]
+            improved = s is not None and (best is None or (s > best + 1e-6 if hooks.maximize else s < best - 1e-6))
+            if improved:
+                best, best_epoch, bad = float(s), epoch + 1, 0
+            else:
+                bad += 1
+        stop = hooks.patience > 0 and bad >= hooks.patience
+        row.update(
+            best=best,
+            improved=improved,
+            train_images_per_s=n_images * rt.world_size / max(train_s, 1e-9),
+            train_seconds=train_s,
+            val_seconds=time.perf_counter() - t1,
+        )
         hist["epochs"].append(row)
-        stop = bad >= cfg.patience or epoch + 1 == cfg.epochs
         if rt.is_main:
             if improved:
-                save_checkpoint(
-                    {
-                        "state_dict": model.state_dict(),
-                        "epoch": epoch + 1,
-                        "score": best,
-                        "run": run.name,
-                        "config": config or {},
-                    },
-                    run.best_path,
-                )
-            save_checkpoint(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "epoch": epoch + 1,
-                    "best": best,
-                    "best_epoch": best_epoch,
-                    "bad": bad,
-                },
-                run.state_path,
+                save_weights(run.weights, model.state_dict(), epoch + 1, best, run.name, config)
+            progress_state = {"epoch": epoch + 1, "best": best, "best_epoch": best_epoch, "bad": bad}
+            save_state(run.state, model.state_dict(), opt.state_dict(), progress_state)
+            hist.update(best_score=best, best_epoch=best_epoch)
+            write_history(run.history, hist)
+            log.info(
+                "%s epoch %d: train loss %.4f, val score %s (best %s @ %d), %.1f s",
+                run.name,
+                epoch + 1,
+                row["train_loss"],
+                ev.get("score"),
+                best,
+                best_epoch,
+                train_s,
             )
-            hist.update({"best_score": best, "best_epoch": best_epoch})
-            write_json(run.history_path, hist)
-        log.info(
-            "%s epoch %d: train loss %.4f, val loss %.4f, val score %.4f (best %.4f @ %d), %.0f img/s",
-            run.name,
-            epoch + 1,
-            row["train_loss"],
-            row["val_loss"],
-            row["score"],
-            best,
-            best_epoch,
-            row["train_images_per_s"],
-        )
-        if after_epoch is not None:
-            after_epoch(run.name, epoch + 1)
+        stop = broadcast_flag(rt, stop)
+        if hooks.after_epoch is not None:
+            hooks.after_epoch(row)
+        if stop and rt.is_main:
+            log.info("%s: early stop, no better validation score for %d epochs", run.name, hooks.patience)
         if stop:
             break
-    hist.update({"done": True, "best_score": best, "best_epoch": best_epoch})
+    hist.update(done=True, stopped_early=stop, best_score=best, best_epoch=best_epoch)
     if rt.is_main:
-        write_json(run.history_path, hist)
-        run.state_path.unlink(missing_ok=True)
+        if not run.weights.exists():  # validated, never scored: the last weights stand in for the best
+            save_weights(run.weights, model.state_dict(), len(hist["epochs"]), None, run.name, config)
+        write_history(run.history, hist)
     barrier(rt)
     return hist
+
+
+def dataset_batches(
+    ds: Dataset, batch_size: int, workers: int, seed: int, rt: Runtime
+) -> tuple[Callable[[int], Iterable[Any]], int]:
+    """(``batches(epoch)``, steps per epoch) of a Dataset: shuffled per epoch, each rank its shard (DistributedSampler,
+    seeded), the dataset's own ``set_epoch`` called when it has one (seeded augmentation)."""
+    sampler = DistributedSampler(ds, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=seed)
+    per_rank = math.ceil(len(ds) / rt.world_size)  # type: ignore[arg-type]
+    loader = DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=per_rank > batch_size,
+        pin_memory=rt.device.type == "cuda",
+        persistent_workers=workers > 0,
+    )
+
+    def batches(epoch: int) -> Iterable[Any]:
+        sampler.set_epoch(epoch)
+        if hasattr(ds, "set_epoch"):
+            ds.set_epoch(epoch)
+        return loader
+
+    return batches, max(1, len(loader))
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A batch's tensors on ``device`` (dicts, tuples and lists of tensors)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def broadcast_flag(rt: Runtime, flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (itself in a single process)."""
+    if not rt.distributed:
+        return flag
+    import torch.distributed as dist
+
+    box = [flag]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
 
 
 def barrier(rt: Runtime) -> None:
@@ -237,4 +281,14 @@ def barrier(rt: Runtime) -> None:
         dist.barrier()
 
 
-__all__ = ["FitRun", "LoopSettings", "barrier", "fit", "lr_at", "read_history"]
+__all__ = [
+    "Hooks",
+    "barrier",
+    "broadcast_flag",
+    "cosine_epochs",
+    "dataset_batches",
+    "finished",
+    "fit",
+    "to_device",
+    "warmup_cosine_steps",
+]

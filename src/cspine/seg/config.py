@@ -34,8 +34,12 @@ REFINE_DIR = "refine"
 OTHER_VALUE = 255
 #: Class id -> value in written masks.
 CLASS_TO_VALUE: tuple[int, ...] = (0, *CERVICAL_VALUES, OTHER_VALUE)
-#: major.minor of MODEL_DIR/config.json (cspine.engine.formats); 1.1 adds the network's ``arch_args``.
-CONFIG_FORMAT = "1.1"
+#: major.minor of MODEL_DIR/config.json (cspine.engine.formats); 1.1 adds the network's ``arch_args``; 1.2 the
+#: files of the schema shared with the classifier (cspine.engine.model_dir: model.pt, model.history.json,
+#: work/model.state.pt instead of best.pt, last.pt, log.json). 1.0 and 1.1 directories are still read.
+CONFIG_FORMAT = "1.2"
+#: The run name of a segmentation stage in its model directory (its weights are MODEL_DIR/model.pt).
+RUN_NAME = "model"
 
 
 
@@ -145,8 +149,8 @@ class TrainSegConfig:
         iters_per_epoch: optimiser steps per epoch (per process).
         batch_size: patches per step and process.
         patch: training patch (z, y, x) in model-grid voxels.
-        lr, weight_decay, warmup_iters: AdamW's peak learning rate and weight decay; linear warm-up steps, then
-            cosine decay to 1 % of the peak.
+        lr, weight_decay, warmup_iters, lr_floor: AdamW's peak learning rate and weight decay; linear warm-up
+            steps, then cosine decay to ``lr_floor`` x the peak.
         val_every: validate every this many epochs (and after the last).
         patience: stop after this many validated epochs without a better validation Dice (0: never).
         fg_fraction: share of patches centred on a vertebra voxel (class-balanced) rather than anywhere.
@@ -180,6 +184,7 @@ class TrainSegConfig:
     lr: float = 1e-2
     weight_decay: float = 1e-4
     warmup_iters: int = 50
+    lr_floor: float = 0.01
     fg_fraction: float = 0.8
     soft_labels: bool = False
     val_every: int = 1

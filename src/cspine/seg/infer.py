@@ -78,7 +78,7 @@ class InferConfig:
     """
 
     device: str = "auto"
-    checkpoint: str = "best.pt"
+    checkpoint: str = ""
     max_voxels: int = 8_000_000
     roi: tuple[int, int, int] = (128, 160, 160)
     overlap: float = 0.25
@@ -158,9 +158,10 @@ def resolve_model_dir(path: str | Path) -> Path:
     raise FileNotFoundError(f"{p}: not a segmentation model directory (no config.json here or in seg/)")
 
 
-def load_model(path: str | Path, device: str = "auto", checkpoint: str = "best.pt") -> SegModel:
+def load_model(path: str | Path, device: str = "auto", checkpoint: str = "") -> SegModel:
     """Rebuild the network named in MODEL_DIR/config.json and load its weights (``weights_only=True``), with the
-    refinement stage in MODEL_DIR/refine when there is one."""
+    refinement stage in MODEL_DIR/refine when there is one. ``checkpoint``: a file name in each stage's directory
+    instead of its weights (model.pt; best.pt in 1.0/1.1 directories)."""
     model_dir = resolve_model_dir(path)
     model = _load_network(model_dir, device, checkpoint)
     if model.stage != "coarse":
@@ -173,8 +174,10 @@ def load_model(path: str | Path, device: str = "auto", checkpoint: str = "best.p
 
 
 def _load_network(model_dir: Path, device: str, checkpoint: str) -> SegModel:
-    """One stage's network from its directory (best.pt, else last.pt of a run still in progress)."""
-    from cspine.runtime import load_checkpoint, resolve_device
+    """One stage's network from its directory (its weights, else the resume state of a run still in progress)."""
+    from cspine.engine.model_dir import load_weights
+    from cspine.runtime import resolve_device
+    from cspine.seg.model_dir import weights_path
     from cspine.seg.models import create_model
 
     cfg = load_model_config(model_dir)
@@ -186,13 +189,11 @@ def _load_network(model_dir: Path, device: str, checkpoint: str) -> SegModel:
     if classes != expected:
         raise ValueError(f"{model_dir}: model classes {classes} differ from this cspine's {stage} classes {expected}")
     dev = resolve_device(device)
-    ckpt_path = model_dir / checkpoint
-    if not ckpt_path.exists() and checkpoint == "best.pt" and (model_dir / "last.pt").exists():
-        ckpt_path = model_dir / "last.pt"
-    ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+    ckpt_path = model_dir / checkpoint if checkpoint else weights_path(model_dir, cfg.get("format"))
+    weights, ckpt = load_weights(ckpt_path)
     net = create_model(train["arch"], 1, len(classes), cfg.get("arch_args"))  # 1.0 directories: the registry's
     try:
-        net.load_state_dict(ckpt["model"])
+        net.load_state_dict(weights)
     except (KeyError, RuntimeError) as exc:
         raise ValueError(f"{ckpt_path}: weights do not fit model {train['arch']!r} ({exc})") from exc
     net.to(dev).eval()

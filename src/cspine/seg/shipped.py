@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 
 #: Where the shipped model directory lives inside the package.
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "weights" / "segmenter"
-#: Files of a model directory that ship (no resume state: last.pt would double the size).
-SHIPPED_FILES = ("config.json", "labels.json", "best.pt", "log.json", "run.json")
+#: Files of a model directory that ship (no resume state: it would triple the size); format 1.2 names, then 1.1's.
+SHIPPED_FILES = ("config.json", "labels.json", "model.pt", "model.history.json", "run.json", "best.pt", "log.json")
 
 
 @dataclass(frozen=True)
@@ -201,7 +201,7 @@ def build(out: Path, recipe: ShippedRecipe | None = None, install_into: Path | N
 
 def shipped_model() -> Path | None:
     """The shipped model directory, or None when this installation has none."""
-    return SHIPPED_DIR if (SHIPPED_DIR / "best.pt").exists() else None
+    return SHIPPED_DIR if any((SHIPPED_DIR / n).exists() for n in ("model.pt", "best.pt")) else None
 
 
 __all__ = ["SHIPPED_DIR", "GeneratedSet", "ShippedRecipe", "build", "install", "shipped_model"]

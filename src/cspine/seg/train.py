@@ -4,45 +4,48 @@ One function, :func:`train_segmentation`, takes a :class:`TrainSegConfig` (and o
 It runs alone or under ``torchrun --nproc_per_node N`` (DDP, gloo on CPU, nccl on CUDA; each rank draws its
 own patches, gradients are averaged, only rank 0 validates, logs and writes). Mixed precision (bf16) on CUDA.
 
-Resumability: ``MODEL_DIR/last.pt`` is rewritten atomically after every epoch with the weights, optimiser state,
-epoch, best score, early-stopping counter and log. A rerun with the same ``--out`` continues from there (the
-config must match except for :data:`RESUMABLE_FIELDS`, e.g. more epochs). Randomness is re-derived from
-(seed, rank, epoch) at the start of every epoch, so a resumed run draws exactly the patches an uninterrupted
-one would have drawn, whatever the number of processes that ran the earlier epochs.
+The loop is the one both stages share (:func:`cspine.engine.loop.fit`); this module gives it the segmenter's
+hooks (:func:`fit_hooks`). Resumability: the resume state ``MODEL_DIR/work/model.state.pt`` is rewritten
+atomically after every epoch; a rerun with the same ``--out`` continues from there (the config must match except
+for :data:`RESUMABLE_FIELDS`, e.g. more epochs). Randomness is re-derived from (seed, rank, epoch) at the start of
+every epoch, so a resumed run draws exactly the patches an uninterrupted one would have drawn, whatever the number
+of processes that ran the earlier epochs.
 
-MODEL_DIR after training: config.json, labels.json, best.pt, last.pt, log.csv, log.json, curve.png, run.json
-(cspine.seg.model_dir).
+MODEL_DIR after training: config.json, labels.json, model.pt, model.history.json/.csv, work/model.state.pt,
+curve.png, run.json (cspine.seg.model_dir, cspine.engine.model_dir).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
-import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from cspine.engine.config import from_dict, to_dict
+from cspine.engine.loop import Hooks, barrier, fit, warmup_cosine_steps
+from cspine.engine.model_dir import RunFiles
+from cspine.engine.step import StepResult
 from cspine.io.volume import Volume
 from cspine.labels import CERVICAL
 from cspine.runtime import Runtime, write_json
-from cspine.seg.config import (
-    REFINE_RECIPE,
-    STAGE_CLASSES,
-    TrainSegConfig,
-)
+from cspine.seg.config import REFINE_RECIPE, RUN_NAME, STAGE_CLASSES, TrainSegConfig
 from cspine.seg.data import Case, PatchSampler, describe_cases, discover_studies, fold_of
-from cspine.seg.model_dir import check_resumable, labels_json, model_config_json, plot_curve, write_log
+from cspine.seg.model_dir import (
+    TRAINING_FILES,
+    check_resumable,
+    labels_json,
+    model_config_json,
+    plot_curve,
+    upgrade_legacy_run,
+)
 from cspine.seg.patches import cervical_box
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = 1
 
 
 class StudyLike(Protocol):
@@ -145,12 +148,58 @@ def validate(net: Any, cases: Sequence[Case], cfg: TrainSegConfig, device: Any) 
     }
 
 
-def _lr_at(step: int, total: int, cfg: TrainSegConfig) -> float:
-    """Linear warm-up then cosine decay to 1 % of the peak."""
-    if step < cfg.warmup_iters:
-        return cfg.lr * (step + 1) / cfg.warmup_iters
-    t = (step - cfg.warmup_iters) / max(1, total - cfg.warmup_iters)
-    return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+def fit_hooks(
+    cfg: TrainSegConfig, rt: Runtime, train_cases: Sequence[Case], val_cases: Sequence[Case], after_epoch: Any
+) -> Hooks:
+    """The segmenter's hooks of the shared loop: ``iters_per_epoch`` batches of random patches per epoch (numpy and
+    torch reseeded from (seed, rank, epoch), so a resumed run draws what an uninterrupted one would have), Dice +
+    cross-entropy, warm-up + cosine per step, Dice per vertebra on rank 0 every ``val_every`` epochs (the other
+    ranks report no score; rank 0's early-stopping decision is theirs)."""
+    import torch
+    from monai.losses import DiceCELoss
+
+    loss_fn = DiceCELoss(include_background=False, to_onehot_y=not cfg.soft_labels, softmax=True, batch=True)
+    sampler = PatchSampler(
+        train_cases, cfg.patch, cfg.augment, cfg.fg_fraction, soft=cfg.soft_labels,
+        randomize=cfg.randomization if cfg.randomize else None, preprocess=cfg.preprocess,
+    )  # fmt: skip
+
+    def batches(epoch: int) -> Iterator[tuple[Any, Any]]:
+        rng = np.random.default_rng([cfg.seed, rt.rank, epoch])
+        torch.manual_seed(cfg.seed * 100_003 + rt.rank * 1009 + epoch)
+        for _ in range(cfg.iters_per_epoch):
+            yield sampler.batch(cfg.batch_size, rng)
+
+    def step(net: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> StepResult:
+        x, y = batch
+        logits = net(x)
+        with torch.autocast(rt.device.type, enabled=False):  # the loss in float32, as without AMP
+            loss = loss_fn(logits.float(), y)
+        return StepResult(loss, int(x.shape[0]), 0.0, 0)
+
+    def lr(epoch: int, i: int) -> float:
+        step_no, total = epoch * cfg.iters_per_epoch + i, cfg.epochs * cfg.iters_per_epoch
+        return warmup_cosine_steps(cfg.lr, step_no, total, cfg.warmup_iters, cfg.lr_floor)
+
+    def val(net: torch.nn.Module, epoch: int) -> dict[str, Any]:
+        if not (rt.is_main and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs)):
+            return {"val_dice_mean": None, "val_dice": None}  # not validated: no score
+        res = validate(net, val_cases, cfg, rt.device)
+        return {"score": res["val_dice_mean"], **res}
+
+    return Hooks(
+        batches,
+        cfg.iters_per_epoch,
+        step,
+        lr,
+        validate=val,
+        maximize=True,
+        patience=cfg.patience,
+        optimizer="adamw",
+        weight_decay=cfg.weight_decay,
+        grad_clip=12.0,
+        after_epoch=after_epoch,
+    )
 
 
 def train_segmentation(
@@ -166,7 +215,7 @@ def train_segmentation(
     Args:
         cfg: the run's config (saved as MODEL_DIR/config.json).
         studies: studies in memory (with masks); default: read ``cfg.data``.
-        resume: continue from MODEL_DIR/last.pt when present (False: start over, deleting old checkpoints).
+        resume: continue from MODEL_DIR/work/model.state.pt when present (False: start over, deleting old files).
         progress: tqdm bar on rank 0.
         on_epoch_end: called on every rank as ``f(epoch, log_row)`` after each epoch's checkpoint is written.
 
@@ -176,7 +225,7 @@ def train_segmentation(
     import torch
     import torch.distributed as dist
 
-    from cspine.runtime import init_runtime, load_checkpoint, run_record, save_checkpoint, seed_everything, shutdown
+    from cspine.runtime import init_runtime, run_record, seed_everything, shutdown
     from cspine.seg.models import count_parameters, create_model, get_spec
 
     created_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
@@ -184,16 +233,19 @@ def train_segmentation(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
+    run = RunFiles.standard(out, RUN_NAME)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     try:
-        if resume and (out / "last.pt").exists():
+        if resume and (out / "last.pt").exists() and rt.is_main:
+            upgrade_legacy_run(out)  # a run an older cspine started (format 1.0/1.1) continues in this format
+        barrier(rt)
+        if resume and run.state.exists():
             check_resumable(out, cfg)  # on every rank: a refusal stops them all, none is left at the barrier
         if rt.is_main and not resume and out.exists():
-            for name in ("last.pt", "best.pt", "log.csv", "log.json", "config.json", "curve.png", "run.json"):
+            for name in TRAINING_FILES:
                 (out / name).unlink(missing_ok=True)
-        if rt.distributed:
-            dist.barrier()
+        barrier(rt)
         seed_everything(cfg.seed)
 
         items = _collect(cfg, studies)
@@ -211,144 +263,25 @@ def train_segmentation(
         timings["preprocess"] = time.perf_counter() - t
         if rt.is_main:
             log.info("train %s; validation %d studies", describe_cases(train_cases), len(val_items))
-
-        net = create_model(cfg.arch, 1, len(STAGE_CLASSES[cfg.stage]), get_spec(cfg.arch).arch()).to(rt.device)
-        opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        rows: list[dict[str, Any]] = []
-        start_epoch, best_score, best_epoch, bad_epochs = 0, -1.0, 0, 0
-        if resume and (out / "last.pt").exists():
-            ck = load_checkpoint(out / "last.pt", map_location="cpu")
-            if ck.get("format") != CHECKPOINT_FORMAT:
-                raise ValueError(f"{out / 'last.pt'}: unknown checkpoint format {ck.get('format')!r}")
-            net.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            start_epoch, best_score = int(ck["epoch"]), float(ck["best_score"])
-            best_epoch, bad_epochs, rows = int(ck["best_epoch"]), int(ck["bad_epochs"]), list(ck["log"])
-            if "torch_rng" in ck:
-                torch.set_rng_state(ck["torch_rng"])
-            if rt.is_main:
-                log.info("resuming %s after epoch %d (best %.4f at epoch %d)", out, start_epoch, best_score, best_epoch)
-        model: torch.nn.Module = net
-        if rt.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            model = DistributedDataParallel(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-
-        if rt.is_main:
             out.mkdir(parents=True, exist_ok=True)
             write_json(out / "config.json", model_config_json(cfg))
             write_json(out / "labels.json", labels_json(cfg.stage))
 
-        from monai.losses import DiceCELoss
-
-        loss_fn = DiceCELoss(include_background=False, to_onehot_y=not cfg.soft_labels, softmax=True, batch=True)
-        sampler = PatchSampler(
-            train_cases, cfg.patch, cfg.augment, cfg.fg_fraction, soft=cfg.soft_labels,
-            randomize=cfg.randomization if cfg.randomize else None, preprocess=cfg.preprocess,
-        )
-        total_steps = cfg.epochs * cfg.iters_per_epoch
-        bar = None
-        if progress and rt.is_main:
-            from tqdm import tqdm
-
-            bar = tqdm(total=total_steps, initial=start_epoch * cfg.iters_per_epoch, desc="train-seg", unit="it")
-        stopped_early = False
-        epoch = start_epoch
-        for epoch in range(start_epoch, cfg.epochs):
-            t_ep = time.perf_counter()
-            rng = np.random.default_rng([cfg.seed, rt.rank, epoch])
-            torch.manual_seed(cfg.seed * 100_003 + rt.rank * 1009 + epoch)
-            model.train()
-            losses = []
-            for it in range(cfg.iters_per_epoch):
-                step = epoch * cfg.iters_per_epoch + it
-                lr = _lr_at(step, total_steps, cfg)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                x, y = sampler.batch(cfg.batch_size, rng)
-                x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-                with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.amp):
-                    logits = model(x)
-                loss = loss_fn(logits.float(), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
-                opt.step()
-                losses.append(float(loss.detach()))
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}")
-            mean_loss = float(np.mean(losses))
-            if rt.distributed:
-                buf = torch.tensor([mean_loss], dtype=torch.float64)
-                dist.all_reduce(buf)
-                mean_loss = float(buf.item()) / rt.world_size
-            row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": round(mean_loss, 5), "lr": round(lr, 7)}
-            row.update({"val_dice_mean": None, "val_dice": None, "best": False})
-            stop = False
-            if rt.is_main:
-                if val_cases and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
-                    row.update(validate(net, val_cases, cfg, rt.device))
-                    score = row["val_dice_mean"]
-                    if score is not None and score > best_score:
-                        best_score, best_epoch, bad_epochs = score, epoch + 1, 0
-                        row["best"] = True
-                        save_checkpoint(
-                            {"model": net.state_dict(), "epoch": epoch + 1, "score": score}, out / "best.pt"
-                        )
-                    else:
-                        bad_epochs += 1
-                    stop = cfg.patience > 0 and bad_epochs >= cfg.patience
-                elif not val_cases:
-                    best_epoch = epoch + 1
-                    save_checkpoint({"model": net.state_dict(), "epoch": epoch + 1, "score": None}, out / "best.pt")
-                row["seconds"] = round(time.perf_counter() - t_ep, 2)
-                rows.append(row)
-                save_checkpoint(
-                    {
-                        "format": CHECKPOINT_FORMAT,
-                        "model": net.state_dict(),
-                        "optimizer": opt.state_dict(),
-                        "epoch": epoch + 1,
-                        "best_score": best_score,
-                        "best_epoch": best_epoch,
-                        "bad_epochs": bad_epochs,
-                        "log": rows,
-                        "torch_rng": torch.get_rng_state(),
-                        "rng_scheme": "numpy/torch reseeded from (seed, rank, epoch) at each epoch start",
-                    },
-                    out / "last.pt",
-                )
-                write_log(out, rows)
-                log.info(
-                    "epoch %d/%d loss %.4f val Dice %s (%.1f s)",
-                    epoch + 1,
-                    cfg.epochs,
-                    mean_loss,
-                    row.get("val_dice_mean"),
-                    row["seconds"],
-                )
-            if rt.distributed:
-                flag = [stop]
-                dist.broadcast_object_list(flag, src=0)
-                stop = bool(flag[0])
-            if on_epoch_end is not None:
-                on_epoch_end(epoch + 1, row)
-            if stop:
-                stopped_early = True
-                if rt.is_main:
-                    log.info("early stop: no better validation Dice for %d epochs", cfg.patience)
-                break
-        if bar is not None:
-            bar.close()
+        net = create_model(cfg.arch, 1, len(STAGE_CLASSES[cfg.stage]), get_spec(cfg.arch).arch()).to(rt.device)
+        after = None if on_epoch_end is None else (lambda row: on_epoch_end(row["epoch"], row))
+        hooks = fit_hooks(cfg, rt, train_cases, val_cases, after)
+        if not val_items:
+            hooks.validate = None  # every epoch's weights are the best
+        hist = fit(net, hooks, run, cfg.epochs, cfg.lr, rt, progress, to_dict(cfg))
         timings["total"] = time.perf_counter() - t_start
+        rows = hist["epochs"]
         summary = {
             "out": str(out),
             "epochs_run": len(rows),
-            "last_epoch": rows[-1]["epoch"] if rows else start_epoch,
-            "best_epoch": best_epoch,
-            "best_val_dice": best_score if best_score >= 0 else None,
-            "stopped_early": stopped_early,
+            "last_epoch": rows[-1]["epoch"] if rows else 0,
+            "best_epoch": hist.get("best_epoch"),
+            "best_val_dice": hist.get("best_score"),
+            "stopped_early": bool(hist.get("stopped_early")),
             "is_main": rt.is_main,
             "train_studies": [u for u, _ in train_items],
             "val_studies": [u for u, _ in val_items],
@@ -356,22 +289,12 @@ def train_segmentation(
         if rt.is_main:
             if rows:
                 plot_curve(rows, out / "curve.png")
-            if not (out / "best.pt").exists() and (out / "last.pt").exists():
-                shutil.copyfile(out / "last.pt", out / "best.pt")
-            write_json(
-                out / "run.json",
-                run_record(
-                    rt,
-                    to_dict(cfg),
-                    timings,
-                    parameters=count_parameters(net),
-                    torch_threads=torch.get_num_threads(),
-                    **summary,
-                ),
+            record = run_record(
+                rt, to_dict(cfg), timings, parameters=count_parameters(net), torch_threads=torch.get_num_threads()
             )
+            write_json(out / "run.json", {**record, **summary})
         return summary
     finally:
-        model = None  # the DDP wrapper's reducer holds the group: release it before the group is destroyed
         if created_group:
             shutdown(rt)
 
@@ -391,4 +314,4 @@ def train_config(**overrides: Any) -> TrainSegConfig:
     return from_dict(TrainSegConfig, base)
 
 
-__all__ = ["train_config", "train_segmentation", "validate"]
+__all__ = ["fit_hooks", "train_config", "train_segmentation", "validate"]
