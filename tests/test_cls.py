@@ -926,7 +926,7 @@ def test_train_flags_are_generated_from_the_config_dataclasses(capsys) -> None:
     assert resolved.model.density_hu == (-50.0, 400.0) and not resolved.model.lucency
     for command, classes, skip in (
         ("train-cls", (TrainConfig, CropConfig, ModelConfig), {"data", "out", "recipe", "crop", "model"}),
-        ("train-seg", (TrainSegConfig,), {"data", "out", "preprocess", "augment"}),
+        ("train-seg", (TrainSegConfig,), {"data", "out", "preprocess", "augment", "randomization"}),
     ):
         with pytest.raises(SystemExit):
             parser.parse_args([command, "--help"])
