@@ -282,7 +282,7 @@ def cmd_build_segmenter(args: argparse.Namespace) -> int:
 
     record = build(Path(args.out), install_into=SHIPPED_DIR if args.install else None)
     print(json.dumps({"model": str(Path(args.out) / "model"), "seconds": record["seconds"],
-                      "heldout": {k: v.get("dice_mean") for k, v in record["heldout"].items()},
+                      "heldout": {k: v.get("mean_dice") for k, v in record["heldout"].items()},
                       "installed": str(SHIPPED_DIR) if args.install else None}, indent=2))
     return 0
 

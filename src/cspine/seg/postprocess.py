@@ -118,23 +118,41 @@ def keep_largest_components(mask: np.ndarray, values: tuple[int, ...] = CERVICAL
     return notes
 
 
-def fix_order(mask: np.ndarray, affine: np.ndarray, values: tuple[int, ...] = CERVICAL_VALUES) -> list[str]:
+def fix_order(
+    mask: np.ndarray, affine: np.ndarray, values: tuple[int, ...] = CERVICAL_VALUES, min_share: float = 0.25
+) -> list[str]:
     """In place: relabel the present vertebrae so their centroids run superior -> inferior in label order.
 
     The set of present labels is kept; only which piece carries which label changes (C3 above C2 -> swapped).
+    A label much smaller than the others (under ``min_share`` of their median volume) that is out of line with
+    them is a stray piece, not a vertebra: it is removed rather than allowed to shift every level below it by
+    one (a 0.1 ml "C7" speck above C4 would otherwise relabel C4..C7 on a real neck).
     """
     objects = ndimage.find_objects(mask)
-    world = {}
+    world, size = {}, {}
     for v in values:
         if v > len(objects) or objects[v - 1] is None:
             continue
         sl = objects[v - 1]
-        centroid = np.array(ndimage.center_of_mass(mask[sl] == v)) + [s.start for s in sl]
+        hit = mask[sl] == v
+        size[v] = int(hit.sum())
+        centroid = np.array(ndimage.center_of_mass(hit)) + [s.start for s in sl]
         world[v] = float((affine[:3, :3] @ centroid + affine[:3, 3])[2])  # LPS z: larger = more superior
+    notes = []
+    if world:
+        floor = min_share * float(np.median(list(size.values())))
+        big = [v for v in world if size[v] >= floor]
+        for v in [v for v in world if size[v] < floor]:
+            line = sorted([*big, v])
+            if sorted(line, key=lambda u: -world[u]) != line:
+                sl = objects[v - 1]
+                mask[sl][mask[sl] == v] = 0
+                del world[v]
+                notes.append(f"removed {value_name(v)}: a stray piece out of cranio-caudal order")
     present = sorted(world)
     by_height = sorted(present, key=lambda v: -world[v])
     if by_height == present:
-        return []
+        return notes
     lut = np.arange(256, dtype=np.uint8)
     for old, new in zip(by_height, present, strict=True):
         lut[old] = new
@@ -142,7 +160,7 @@ def fix_order(mask: np.ndarray, affine: np.ndarray, values: tuple[int, ...] = CE
     assert box is not None
     mask[box] = lut[mask[box]]
     moved = [f"{value_name(o)}->{value_name(n)}" for o, n in zip(by_height, present, strict=True) if o != n]
-    return [f"relabelled {', '.join(moved)} (out of cranio-caudal order)"]
+    return [*notes, f"relabelled {', '.join(moved)} (out of cranio-caudal order)"]
 
 
 def remove_small(mask: np.ndarray, voxel_mm3: float, min_volume_mm3: float) -> list[str]:

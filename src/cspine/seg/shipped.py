@@ -126,6 +126,7 @@ def _train(cache: Path, model: Path, recipe: ShippedRecipe) -> dict[str, float]:
                           *_flags(recipe.refine), *threads),
     }
     model.mkdir(parents=True, exist_ok=True)
+    jobs = {name: cmd for name, cmd in jobs.items() if not _finished(model if name == "coarse" else model / "refine")}
     t0 = time.perf_counter()
     procs = {name: subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL) for name, cmd in jobs.items()}
     seconds: dict[str, float] = {}
@@ -140,6 +141,29 @@ def _train(cache: Path, model: Path, recipe: ShippedRecipe) -> dict[str, float]:
                 del procs[name]
         time.sleep(2)
     return seconds
+
+
+def _stage_record(model: Path) -> dict[str, Any]:
+    """Steps and training seconds of one trained stage, from its history (the wall clock of a resumed build
+    would miss the earlier runs)."""
+    from cspine.engine.model_dir import read_history
+
+    rows = read_history(model / "model.history.json")["epochs"]
+    config = json.loads((model / "config.json").read_text())
+    train = config.get("train", config)
+    return {
+        "epochs": len(rows),
+        "steps": len(rows) * int(train["iters_per_epoch"]),
+        "train_seconds": round(sum(float(r.get("train_seconds") or 0.0) for r in rows), 1),
+        "final_train_loss": rows[-1].get("train_loss") if rows else None,
+    }
+
+
+def _finished(stage: Path) -> bool:
+    """A stage whose training ran to its end (a rerun of the build then skips it, case building included)."""
+    from cspine.engine.model_dir import read_history
+
+    return bool(read_history(stage / "model.history.json").get("done"))
 
 
 def _evaluate(work: Path, model: Path, sets: tuple[GeneratedSet, ...]) -> dict[str, Any]:
@@ -187,6 +211,7 @@ def build(out: Path, recipe: ShippedRecipe | None = None, install_into: Path | N
         "recipe": asdict(recipe),
         "command": f"cspine build-segmenter --out {out}",
         "seconds": timings,
+        "stages": {"coarse": _stage_record(model), "refine": _stage_record(model / "refine")},
         "heldout": figures,
         # what it trained on, so that anyone can check a study was not among them (the demo's test does)
         "train_uids": sorted(p.name for p in (cache / "train").iterdir()),
