@@ -625,3 +625,22 @@ def test_ddp_two_gloo_processes_train_and_only_rank0_writes(cache: Path, tmp_pat
     )  # fmt: skip
     assert proc.stdout.count('"epochs_run"') == 1  # the summary is printed by rank 0 only
     assert proc.stderr.count("model epoch 2:") == 1  # and only rank 0 logs
+
+
+def test_cervical_box_keeps_every_cervical_voxel_in_place_and_skips_studies_without_one() -> None:
+    """train-seg --cervical-box-mm: the crop holds all of C1..C7 plus the margin, at the same patient positions."""
+    from cspine.io.volume import Volume
+    from cspine.seg.patches import cervical_box
+
+    affine = np.array([[0, 0, 0.5, 10.0], [0, 0.5, 0, -20.0], [2.0, 0, 0, 30.0], [0, 0, 0, 1]])
+    hu = np.random.default_rng(0).integers(-1000, 1000, (40, 60, 60)).astype(np.int16)
+    mask = np.zeros(hu.shape, np.uint8)
+    mask[10:20, 20:30, 25:35] = 3
+    mask[30:35, 0:5, 0:5] = 9  # T2: not cervical, outside the box
+    box, boxed = cervical_box(Volume(hu, (2.0, 0.5, 0.5), affine), mask, margin_mm=4.0)
+    assert boxed.shape == box.shape == (10 + 2 * 2, 10 + 2 * 8, 10 + 2 * 8)
+    assert (boxed == 3).sum() == (mask == 3).sum() and not (boxed == 9).any()
+    np.testing.assert_array_equal(box.index_to_patient(np.array([2, 8, 8])), Volume(hu, (2.0, 0.5, 0.5), affine)
+                                  .index_to_patient(np.array([10, 20, 25])))
+    assert np.array_equal(box.array[2:12, 8:18, 8:18], hu[10:20, 20:30, 25:35])
+    assert cervical_box(Volume(hu, (2.0, 0.5, 0.5), affine), np.where(mask == 3, 9, mask), 4.0) is None

@@ -73,7 +73,9 @@ def _heldout_dice(model: Path) -> dict[str, float] | None:
     recipe = model / "recipe.json"
     if not recipe.exists():
         return None
-    return {k: v.get("mean_dice") for k, v in json.loads(recipe.read_text())["heldout"].items()}
+    from cspine.seg.shipped import heldout_dice
+
+    return heldout_dice(json.loads(recipe.read_text()))
 
 
 def _write_test_labels(data: Path, out: Path) -> Path:

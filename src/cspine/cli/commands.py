@@ -278,11 +278,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def cmd_build_segmenter(args: argparse.Namespace) -> int:
     """Rebuild the shipped segmenter from generated data (resumable); --install puts it into the package."""
-    from cspine.seg.shipped import SHIPPED_DIR, build
+    from cspine.seg.shipped import SHIPPED_DIR, build, heldout_dice
 
     record = build(Path(args.out), install_into=SHIPPED_DIR if args.install else None)
     print(json.dumps({"model": str(Path(args.out) / "model"), "seconds": record["seconds"],
-                      "heldout": {k: v.get("mean_dice") for k, v in record["heldout"].items()},
+                      "heldout": heldout_dice(record),
                       "installed": str(SHIPPED_DIR) if args.install else None}, indent=2))
     return 0
 

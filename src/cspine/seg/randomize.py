@@ -53,6 +53,17 @@ def _numpy(t: Any) -> np.ndarray:
     return np.asarray(t[0].detach().cpu().numpy(), dtype=np.float32)
 
 
+def _draw_box(rng: np.random.Generator, shape: Sequence[int], keep: tuple[float, float]) -> Params:
+    """A box keeping a random fraction ``keep`` of each axis at a random offset: {"start": [...], "end": [...]}."""
+    start, end = [], []
+    for n in shape:
+        k = max(1, round(n * float(rng.uniform(*keep))))
+        s = int(rng.integers(0, n - k + 1))
+        start.append(s)
+        end.append(s + k)
+    return {"start": start, "end": end}
+
+
 @dataclass(frozen=True)
 class Crop:
     """A box of the field of view (image and mask alike): each axis keeps a random fraction at a random offset."""
@@ -64,13 +75,7 @@ class Crop:
     def sample(self, rng: np.random.Generator, image: np.ndarray, spacing: Sequence[float]) -> Params | None:
         if rng.random() >= self.p:
             return None
-        start, end = [], []
-        for n in image.shape:
-            k = max(1, round(n * float(rng.uniform(*self.keep))))
-            s = int(rng.integers(0, n - k + 1))
-            start.append(s)
-            end.append(s + k)
-        return {"start": start, "end": end}
+        return _draw_box(rng, image.shape, self.keep)
 
     def apply(self, image: np.ndarray, mask: np.ndarray, params: Params) -> tuple[np.ndarray, np.ndarray]:
         from monai.transforms import SpatialCrop
@@ -94,13 +99,8 @@ class FovEdge:
     def sample(self, rng: np.random.Generator, image: np.ndarray, spacing: Sequence[float]) -> Params | None:
         if rng.random() >= self.p:
             return None
-        start, end = [], []
-        for n in image.shape[-3:]:
-            k = max(1, round(n * float(rng.uniform(*self.keep))))
-            s = int(rng.integers(0, n - k + 1))
-            start.append(s)
-            end.append(s + k)
-        return {"start": start, "end": end, "pad_hu": float(self.pad_hu[int(rng.integers(len(self.pad_hu)))])}
+        box = _draw_box(rng, image.shape[-3:], self.keep)
+        return {**box, "pad_hu": float(self.pad_hu[int(rng.integers(len(self.pad_hu)))])}
 
     def apply(self, image: np.ndarray, mask: np.ndarray, params: Params) -> tuple[np.ndarray, np.ndarray]:
         outside = np.ones(image.shape[-3:], dtype=bool)
@@ -275,10 +275,7 @@ def randomize_patch(
     Not recorded per patch (thousands per run): the config and the training seed are the record, and the same seed
     draws the same patches again.
     """
-    for t in patch_pipeline(cfg):
-        params = t.sample(rng, image, spacing)
-        if params is not None:
-            image, target = t.apply(image, target, params)
+    image, target, _ = _run(patch_pipeline(cfg), image, target, rng, spacing)
     return image, target
 
 
@@ -296,14 +293,23 @@ def randomize(
     """
     if image.shape != mask.shape:
         raise ValueError(f"image {image.shape} and mask {mask.shape} must have the same shape")
+    return _run(pipeline(cfg or RandomizeConfig()), np.asarray(image, dtype=np.float32), mask, rng, spacing)
+
+
+def _run(
+    transforms: Sequence[Transform],
+    image: np.ndarray,
+    mask: np.ndarray,
+    rng: np.random.Generator,
+    spacing: Sequence[float],
+) -> tuple[np.ndarray, np.ndarray, list[Params]]:
+    """Draw and apply each transform in turn; (image, mask, record of what was applied)."""
     record: list[Params] = []
-    image = np.asarray(image, dtype=np.float32)
-    for t in pipeline(cfg or RandomizeConfig()):
+    for t in transforms:
         params = t.sample(rng, image, spacing)
-        if params is None:
-            continue
-        image, mask = t.apply(image, mask, params)
-        record.append({"name": t.name, **params})
+        if params is not None:
+            image, mask = t.apply(image, mask, params)
+            record.append({"name": t.name, **params})
     return image, mask, record
 
 

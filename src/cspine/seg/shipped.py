@@ -224,9 +224,14 @@ def build(out: Path, recipe: ShippedRecipe | None = None, install_into: Path | N
     return record
 
 
+def heldout_dice(record: dict[str, Any]) -> dict[str, float | None]:
+    """Mean Dice per held-out set of a build record (``recipe.json``)."""
+    return {name: summary.get("mean_dice") for name, summary in record["heldout"].items()}
+
+
 def shipped_model() -> Path | None:
     """The shipped model directory, or None when this installation has none."""
     return SHIPPED_DIR if any((SHIPPED_DIR / n).exists() for n in ("model.pt", "best.pt")) else None
 
 
-__all__ = ["SHIPPED_DIR", "GeneratedSet", "ShippedRecipe", "build", "install", "shipped_model"]
+__all__ = ["SHIPPED_DIR", "GeneratedSet", "ShippedRecipe", "build", "heldout_dice", "install", "shipped_model"]
