@@ -62,6 +62,9 @@ class ShippedRecipe:
     coarse: dict[str, Any] = field(
         default_factory=lambda: {"fold": -1, "epochs": 30, "iters_per_epoch": 100, "randomize": True, "seed": 0}
     )
+    # later runs of the coarse stage, each resumed with more epochs (train-seg stretches its cosine schedule over
+    # the new total, so each is a warm restart at the learning rate that schedule has there)
+    coarse_continue_to: tuple[int, ...] = (90,)
     refine: dict[str, Any] = field(
         default_factory=lambda: {
             "fold": -1, "epochs": 60, "iters_per_epoch": 100, "randomize": True, "seed": 0, "cervical_box_mm": 40.0
@@ -120,25 +123,33 @@ def _train(cache: Path, model: Path, recipe: ShippedRecipe) -> dict[str, float]:
     background from the true masks)."""
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     threads = ["--threads", str(recipe.threads_per_stage), "--no-progress"]
-    jobs = {
-        "coarse": _cspine("train-seg", "--data", str(cache), "--out", str(model), *_flags(recipe.coarse), *threads),
-        "refine": _cspine("train-seg", "--stage", "refine", "--data", str(cache), "--out", str(model / "refine"),
-                          *_flags(recipe.refine), *threads),
+    coarse = _cspine("train-seg", "--data", str(cache), "--out", str(model), *_flags(recipe.coarse), *threads)
+    refine = _cspine("train-seg", "--stage", "refine", "--data", str(cache), "--out", str(model / "refine"),
+                     *_flags(recipe.refine), *threads)
+    phases = {  # per stage: (directory, epochs it ends at, command), run in order
+        "coarse": [(model, int(recipe.coarse["epochs"]), coarse)]
+        + [(model, n, [*coarse, "--epochs", str(n)]) for n in recipe.coarse_continue_to],
+        "refine": [(model / "refine", int(recipe.refine["epochs"]), refine)],
     }
     model.mkdir(parents=True, exist_ok=True)
-    jobs = {name: cmd for name, cmd in jobs.items() if not _finished(model if name == "coarse" else model / "refine")}
+    todo = {name: [cmd for stage, n, cmd in runs if not _finished(stage, n)] for name, runs in phases.items()}
     t0 = time.perf_counter()
-    procs = {name: subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL) for name, cmd in jobs.items()}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
     seconds: dict[str, float] = {}
-    while procs:
+    while any(todo.values()) or procs:
         for name, p in list(procs.items()):
-            if p.poll() is not None:
-                if p.returncode != 0:
-                    for other in procs.values():
-                        other.terminate()
-                    raise RuntimeError(f"train-seg ({name}) failed with exit code {p.returncode}")
+            if p.poll() is None:
+                continue
+            if p.returncode != 0:
+                for other in procs.values():
+                    other.terminate()
+                raise RuntimeError(f"train-seg ({name}) failed with exit code {p.returncode}")
+            del procs[name]
+            if not todo[name]:
                 seconds[name] = round(time.perf_counter() - t0, 1)
-                del procs[name]
+        for name, cmds in todo.items():
+            if cmds and name not in procs:
+                procs[name] = subprocess.Popen(cmds.pop(0), env=env, stdout=subprocess.DEVNULL)
         time.sleep(2)
     return seconds
 
@@ -159,11 +170,12 @@ def _stage_record(model: Path) -> dict[str, Any]:
     }
 
 
-def _finished(stage: Path) -> bool:
-    """A stage whose training ran to its end (a rerun of the build then skips it, case building included)."""
+def _finished(stage: Path, epochs: int) -> bool:
+    """A stage whose training ran to its end at ``epochs`` or later (a rerun of the build then skips it)."""
     from cspine.engine.model_dir import read_history
 
-    return bool(read_history(stage / "model.history.json").get("done"))
+    hist = read_history(stage / "model.history.json")
+    return bool(hist.get("done")) and len(hist["epochs"]) >= epochs
 
 
 def _evaluate(work: Path, model: Path, sets: tuple[GeneratedSet, ...]) -> dict[str, Any]:
