@@ -24,6 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the cspine CLI does, b
 
 from cspine.bundle import load_bundle
 from cspine.cls.evaluate import as_matrix, compute_metrics, read_labels
+from cspine.cls.oof import path_aucs
 from cspine.labels import PREDICTION_TYPES, PREVALENCE
 from cspine.metrics import competition_loss
 from cspine.synth import generate_study
@@ -41,11 +42,16 @@ def main() -> None:
     args = ap.parse_args()
     bundle = load_bundle(Path(args.model), device=args.device)
     y, p = [], []
+    parts: dict[str, list[np.ndarray]] = {"network": [], "statistics": []}
     not_in_view = 0
     t0 = time.perf_counter()
     for i in range(args.studies):
         study = generate_study(args.seed, "small", i, args.split)
-        probs = bundle.predict_probabilities(study.volume)
+        pred = bundle.predict(study.volume)
+        probs = pred.probabilities
+        split = bundle.classifier.logit_parts(study.volume, pred.mask) if pred.mask.any() else None
+        for k in parts:  # which part of the classifier ranks (NaN: the vertebra was not found)
+            parts[k].append(np.full(7, np.nan) if split is None else split[k])
         y.append([study.labels[t] for t in PREDICTION_TYPES])
         # a vertebra the model did not find gets the RSNA prevalence, as submit writes it
         p.append([PREVALENCE[t] if probs[t] is None else probs[t] for t in PREDICTION_TYPES])
@@ -65,6 +71,7 @@ def main() -> None:
     diff = np.array(
         [competition_loss(y_arr[d], p_arr[d]) - competition_loss(y_arr[d], np.tile(rsna, (len(d), 1))) for d in draws]
     )
+    by_path = path_aucs(y_arr[:, 1:], {k: np.stack(v) for k, v in parts.items()})
     result = {
         "studies": n,
         "seed": args.seed,
@@ -75,6 +82,7 @@ def main() -> None:
         "auc": {t: a for t in PREDICTION_TYPES if (a := m["targets"][t]["auc"]) is not None},
         f"draws_of_{args.draw}_model_ahead_of_rsna_prevalence": float((diff < 0).mean()),
         "draw_difference_mean_sd": [float(diff.mean()), float(diff.std())],
+        "mean_vertebra_auc_by_path": {k: v["mean_vertebra_auc"] for k, v in by_path.items()},
         "rows_not_in_view": not_in_view,
         "seconds_per_study": seconds / n,
     }

@@ -649,6 +649,25 @@ def test_training_statistics_are_the_same_whether_crops_are_preloaded_or_streame
     assert bool((a[~pa] == 0).all())
 
 
+def test_path_aucs_say_which_part_of_the_logit_ranks() -> None:
+    from cspine.cls.oof import path_aucs, paths_line
+
+    rng = np.random.default_rng(0)
+    y = (rng.random((60, 7)) < 0.3).astype(float)
+    y[0], y[1] = 1.0, 0.0  # both classes in every column
+    network = y * 3.0 + rng.normal(0, 0.1, y.shape)  # ranks perfectly
+    statistics = rng.normal(0, 1.0, y.shape)  # noise
+    network[5, 2] = statistics[5, 2] = np.nan  # a vertebra the mask lacks is not scored
+    out = path_aucs(y, {"network": network, "statistics": statistics})
+    assert out["network"]["mean_vertebra_auc"] == 1.0
+    assert 0.3 < out["statistics"]["mean_vertebra_auc"] < 0.7
+    assert out["both"]["mean_vertebra_auc"] > 0.95
+    none = path_aucs(y, {"network": network, "statistics": np.zeros_like(y)})
+    assert none["statistics"]["mean_vertebra_auc"] is None
+    assert none["both"]["auc"] == out["network"]["auc"]
+    assert paths_line(none) == "network alone 1.000, statistics alone n/a, both 1.000"
+
+
 def test_train_sequence_resumes_after_a_kill_and_predicts(tiny_cache: Path, tmp_path: Path, monkeypatch) -> None:
     from cspine.cls import train
     from cspine.cls.infer import load_classifier
@@ -699,6 +718,12 @@ def test_train_sequence_resumes_after_a_kill_and_predicts(tiny_cache: Path, tmp_
     with open(out / "oof.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 8 and {r["fold"] for r in rows} == {"0", "1"}
+    # each vertebra logit is split into its network and statistics parts, which add up to the model's logit
+    for r in rows:
+        for v in ("C1", "C4", "C7"):
+            both = float(r[f"network_{v}"]) + float(r[f"statistics_{v}"])
+            assert 1.0 / (1.0 + np.exp(-both)) == pytest.approx(float(r[v]), abs=1e-6)
+    assert set(summary["paths"]) == {"network", "statistics", "both"}
 
     other = resolve_train_config("sequence", tiny_cache, out, {"crop": {"slices": 5, "size": 32}})
     with pytest.raises(ValueError, match="other settings"):
@@ -712,6 +737,10 @@ def test_train_sequence_resumes_after_a_kill_and_predicts(tiny_cache: Path, tmp_
     assert all(pred.present.values()) and len(pred.slice_scores["C2"]) == 4
     no_c7 = np.where(st.mask == LABEL_VALUES["C7"], 0, st.mask)
     assert not clf.predict(st.volume, no_c7).present["C7"]
+    parts = clf.logit_parts(st.volume, st.mask)
+    both = parts["network"] + parts["statistics"]
+    assert 1.0 / (1.0 + np.exp(-both)) == pytest.approx([pred.uncalibrated[v] for v in CERVICAL], abs=1e-6)
+    assert np.isnan(clf.logit_parts(st.volume, no_c7)["network"][6])
 
 
 def test_train_cls_under_torchrun_two_gloo_processes(tiny_cache: Path, tmp_path: Path, torchrun) -> None:

@@ -161,7 +161,9 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
             out / "model",
             metrics={
                 "segmentation": {"model": str(seg_model), "heldout": _heldout_dice(seg_model)},
-                "classification_oof": {k: cls_summary.get(k) for k in ("competition_loss", "mean_vertebra_auc")},
+                "classification_oof": {
+                    k: cls_summary.get(k) for k in ("competition_loss", "mean_vertebra_auc", "paths")
+                },
             },
         ),
     )
@@ -202,6 +204,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
         "test_mean_vertebra_auc": metrics.get("mean_vertebra_auc"),
         "test_patient_auc": metrics.get("patient_auc"),
         "cv_competition_loss": cls_summary.get("competition_loss"),
+        "cv_paths": cls_summary.get("paths"),
         "segmenter": str(seg_model),
         "segmented_studies": seg_summary.get("studies"),
         "predicted_study": result["StudyInstanceUID"],
@@ -213,6 +216,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
 
 def format_summary(s: dict[str, Any]) -> str:
     """What the demo prints at the end: where everything is and the metric table."""
+    from cspine.cls.oof import paths_line
+
     auc = s.get("test_mean_vertebra_auc")
     pauc = s.get("test_patient_auc")
     lines = [
@@ -232,6 +237,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  {'mean vertebra AUC':<40}{'n/a' if auc is None else f'{auc:.3f}':>10}",
         f"  {'patient_overall AUC':<40}{'n/a' if pauc is None else f'{pauc:.3f}':>10}",
         f"  {'classifier CV log loss (train studies)':<40}{s['cv_competition_loss'] or float('nan'):>10.4f}",
+        *([f"  classifier CV mean vertebra AUC by path: {paths_line(s['cv_paths'])}"] if s.get("cv_paths") else []),
         "",
         "  stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in s["timings_s"].items() if k != "total"),
     ]

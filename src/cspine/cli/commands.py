@@ -219,6 +219,10 @@ def cmd_train_cls(args: argparse.Namespace) -> int:
     keys = ("status", "recipe", "split", "studies", "competition_loss", "competition_loss_uncalibrated",
             "mean_vertebra_auc", "patient_auc", "speed", "folds_done")
     print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2, default=str))
+    if summary.get("paths"):
+        from cspine.cls.oof import paths_line
+
+        print(f"out of fold, mean vertebra AUC by path: {paths_line(summary['paths'])}")
     print(f"model directory: {cfg.out}")
     return 0
 

@@ -79,13 +79,21 @@ class Classifier:
         """Uncalibrated (8,) probabilities (PREDICTION_TYPES order) and (7, K) slice scores of one study's crops."""
         return self.recipe_.predict_study(self.folds, st, self.device)
 
+    def study_arrays(self, volume: Volume, mask: np.ndarray) -> StudyArrays:
+        """The crops and statistics of the vertebrae of ``mask``, as this model reads them."""
+        crops = vertebra_crops(volume, mask, self.config.crop)
+        arrays = {v: vars(c) for v, c in crops.items()}  # the crop's fields under the names the cache uses
+        return stack_study(str(volume.meta.get("StudyInstanceUID", "study")), arrays, self.config.crop, None, False)
+
+    def logit_parts(self, volume: Volume, mask: np.ndarray) -> dict[str, np.ndarray] | None:
+        """Each vertebra's logit split into its network and statistics parts (benchmarks: which part ranks)."""
+        return self.recipe_.logit_parts(self.folds, self.study_arrays(volume, mask), self.device)
+
     def predict(self, volume: Volume, mask: np.ndarray, timings: dict[str, float] | None = None) -> StudyPrediction:
         """Crop the vertebrae of ``mask`` from ``volume`` and predict (calibrated); adds crop/classify seconds to
         ``timings`` when given."""
         t0 = time.perf_counter()
-        crops = vertebra_crops(volume, mask, self.config.crop)
-        arrays = {v: vars(c) for v, c in crops.items()}  # the crop's fields under the names the cache uses
-        st = stack_study(str(volume.meta.get("StudyInstanceUID", "study")), arrays, self.config.crop, None, False)
+        st = self.study_arrays(volume, mask)
         t1 = time.perf_counter()
         raw, slices = self.predict_arrays(st)
         cal = self.calibration.apply(raw[None])[0]

@@ -91,6 +91,11 @@ class Recipe:
         """Uncalibrated (8,) probabilities (PREDICTION_TYPES order) and (7, K) slice scores of one study."""
         raise NotImplementedError
 
+    def logit_parts(self, folds: Sequence[Fold], st: StudyArrays, device: torch.device) -> dict[str, np.ndarray] | None:
+        """The vertebra logits (7,) of one study split into the parts that add up to them (cspine.cls.oof.PATHS),
+        NaN where the mask lacks the vertebra; None for a recipe whose logit has no parts."""
+        return None
+
     def train(self, cfg: TrainConfig, rt: Runtime, store: StudyStore, progress: bool, timings: dict[str, float]):
         """Train this recipe into ``cfg.out`` (its training procedure is imported here, never by inference)."""
         raise NotImplementedError
@@ -140,6 +145,11 @@ def sequence_probs(patient: np.ndarray, vertebra: np.ndarray, present: np.ndarra
     return np.concatenate([pp[:, None], pv], axis=1)
 
 
+def _study_batch(st: StudyArrays) -> dict[str, torch.Tensor]:
+    """One study's arrays as a batch of one."""
+    return {k: torch.from_numpy(getattr(st, k))[None] for k in ("images", "present", "stats")}
+
+
 class SequenceRecipe(Recipe):
     """Shared 2D CNN per slice -> BiGRU over K slices -> vertebra, slice and patient logits (cls.models.SequenceNet)."""
 
@@ -184,20 +194,23 @@ class SequenceRecipe(Recipe):
 
     @torch.no_grad()
     def forward(self, folds: Sequence[Fold], batch: dict[str, torch.Tensor], device: torch.device):
-        """The fold ensemble on one batch: patient (B,), vertebra (B, 7) and slices (B, 7, K) logits, averaged."""
+        """The fold ensemble on one batch: patient (B,), vertebra (B, 7) and slices (B, 7, K) logits, averaged,
+        and ``features`` (B, 7): the statistics path's share of the vertebra logits."""
         images, present, stats = (batch[k].to(device) for k in ("images", "present", "stats"))
         outs = []
         for f in folds:
             extra = self.feature_inputs(f.lucency, stats, present)
             with _autocast(device):
                 outs.append({k: v.float() for k, v in f.net(images, present, **extra).items()})
-        return {k: torch.stack([o[k] for o in outs]).mean(0).cpu().numpy() for k in ("patient", "vertebra", "slices")}
+        keys = ("patient", "vertebra", "slices", "features")
+        return {k: torch.stack([o[k] for o in outs]).mean(0).cpu().numpy() for k in keys}
 
     def predict(self, folds: Sequence[Fold], ds: Dataset, device: torch.device, batch_size: int):
         """Averaged logits of every study of ``ds`` (StudyDataset) + present (n, 7) and store rows (n,)."""
         for f in folds:
             f.net.eval()
-        acc: dict[str, list[np.ndarray]] = {"patient": [], "vertebra": [], "slices": [], "present": [], "rows": []}
+        keys = ("patient", "vertebra", "slices", "features", "present", "rows")
+        acc: dict[str, list[np.ndarray]] = {k: [] for k in keys}
         for batch in DataLoader(ds, batch_size=batch_size, shuffle=False):
             for k, v in self.forward(folds, batch, device).items():
                 acc[k].append(v)
@@ -222,10 +235,15 @@ class SequenceRecipe(Recipe):
         return fold
 
     def predict_study(self, folds: Sequence[Fold], st: StudyArrays, device: torch.device):
-        batch = {k: torch.from_numpy(getattr(st, k))[None] for k in ("images", "present", "stats")}
-        out = self.forward(folds, batch, device)
+        out = self.forward(folds, _study_batch(st), device)
         probs = self.aggregate({**out, "present": st.present[None]})
         return probs[0], sigmoid(out["slices"][0])
+
+    def logit_parts(self, folds: Sequence[Fold], st: StudyArrays, device: torch.device) -> dict[str, np.ndarray]:
+        out = self.forward(folds, _study_batch(st), device)
+        missing = np.where(st.present, 0.0, np.nan)
+        share = out["features"][0]
+        return {"network": out["vertebra"][0] - share + missing, "statistics": share + missing}
 
     def train(self, cfg: TrainConfig, rt: Runtime, store: StudyStore, progress: bool, timings: dict[str, float]):
         from cspine.cls.train_folds import train_folds

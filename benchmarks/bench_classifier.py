@@ -1,0 +1,144 @@
+"""The fixed classifier benchmark: does the network learn what a fracture looks like, apart from the statistics?
+
+Two seeded generated sets with ground-truth masks (so the masks are not what is measured): ``--train-studies``
+(default 200, seed 2101) to train on and ``--test-studies`` (default 100, seed 2102) that no run sees until the
+end. Two ``cspine train-cls`` runs on the training set, same recipe and seeds:
+
+- ``both``: the default sequence recipe (CNN + GRU, plus the fitted lucency-statistics regression);
+- ``network``: the same with ``--no-lucency`` (the network alone, nothing hand-made).
+
+On the test set it reports, for each run, the competition loss beside the test set's own per-column prevalence
+and the RSNA prevalence, and the mean vertebra AUC of each part of the logit (``network``, ``statistics``,
+``both``; cspine.cls.oof.path_aucs), the out-of-fold figures of training, and the wall time of every stage.
+Every stage is a CLI call a user would make, skipped when its output exists (rerun to resume).
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_classifier.py --out /tmp/bench-cls                    # the benchmark
+    .venv/bin/python benchmarks/bench_classifier.py --out /tmp/b --train-studies 20 --test-studies 10 --epochs 1
+    .venv/bin/python benchmarks/bench_classifier.py --out /tmp/b --device cuda --threads 8 \
+        --cls-args "--encoder efficientnet-lite0 --size 96 --stem-stride 1 --batch-size 8"   # a GPU run
+
+Results: OUT/results.json; the figures go to benchmarks/cls_results.md with the command that made them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the cspine CLI does, before torch loads OpenMP
+
+RUNS = {"both": [], "network": ["--no-lucency"]}
+
+
+def _cspine(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "cspine.cli", *args], check=True)
+
+
+def _generate(out: Path, name: str, studies: int, seed: int, workers: int) -> Path:
+    """``cspine synth`` (every study with its mask) + ``cspine prepare``; the cache folder."""
+    data, cache = out / "data" / name, out / "cache" / name
+    if not (data / "synth.json").exists():
+        _cspine("synth", "--out", str(data), "--studies", str(studies), "--test-studies", "0", "--segmented", "1",
+                "--seed", str(seed), "--workers", str(workers), "--no-progress")  # fmt: skip
+    _cspine("prepare", "--data", str(data), "--out", str(cache), "--workers", str(workers), "--no-progress")
+    return cache
+
+
+def _test_logits(model: Path, cache: Path, device: str) -> dict[str, np.ndarray]:
+    """Labels (n, 8), calibrated probabilities (n, 8) and the network / statistics parts of the vertebra logits
+    (n, 7; NaN where the mask lacks the vertebra) of every test study, with its ground-truth mask."""
+    from cspine.cls.infer import load_classifier
+    from cspine.data.cache import load_prepared, prepared_studies
+    from cspine.labels import PREDICTION_TYPES
+
+    clf = load_classifier(model, device)
+    acc: dict[str, list[np.ndarray]] = {"y": [], "p": [], "network": [], "statistics": []}
+    for d in prepared_studies(cache, "train"):
+        st = load_prepared(d)
+        assert st.mask is not None and st.labels is not None, f"{d}: generated with its mask and labels"
+        pred = clf.predict(st.volume, st.mask)
+        parts = clf.logit_parts(st.volume, st.mask)
+        assert parts is not None, "the sequence recipe splits its logits"
+        acc["y"].append(np.array([st.labels[t] for t in PREDICTION_TYPES], np.float64))
+        acc["p"].append(np.array([pred.probabilities[t] for t in PREDICTION_TYPES]))
+        acc["network"].append(parts["network"])
+        acc["statistics"].append(parts["statistics"])
+    return {k: np.stack(v) for k, v in acc.items()}
+
+
+def _score(t: dict[str, np.ndarray]) -> dict[str, Any]:
+    from cspine.cls.evaluate import compute_metrics
+    from cspine.cls.oof import path_aucs
+    from cspine.metrics import competition_loss
+
+    y, p = t["y"], t["p"]
+    m = compute_metrics(y, p)
+    return {
+        "competition_loss": m["competition_loss"],
+        "test_prevalence_loss": competition_loss(y, np.tile(y.mean(axis=0), (len(y), 1))),
+        "rsna_prevalence_loss": m["baselines"]["rsna_prevalence"],
+        "mean_vertebra_auc": m["mean_vertebra_auc"],
+        "patient_auc": m["patient_auc"],
+        "paths": path_aucs(y[:, 1:], {"network": t["network"], "statistics": t["statistics"]}),
+        "positives": {"patients": int(y[:, 0].sum()), "vertebrae": int(y[:, 1:].sum())},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--train-studies", type=int, default=200)
+    ap.add_argument("--train-seed", type=int, default=2101)
+    ap.add_argument("--test-studies", type=int, default=100)
+    ap.add_argument("--test-seed", type=int, default=2102)
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=2, help="synth / prepare processes")
+    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    ap.add_argument("--cls-args", default="", help="extra train-cls flags for every run (one quoted string)")
+    args = ap.parse_args()
+    out: Path = args.out
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    train = _generate(out, "train", args.train_studies, args.train_seed, args.workers)
+    test = _generate(out, "test", args.test_studies, args.test_seed, args.workers)
+    seconds["generate_and_prepare"] = round(time.perf_counter() - t, 1)
+    results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "seconds": seconds, "runs": {}}
+    for name in args.runs:
+        model = out / "models" / name
+        t = time.perf_counter()
+        _cspine("train-cls", "--data", str(train), "--out", str(model), "--epochs", str(args.epochs),
+                "--device", args.device, "--threads", str(args.threads), "--no-progress",
+                *RUNS[name], *shlex.split(args.cls_args))  # fmt: skip
+        seconds[f"train_{name}"] = round(time.perf_counter() - t, 1)
+        t = time.perf_counter()
+        scored = _score(_test_logits(model, test, args.device))
+        seconds[f"test_{name}"] = round(time.perf_counter() - t, 1)
+        oof = json.loads((model / "metrics.json").read_text())
+        speed = oof.get("speed", {})
+        results["runs"][name] = {"test": scored, "oof": {k: oof.get(k) for k in ("competition_loss", "paths")},
+                                 "speed": speed}  # fmt: skip
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    print(json.dumps(results, indent=2, default=str))
+    for name, r in results["runs"].items():
+        s, paths = r["test"], r["test"]["paths"]
+        aucs = " / ".join("-" if paths[k]["mean_vertebra_auc"] is None else f"{paths[k]['mean_vertebra_auc']:.3f}"
+                          for k in ("network", "statistics", "both"))  # fmt: skip
+        print(f"| {name} | {s['competition_loss']:.4f} | {s['test_prevalence_loss']:.4f} | {aucs} | "
+              f"{seconds[f'train_{name}']:.0f} s |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
