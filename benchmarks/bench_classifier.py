@@ -5,7 +5,8 @@ Two seeded generated sets with ground-truth masks (so the masks are not what is 
 end. Two ``cspine train-cls`` runs on the training set, same recipe and seeds:
 
 - ``both``: the default sequence recipe (CNN + GRU, plus the fitted lucency-statistics regression);
-- ``network``: the same with ``--no-lucency`` (the network alone, nothing hand-made).
+- ``network``: the same with ``--no-lucency --density-bins 0`` (the network alone: no statistics, no density
+  histogram, nothing hand-made).
 
 On the test set it reports, for each run, the competition loss beside the test set's own per-column prevalence
 and the RSNA prevalence, and the mean vertebra AUC of each part of the logit (``network``, ``statistics``,
@@ -38,7 +39,8 @@ import numpy as np
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the cspine CLI does, before torch loads OpenMP
 
-RUNS = {"both": [], "network": ["--no-lucency"]}
+#: train-cls flags of each run; the network alone reads neither the lucency statistics nor the density histogram
+RUNS = {"both": [], "network": ["--no-lucency", "--density-bins", "0"]}
 
 
 def _cspine(*args: str) -> None:

@@ -22,8 +22,9 @@ from cspine.labels import CERVICAL, PREDICTION_TYPES
 from cspine.metrics import auc, competition_loss
 from cspine.runtime import write_json
 
-#: The two parts of a vertebra logit: the network's (CNN + GRU) and the lucency statistics' (the fitted regression,
-#: or the joint linear layer). Their sum is the model's logit ("both").
+#: The two parts of a vertebra logit: the network's (CNN + GRU) and the hand-made statistics' (the fitted lucency
+#: regression, or the joint linear layer over the statistics and the density histogram). Their sum is the model's
+#: logit ("both").
 PATHS = ("network", "statistics")
 
 
