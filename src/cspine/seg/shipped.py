@@ -64,7 +64,7 @@ class ShippedRecipe:
     )
     # later runs of the coarse stage, each resumed with more epochs (train-seg stretches its cosine schedule over
     # the new total, so each is a warm restart at the learning rate that schedule has there)
-    coarse_continue_to: tuple[int, ...] = (90,)
+    coarse_continue_to: tuple[int, ...] = (70,)
     refine: dict[str, Any] = field(
         default_factory=lambda: {
             "fold": -1, "epochs": 60, "iters_per_epoch": 100, "randomize": True, "seed": 0, "cervical_box_mm": 40.0
