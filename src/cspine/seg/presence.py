@@ -75,6 +75,21 @@ class PresenceConfig:
     min_levels: int = 2
 
 
+def _largest_hole(label: np.ndarray, plane: list[int], structure: np.ndarray | None) -> int:
+    """Pixels of the largest background piece that ``label`` encloses within planes spanned by the ``plane`` axes
+    (a piece that reaches the box's edge in that plane is outside, not a hole). One labelling pass, no filling."""
+    pieces, n = ndimage.label(~label, structure=structure)
+    if n == 0:
+        return 0
+    outside = np.zeros(n + 1, dtype=bool)
+    for axis in plane:
+        for end in (0, -1):
+            outside[np.take(pieces, end, axis=axis)] = True
+    sizes = np.bincount(pieces.ravel(), minlength=n + 1)
+    sizes[outside] = 0  # piece 0 is the label itself
+    return int(sizes.max())
+
+
 def _canal_mm2(local: np.ndarray, vol: Volume) -> float:
     """Largest hole (mm2) the label ``local`` (its bounding box) encloses in an axial slice or in its axial outline.
 
@@ -84,16 +99,11 @@ def _canal_mm2(local: np.ndarray, vol: Volume) -> float:
     axis = int(np.argmax(np.abs(vol.affine[2, :3])))
     plane = [k for k in range(3) if k != axis]
     pixel_mm2 = float(np.linalg.norm(np.cross(vol.affine[:3, plane[0]], vol.affine[:3, plane[1]])))
-    in_plane = np.ones((3, 3, 3), dtype=bool)
-    in_plane[tuple(slice(None) if k != axis else slice(0, 1) for k in range(3))] = False
-    in_plane[tuple(slice(None) if k != axis else slice(2, 3) for k in range(3))] = False
-    best = 0
-    for label, structure in ((local, in_plane), (local.any(axis=axis), None)):
-        holes = ndimage.binary_fill_holes(label, structure=structure) & ~label
-        if holes.any():
-            pieces, _ = ndimage.label(holes, structure=structure)
-            best = max(best, int(np.bincount(pieces.ravel())[1:].max()))
-    return best * pixel_mm2
+    in_plane = ndimage.generate_binary_structure(3, 1)
+    in_plane[tuple(slice(None) if k != axis else [0, 2] for k in range(3))] = False
+    slices = _largest_hole(local, plane, in_plane)
+    outline = _largest_hole(local.any(axis=axis), [0, 1], None)
+    return max(slices, outline) * pixel_mm2
 
 
 def _level_facts(mask: np.ndarray, vol: Volume) -> dict[int, dict[str, Any]]:
