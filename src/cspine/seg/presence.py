@@ -58,8 +58,9 @@ class PresenceConfig:
             turn by up to about 30 degrees per level (the C1-C2 junction most); 75 leaves room for a label cut by
             the field of view, whose centroid moves off the column.
         min_canal_mm2: area of the hole a level's label must enclose, in one of its axial slices or in its outline
-            along the body axis, for it to show the spinal canal (an adult cervical canal is 150-300 mm2; a
-            transverse foramen, the next largest hole in a cervical vertebra, about 30).
+            along the body axis, for it to show the spinal canal (an adult cervical bony canal is 150-300 mm2, and
+            stenosis narrows it at a few levels, not all; a transverse foramen, the next largest hole in a cervical
+            vertebra, is about 30).
         min_levels: fewer plausible levels in one chain means no cervical spine (a single blob is not a spine);
             at least one of them must lie whole inside the field of view.
     """
