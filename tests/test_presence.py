@@ -16,8 +16,13 @@ def _spine(
     shift_mm: tuple[float, ...] = (),
     levels: int = 7,
     top_mm: float = 130.0,
+    canal_mm: float = 5.0,
 ) -> tuple[Volume, np.ndarray]:
-    """A 1 mm grid, index (z, y, x) -> LPS (x, y, z): bone balls labelled C1.. a vertebra's height apart downwards."""
+    """A 1 mm grid, index (z, y, x) -> LPS (x, y, z): bone rings labelled C1.. a vertebra's height apart downwards.
+
+    Each level is a ball with a vertical hole of radius ``canal_mm`` through it (its spinal canal; 0: solid);
+    ``shift_mm`` moves level k sideways (LPS x).
+    """
     shape = (140, 80, 80)
     affine = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)
     zz, yy, xx = np.indices(shape)
@@ -26,9 +31,10 @@ def _spine(
     for k in range(levels):
         cz = top_mm - k * step_mm
         cx = 40 + (shift_mm[k] if k < len(shift_mm) else 0)
-        ball = (zz - cz) ** 2 + (yy - 40) ** 2 + (xx - cx) ** 2 <= radius_mm**2
-        arr[ball] = hu
-        mask[ball] = k + 1
+        r2 = (yy - 40) ** 2 + (xx - cx) ** 2
+        ring = ((zz - cz) ** 2 + r2 <= radius_mm**2) & (r2 > canal_mm**2)
+        arr[ring] = hu
+        mask[ring] = k + 1
     return Volume(arr, (1.0, 1.0, 1.0), affine), mask
 
 
@@ -76,3 +82,67 @@ def test_levels_too_close_or_too_far_apart_are_no_spine(step: float) -> None:
     vol, mask = _spine(step_mm=step, radius_mm=1.5)
     _, info, _ = check_presence(mask, vol)
     assert info["cervical_spine"] == "absent"
+
+
+def test_stacked_pieces_enclosing_no_canal_are_no_spine() -> None:
+    """Solid pieces stacked like levels (a lumbar vertebra cut into "C2".."C6"): everything else about them passes."""
+    vol, mask = _spine(canal_mm=0.0)
+    out, info, warnings = check_presence(mask, vol)
+    assert info["cervical_spine"] == "absent" and not out.any() and warnings[0] == NO_SPINE_MESSAGE
+    assert set(info["rejected"]) == {f"C{k}" for k in range(1, 8)}
+    assert all("spinal canal" in why for why in info["rejected"].values())
+    _, info, _ = check_presence(mask, vol, PresenceConfig(min_canal_mm2=0.0))
+    assert info["cervical_spine"] == "present" and not info["rejected"]
+
+
+def test_one_level_showing_the_canal_is_enough() -> None:
+    """A network does not close every thin arch on a coarse CT: one ring in the column makes it a spine."""
+    vol, mask = _spine(canal_mm=0.0)
+    _, rings = _spine()
+    mask[(mask == 4) & (rings != 4)] = 0
+    _, info, _ = check_presence(mask, vol)
+    assert info["cervical_spine"] == "present" and not info["rejected"]
+
+
+def test_a_canal_seen_only_along_the_body_axis_counts() -> None:
+    """A ring open in every slice (a C shape turning with height) still encloses the canal seen from above."""
+    vol, mask = _spine(canal_mm=0.0)
+    zz, yy, xx = np.indices(mask.shape)
+    mask = np.zeros_like(mask)
+    angle = np.arctan2(yy - 40, xx - 40)
+    for k in range(3):
+        cz = 130 - 16 * k
+        r2 = (yy - 40) ** 2 + (xx - 40) ** 2
+        ring = ((zz - cz) ** 2 + r2 <= 121) & (r2 > 25)
+        gap = np.abs(np.angle(np.exp(1j * (angle - (zz - cz) * 0.6)))) < 0.5  # the opening turns slice by slice
+        mask[ring & ~gap] = k + 1
+    _, info, _ = check_presence(mask, vol)
+    assert info["cervical_spine"] == "present", info["rejected"]
+    _, info, _ = check_presence(mask, vol, PresenceConfig(min_canal_mm2=1000.0))
+    assert info["cervical_spine"] == "absent"
+
+
+def test_a_level_beside_the_column_is_dropped_by_the_bend() -> None:
+    """A piece 20 mm beside the column (like two fragments of one lumbar vertebra at one height): each step to it is
+    short and in line enough, but the column turns by ~100 degrees at it."""
+    vol, mask = _spine(shift_mm=(0, 0, 0, 20, 0, 0, 0))
+    out, info, _ = check_presence(mask, vol)
+    assert info["cervical_spine"] == "present"
+    assert info["rejected"] == {"C4": "out of line with the levels around it"}
+    assert not (out == 4).any() and (out == 5).any()
+    _, info, _ = check_presence(mask, vol, PresenceConfig(max_bend_deg=180.0))
+    assert not info["rejected"]
+
+
+@pytest.mark.parametrize("profile", ["default", "wide"])
+def test_generated_studies_keep_every_vertebra(profile: str) -> None:
+    """Every vertebra of a generated study (lordosis, flexion, head tilt, coarse grids, cut-off fields of view)
+    passes: the limits leave the necks alone. Studies whose field of view holds none report none."""
+    from cspine.synth import generate_study
+
+    for index in range(4 if profile == "default" else 8):  # wide: 2 heads (no cervical spine) among them
+        st = generate_study(4242, "small", index, "train", profile=profile)
+        present = [v for v in range(1, 8) if (st.mask == v).any()]
+        out, info, warnings = check_presence(st.mask, st.volume)
+        assert info["cervical_spine"] == ("present" if present else "absent"), (index, info["rejected"])
+        assert not info["rejected"] and np.array_equal(out, st.mask), (index, warnings)
