@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -221,6 +222,16 @@ def finish_labels_ref(mask: np.ndarray, vol: Volume, cfg: InferConfig | None = N
     return SegResult(out, vertebrae, dropped + warnings + changes, {}, cleanup, presence["cervical_spine"])
 
 
+def _padded_to(stage: SegModel) -> Callable[[np.ndarray, int], tuple[np.ndarray, tuple[int, int, int]]]:
+    """``infer._pad_to`` as the refinement stage used it: its windows ran over the image padded to the divisor."""
+    from cspine.seg import infer
+    from cspine.seg.models import get_spec
+
+    divisor = max(stage.preprocess.divisor, get_spec(stage.arch).divisor)
+    pad = infer._pad_to
+    return lambda image, _: pad(image, divisor)
+
+
 def segment_volume_ref(vol: Volume, model: SegModel, cfg: InferConfig | None = None) -> SegResult:
     """``cspine.seg.infer.segment_volume`` with the reference steps (the networks and preprocessing are shared)."""
     from unittest import mock
@@ -242,6 +253,7 @@ def segment_volume_ref(vol: Volume, model: SegModel, cfg: InferConfig | None = N
         with (
             mock.patch.object(infer, "study_box", study_box_ref),
             mock.patch.object(infer, "logits_to_labels", logits_to_labels_ref),
+            mock.patch.object(infer, "_pad_to", _padded_to(model.refine)),
         ):
             foreground = refine_foreground(vol, gm, logits, model.refine, cfg)
         timings["refine"] = time.perf_counter() - t
