@@ -13,12 +13,13 @@ import itertools
 import numpy as np
 import pytest
 from benchmarks.seg_reference import finish_labels_ref, keep_largest_components_ref, logits_to_labels_ref, study_box_ref
+from scipy import ndimage
 
 from cspine.io.volume import Volume
 from cspine.seg.config import OTHER_VALUE
 from cspine.seg.grid import Foreground, GridMap, labels_in_box, logits_to_labels, make_gridmap, study_box
 from cspine.seg.infer import InferConfig, finish_labels
-from cspine.seg.postprocess import keep_largest_components, label_box, postprocess
+from cspine.seg.postprocess import clean_box, keep_largest_components, label_box, postprocess
 from cspine.seg.presence import PresenceConfig
 
 
@@ -103,6 +104,7 @@ def _label_maps() -> dict[str, np.ndarray]:
     pieces[25, 2, 2] = 2  # a detached C2 speck
     pieces[12, 9, 9] = 6  # a C6 speck inside C5
     pieces[0, 0, 0] = OTHER_VALUE
+    pieces[0:2, 8:10, 5:8] = 7  # a C7 piece touching only the other vertebra: handed to it, widening its box
     maps["pieces"] = pieces
     swapped = stack.copy()
     swapped[stack == 2], swapped[stack == 3] = 3, 2  # C3 above C2
@@ -146,8 +148,12 @@ def test_postprocess_and_report_match_whole_grid_reference(name: str) -> None:
     np.testing.assert_array_equal(out, ref)
     cleaned, _, _ = postprocess(mask, aff)
     assert cleaned is not mask and cleaned.dtype == np.uint8
+    tracked = mask.copy()
+    objects = clean_box(tracked, aff, (0, 0, 0))[2]  # the boxes it hands on without scanning again
+    assert objects == ndimage.find_objects(tracked) + [None] * (len(objects) - len(ndimage.find_objects(tracked)))
     if name == "pieces":  # the case exercises what it is named for
-        assert any("C4: 2 extra piece(s)" in c for c in finish_labels(mask, vol).cleanup)
+        cleanup = finish_labels(mask, vol).cleanup
+        assert any("C4: 2 extra piece(s)" in c for c in cleanup) and any("to other" in c for c in cleanup)
     if name == "out_of_order":
         assert any("relabelled" in w for w in finish_labels(mask, vol, small).warnings)
 

@@ -319,17 +319,21 @@ def finish_labels(mask: np.ndarray, vol: Volume, cfg: InferConfig | None = None)
     cleanup: list[str] = []
     presence: dict[str, Any] = {"cervical_spine": SPINE_PRESENT, "rejected": {}}
     dropped: list[str] = []
+    objects = None
     if box is not None:
         out[box] = mask[box]
         origin = tuple(s.start for s in box)
-        changes, cleanup = clean_box(out[box], vol.affine, origin, cfg.postprocess)
+        changes, cleanup, objects = clean_box(out[box], vol.affine, origin, cfg.postprocess)
         if cfg.presence is not None:
-            sub, presence, dropped = check_presence(out[box], _box_volume(vol, box), cfg.presence)
-            out[box] = sub
+            view = out[box]
+            sub, presence, dropped = check_presence(view, _box_volume(vol, box), cfg.presence)
+            if sub is not view or presence["rejected"]:
+                out[box] = sub
+                objects = None  # labels were dropped: describe finds the boxes again
     elif cfg.presence is not None:
         _, presence, dropped = check_presence(out, vol, cfg.presence)
     mask = out
-    vertebrae, warnings = describe(mask, vol, box)
+    vertebrae, warnings = describe(mask, vol, box, objects)
     for name, why in presence["rejected"].items():
         vertebrae[name]["rejected"] = why
     if presence["cervical_spine"] == SPINE_ABSENT:

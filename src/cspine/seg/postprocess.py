@@ -65,6 +65,17 @@ def keep_largest_components(mask: np.ndarray, values: tuple[int, ...] = CERVICAL
     thousands of specks cost little more than a few, and only each value's own box is ever scanned. Returns
     notes on what moved.
     """
+    return _keep_largest(mask, values)[0]
+
+
+def _keep_largest(
+    mask: np.ndarray, values: tuple[int, ...] = CERVICAL_VALUES
+) -> tuple[list[str], list[tuple[slice, ...] | None]]:
+    """:func:`keep_largest_components`, also returning ``ndimage.find_objects(mask)`` of the result.
+
+    Those boxes come without scanning the whole mask again: the given values all lie in their former union
+    box (only that is scanned), every other label keeps its voxels plus the pieces handed to it.
+    """
     objects = ndimage.find_objects(mask)
     coords: list[np.ndarray] = []
     ids: list[np.ndarray] = []
@@ -87,7 +98,7 @@ def keep_largest_components(mask: np.ndarray, values: tuple[int, ...] = CERVICAL
         mask[sl][ids_box > 0] = 0
         piece_value += [v] * len(others)
     if len(piece_value) == 1:
-        return []
+        return [], objects
     n_pieces = len(piece_value)
     at, vox_id = np.concatenate(coords), np.concatenate(ids)
     pairs: list[np.ndarray] = []  # (piece id * 256 + touching kept value), one entry per touching face
@@ -101,7 +112,25 @@ def keep_largest_components(mask: np.ndarray, values: tuple[int, ...] = CERVICAL
             pairs.append(vox_id[inside][sel] * 256 + touched[sel])
     target = most_touched(pairs, n_pieces)
     mask[at[:, 0], at[:, 1], at[:, 2]] = target[vox_id]
-    return handover_notes(piece_value, target, np.bincount(vox_id, minlength=n_pieces))
+    notes = handover_notes(piece_value, target, np.bincount(vox_id, minlength=n_pieces))
+    given = target[vox_id]
+    box = _union_box([objects[v - 1] for v in values if v <= len(objects)], mask.shape)
+    assert box is not None  # there were pieces
+    inside = ndimage.find_objects(mask[box], max_label=max(values))
+    after = list(objects)
+    for v in range(1, len(objects) + 1):
+        if v in values:
+            sl = inside[v - 1] if v <= len(inside) else None
+            after[v - 1] = (
+                None
+                if sl is None
+                else tuple(slice(a.start + b.start, a.stop + b.start) for a, b in zip(sl, box, strict=True))
+            )
+        elif (given == v).any():
+            pts = at[given == v]
+            extra = tuple(slice(int(a), int(b) + 1) for a, b in zip(pts.min(0), pts.max(0), strict=True))
+            after[v - 1] = _union_box([objects[v - 1], extra], mask.shape)
+    return notes, after
 
 
 def most_touched(pairs: list[np.ndarray], n_pieces: int) -> np.ndarray:
@@ -146,7 +175,8 @@ def fix_order(
     A label much smaller than the others (under ``min_share`` of their median volume) that is out of line with
     them is a stray piece, not a vertebra: it is removed rather than allowed to shift every level below it by
     one (a 0.1 ml "C7" speck above C4 would otherwise relabel C4..C7 on a real neck). ``origin``: where
-    ``mask`` (a box of the grid ``affine`` maps) starts; ``objects``: ``ndimage.find_objects(mask)`` when known.
+    ``mask`` (a box of the grid ``affine`` maps) starts; ``objects``: ``ndimage.find_objects(mask)`` when known
+    (updated in place: a removed label's entry becomes None, relabelled ones swap entries).
     """
     objects = ndimage.find_objects(mask) if objects is None else objects
     world, size = {}, {}
@@ -167,6 +197,7 @@ def fix_order(
             if sorted(line, key=lambda u: -world[u]) != line:
                 sl = objects[v - 1]
                 mask[sl][mask[sl] == v] = 0
+                objects[v - 1] = None
                 del world[v]
                 notes.append(f"removed {value_name(v)}: a stray piece out of cranio-caudal order")
     present = sorted(world)
@@ -179,6 +210,9 @@ def fix_order(
     box = _union_box([objects[v - 1] for v in present], mask.shape)
     assert box is not None
     mask[box] = lut[mask[box]]
+    boxes = {v: objects[v - 1] for v in present}
+    for old, new in zip(by_height, present, strict=True):
+        objects[new - 1] = boxes[old]
     moved = [f"{value_name(o)}->{value_name(n)}" for o, n in zip(by_height, present, strict=True) if o != n]
     return [*notes, f"relabelled {', '.join(moved)} (out of cranio-caudal order)"]
 
@@ -225,34 +259,37 @@ def postprocess(
     if box is None:
         return out, [], []
     out[box] = mask[box]
-    warnings, cleanup = clean_box(out[box], affine, tuple(s.start for s in box), cfg)
+    warnings, cleanup, _ = clean_box(out[box], affine, tuple(s.start for s in box), cfg)
     return out, warnings, cleanup
 
 
 def clean_box(
     sub: np.ndarray, affine: np.ndarray, origin: tuple[int, ...], cfg: PostprocessConfig | None = None
-) -> tuple[list[str], list[str]]:
+) -> tuple[list[str], list[str], list[tuple[slice, ...] | None]]:
     """:func:`postprocess` in place on ``sub``, the box of a label map starting at ``origin`` that holds every
-    labelled voxel (:func:`label_box`). Returns (warnings, cleanup)."""
+    labelled voxel (:func:`label_box`). Returns (warnings, cleanup, ``ndimage.find_objects(sub)`` after it)."""
     cfg = cfg or PostprocessConfig()
     voxel = float(abs(np.linalg.det(affine[:3, :3])))
-    cleanup = keep_largest_components(sub) if cfg.keep_largest else []
-    objects = ndimage.find_objects(sub)  # one scan for the two steps below (neither can grow a label)
+    cleanup, objects = _keep_largest(sub) if cfg.keep_largest else ([], ndimage.find_objects(sub))
     warnings = remove_small(sub, voxel, cfg.min_volume_mm3, objects)
     if cfg.fix_order:
         warnings += fix_order(sub, affine, origin=origin, objects=objects)
-    return warnings, cleanup
+    return warnings, cleanup, objects
 
 
 def describe(
-    mask: np.ndarray, vol: Volume, box: tuple[slice, ...] | None = None
+    mask: np.ndarray,
+    vol: Volume,
+    box: tuple[slice, ...] | None = None,
+    objects: list[tuple[slice, ...] | None] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Per vertebra C1..C7: present, voxels, volume, slices, instance numbers, bbox, centroids, FOV cut-off.
 
     Returns (vertebrae, warnings). ``slices`` are the first and last index along the volume's axis 0 (the DICOM
     slice axis); ``instance_numbers`` are the InstanceNumbers of those two slices (RSNA slice_number);
     ``bbox_zyx`` is [start, stop) per axis, ready for :func:`cspine.io.volume.crop`. ``box``: a box holding
-    every labelled voxel (:func:`label_box`, found when not given); only it is scanned.
+    every labelled voxel (:func:`label_box`, found when not given); only it is scanned, and not even that when
+    ``objects`` (``ndimage.find_objects(mask[box])``) is given.
     """
     if mask.shape != vol.shape:
         raise ValueError(f"mask shape {mask.shape} differs from volume shape {vol.shape}")
@@ -262,7 +299,7 @@ def describe(
     origin = [s.start for s in box] if box else [0, 0, 0]
     objects = [
         None if sl is None else tuple(slice(s.start + o, s.stop + o) for s, o in zip(sl, origin, strict=True))
-        for sl in (ndimage.find_objects(mask[box]) if box else [])
+        for sl in (objects if objects is not None else ndimage.find_objects(mask[box]) if box else [])
     ]
     out: dict[str, dict[str, Any]] = {}
     warnings: list[str] = []
