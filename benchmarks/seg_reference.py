@@ -232,8 +232,14 @@ def _padded_to(stage: SegModel) -> Callable[[np.ndarray, int], tuple[np.ndarray,
     return lambda image, _: pad(image, divisor)
 
 
-def segment_volume_ref(vol: Volume, model: SegModel, cfg: InferConfig | None = None) -> SegResult:
-    """``cspine.seg.infer.segment_volume`` with the reference steps (the networks and preprocessing are shared)."""
+def segment_volume_ref(
+    vol: Volume, model: SegModel, cfg: InferConfig | None = None, old_windows: bool = True
+) -> SegResult:
+    """``cspine.seg.infer.segment_volume`` with the reference steps (the networks and preprocessing are shared).
+
+    ``old_windows``: the refinement stage's windows placed as before, over its box padded to the divisor (False:
+    as now, so that the masks must come out identical).
+    """
     from unittest import mock
 
     from cspine.seg import infer
@@ -253,7 +259,7 @@ def segment_volume_ref(vol: Volume, model: SegModel, cfg: InferConfig | None = N
         with (
             mock.patch.object(infer, "study_box", study_box_ref),
             mock.patch.object(infer, "logits_to_labels", logits_to_labels_ref),
-            mock.patch.object(infer, "_pad_to", _padded_to(model.refine)),
+            mock.patch.object(infer, "_pad_to", _padded_to(model.refine) if old_windows else infer._pad_to),
         ):
             foreground = refine_foreground(vol, gm, logits, model.refine, cfg)
         timings["refine"] = time.perf_counter() - t

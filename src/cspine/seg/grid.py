@@ -337,6 +337,7 @@ def labels_in_box(
     margin: int = 2,
     foreground: Foreground | None = None,
     gate: float = 8.0,
+    lut: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Network logits (C, model grid) -> (box origin, uint8 class labels of the :func:`study_box` box) in
     canonical study voxels; None when no voxel is a vertebra. Every voxel outside the box is background.
@@ -348,7 +349,8 @@ def labels_in_box(
     Inside ``foreground``'s box (from the refinement stage) its mask decides which voxels are vertebra and the
     logits only name them (argmax over the non-background classes). A refined voxel stays background where the
     coarse background logit beats the best vertebra logit by more than ``gate``: far from any vertebra the coarse
-    model knows better (skull base, mandible and ribs are bone, but not vertebrae).
+    model knows better (skull base, mandible and ribs are bone, but not vertebrae). ``lut``: class -> the value
+    written (:func:`class_to_value_lut`; default the class itself).
     """
     values = logits.float().numpy() if hasattr(logits, "numpy") else np.asarray(logits, dtype=np.float32)
     box = study_box(values, gm, margin)
@@ -356,15 +358,15 @@ def labels_in_box(
         return None
     f_lo, f_hi = box
     if foreground is None:
-        return f_lo, _interpolate_labels(values, gm.scale, f_lo, f_hi)
+        return f_lo, _interpolate_labels(values, gm.scale, f_lo, f_hi, lut=lut)
     r_lo, r_hi = foreground.lo, foreground.lo + np.array(foreground.mask.shape) - 1
     if np.any(r_lo < f_lo) or np.any(r_hi > f_hi):
         raise ValueError(f"refined box {r_lo.tolist()}..{r_hi.tolist()} outside {f_lo.tolist()}..{f_hi.tolist()}")
     inner = tuple(slice(int(a - f), int(b - f) + 1) for a, b, f in zip(r_lo, r_hi, f_lo, strict=True))
     outside = np.ones(tuple(f_hi - f_lo + 1), dtype=bool)
     outside[inner] = False  # the refined box is overwritten below: no need to interpolate it twice
-    labels = _interpolate_labels(values, gm.scale, f_lo, f_hi, need=outside)
-    named = _interpolate_labels(values, gm.scale, r_lo, r_hi, gate, need=foreground.mask)
+    labels = _interpolate_labels(values, gm.scale, f_lo, f_hi, need=outside, lut=lut)
+    named = _interpolate_labels(values, gm.scale, r_lo, r_hi, gate, need=foreground.mask, lut=lut)
     named[~foreground.mask] = 0
     labels[inner] = named
     return f_lo, labels
@@ -409,6 +411,7 @@ def _interpolate_labels(
     hi: np.ndarray,
     gate: float | None = None,
     need: np.ndarray | None = None,
+    lut: np.ndarray | None = None,
     chunk: int = 2048,
 ) -> np.ndarray:
     """:func:`_decide` of the logits (C, model grid) interpolated linearly at every study voxel of the canonical
@@ -419,8 +422,9 @@ def _interpolate_labels(
     margin (see :func:`_decide`), every voxel in it has that decision, so it is filled without interpolating.
     Only the other cells (the boundaries, a few percent) are interpolated, all together in vectorised bricks.
     ``need`` (bool, the box's shape): the voxels whose label matters; a cell without one is left 0, not
-    interpolated.
+    interpolated. ``lut``: what each decision is written as (uint8, e.g. class -> mask value; 0 must stay 0).
     """
+    lut = np.arange(256, dtype=np.uint8) if lut is None else lut
     pad = [(0, 0)] + [(0, 1 if n == 1 else 0) for n in logits.shape[1:]]  # a cell needs two corners per axis
     if any(p[1] for p in pad):
         logits = np.pad(logits, pad, mode="edge")
@@ -441,6 +445,7 @@ def _interpolate_labels(
     for d in itertools.product((0, 1), repeat=3):
         at = tuple(slice(k, k + s) for k, s in zip(d, shape, strict=True))
         agree &= (corner[at] == decided) & (margin[at] > tol)
+    decided = lut[decided]
     counts = [np.bincount(i - c0[a], minlength=shape[a]) for a, i in enumerate(cells)]
     starts = [np.concatenate([[0], np.cumsum(k)[:-1]]) for k in counts]
     if need is not None:
@@ -451,7 +456,7 @@ def _interpolate_labels(
             wanted = np.logical_or.reduceat(wanted, np.minimum(starts[a], need.shape[a] - 1), axis=a)
         decided[~agree & ~wanted] = 0
         agree |= ~wanted
-    decided[~agree] = _UNDECIDED
+    decided[~agree] = _UNDECIDED  # every such cell is interpolated below
     out = decided
     for a in (2, 1, 0):
         out = np.repeat(out, counts[a], axis=a)
@@ -460,7 +465,7 @@ def _interpolate_labels(
     for b in range(0, len(todo), chunk):
         t = todo[b : b + chunk]
         _interpolate_cells(sub, t, [(s[t[:, a]], k[t[:, a]], m, w1[a]) for a, (s, k, m) in enumerate(
-            zip(starts, counts, most, strict=True))], gate, out)  # fmt: skip
+            zip(starts, counts, most, strict=True))], gate, lut, out)  # fmt: skip
     return out
 
 
@@ -469,6 +474,7 @@ def _interpolate_cells(
     cells: np.ndarray,
     axes: list[tuple[np.ndarray, np.ndarray, int, np.ndarray]],
     gate: float | None,
+    lut: np.ndarray,
     out: np.ndarray,
 ) -> None:
     """In place: ``out`` at the study voxels of the given model cells (B, 3) takes :func:`_decide` of the logits
@@ -492,7 +498,7 @@ def _interpolate_cells(
     ok = valid[0][:, :, None, None] & valid[1][:, None, :, None] & valid[2][:, None, None, :]
     z, y, x = (np.broadcast_to(p, ok.shape)[ok] for p in
                (pos[0][:, :, None, None], pos[1][:, None, :, None], pos[2][:, None, None, :]))  # fmt: skip
-    out[z, y, x] = labels[ok]
+    out[z, y, x] = lut[labels[ok]]
 
 
 def argmax0(block: torch.Tensor) -> torch.Tensor:

@@ -289,13 +289,14 @@ def segment_volume(vol: Volume, model: SegModel | str | Path, cfg: InferConfig |
         timings["refine"] = time.perf_counter() - t
     t = time.perf_counter()
     mask = np.zeros(vol.shape, dtype=np.uint8)
-    found = labels_in_box(logits, gm, foreground=foreground, gate=cfg.refine_gate)
+    lut = class_to_value_lut(cfg.postprocess.keep_other)
+    found = labels_in_box(logits, gm, foreground=foreground, gate=cfg.refine_gate, lut=lut)
     del logits
     if found is not None:
-        lo, classes = found
-        box = tuple(slice(int(a), int(a) + n) for a, n in zip(lo, classes.shape, strict=True))
-        gm.to_canonical(mask)[box] = class_to_value_lut(cfg.postprocess.keep_other)[classes]  # a view: fills mask
-        del classes
+        lo, values = found
+        box = tuple(slice(int(a), int(a) + n) for a, n in zip(lo, values.shape, strict=True))
+        gm.to_canonical(mask)[box] = values  # a view: fills mask
+        del values
     timings["resample_back"] = time.perf_counter() - t
     res = finish_labels(mask, vol, cfg)
     res.timings = {**timings, **res.timings}

@@ -91,11 +91,10 @@ def _keep_largest(
         remap = np.zeros(n + 1, dtype=np.int64)
         others = [k for k in range(1, n + 1) if k != keep]
         remap[others] = np.arange(len(piece_value), len(piece_value) + len(others))
-        ids_box = remap[comp]
-        where = np.nonzero(ids_box)
-        ids.append(ids_box[where])
+        where = np.nonzero((comp > 0) & (comp != keep))
+        ids.append(remap[comp[where]])
         coords.append(np.stack(where, axis=1) + [s.start for s in sl])
-        mask[sl][ids_box > 0] = 0
+        mask[sl][where] = 0
         piece_value += [v] * len(others)
     if len(piece_value) == 1:
         return [], objects
