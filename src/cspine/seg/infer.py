@@ -221,7 +221,7 @@ def predict_logits(model: SegModel, image: np.ndarray, cfg: InferConfig | None =
 
     cfg = cfg or InferConfig()
     # Windows of the training patch are already a multiple of the divisor; padding the image as well would only
-    # add a row of windows over padding (a third more windows, or double, on a refinement box).
+    # add rows of windows that are mostly padding.
     divisor = 1 if model.window else max(model.preprocess.divisor, get_spec(model.arch).divisor)
     padded, shape = _pad_to(image.astype(np.float32, copy=False), divisor)
     x = torch.from_numpy(padded)[None, None].to(model.device)

@@ -36,9 +36,9 @@ def superior_axis(affine: np.ndarray) -> tuple[int, int]:
 def label_box(mask: np.ndarray, pad: int = 1) -> tuple[slice, slice, slice] | None:
     """The box of a label map's nonzero voxels grown by ``pad`` (clipped to the grid), or None when all are zero.
 
-    Post-processing, the anatomical checks and the description run on this view instead of the whole grid: a
-    512x512x400 study is 100 M voxels, the labels rarely fill a third of it. With ``pad`` >= 1 a label touches
-    the box's border only where it touches the grid's, so "cut off by the field of view" reads the same.
+    Post-processing, the anatomical checks and the description run on this view instead of the whole grid: the
+    vertebrae fill a fraction of a full-size study. With ``pad`` >= 1 a label touches the box's border only where
+    it touches the grid's, so "cut off by the field of view" reads the same.
     """
     along_z = np.flatnonzero(mask.reshape(mask.shape[0], -1).max(axis=1))
     if not len(along_z):
