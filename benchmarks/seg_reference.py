@@ -24,12 +24,10 @@ from cspine.seg.grid import (
     GridMap,
     argmax0,
     axis_taps,
-    class_to_value_lut,
     points_to_study_box,
     resample_axis,
-    to_model_grid,
 )
-from cspine.seg.infer import InferConfig, SegModel, SegResult, predict_logits, refine_foreground
+from cspine.seg.infer import InferConfig, SegModel, SegResult
 from cspine.seg.postprocess import (
     _FULL,
     _union_box,
@@ -204,6 +202,7 @@ def keep_largest_components_ref(mask: np.ndarray, values: tuple[int, ...] = CERV
 def finish_labels_ref(mask: np.ndarray, vol: Volume, cfg: InferConfig | None = None) -> SegResult:
     """``cspine.seg.infer.finish_labels`` as it was: every step on the whole grid."""
     cfg = cfg or InferConfig()
+    t = time.perf_counter()
     out = np.array(mask, dtype=np.uint8, copy=True)
     voxel = float(abs(np.linalg.det(vol.affine[:3, :3])))
     cleanup = keep_largest_components_ref(out) if cfg.postprocess.keep_largest else []
@@ -219,7 +218,8 @@ def finish_labels_ref(mask: np.ndarray, vol: Volume, cfg: InferConfig | None = N
         vertebrae[name]["rejected"] = why
     if presence["cervical_spine"] == SPINE_ABSENT:
         warnings = [w for w in warnings if not w.endswith(" not found")]
-    return SegResult(out, vertebrae, dropped + warnings + changes, {}, cleanup, presence["cervical_spine"])
+    timings = {"postprocess": time.perf_counter() - t}
+    return SegResult(out, vertebrae, dropped + warnings + changes, timings, cleanup, presence["cervical_spine"])
 
 
 def _padded_to(stage: SegModel) -> Callable[[np.ndarray, int], tuple[np.ndarray, tuple[int, int, int]]]:
@@ -227,9 +227,9 @@ def _padded_to(stage: SegModel) -> Callable[[np.ndarray, int], tuple[np.ndarray,
     from cspine.seg import infer
     from cspine.seg.models import get_spec
 
-    divisor = max(stage.preprocess.divisor, get_spec(stage.arch).divisor)
+    old = max(stage.preprocess.divisor, get_spec(stage.arch).divisor)
     pad = infer._pad_to
-    return lambda image, _: pad(image, divisor)
+    return lambda image, divisor: pad(image, old if divisor == 1 else divisor)  # 1: the refinement windows now
 
 
 def segment_volume_ref(
@@ -244,30 +244,17 @@ def segment_volume_ref(
 
     from cspine.seg import infer
 
-    cfg = cfg or InferConfig()
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    image, gm = to_model_grid(vol, model.preprocess)
-    timings["preprocess"] = time.perf_counter() - t
-    t = time.perf_counter()
-    logits = predict_logits(model, image, cfg)
-    del image
-    timings["model"] = time.perf_counter() - t
-    foreground = None
-    if cfg.refine and model.refine is not None:
-        t = time.perf_counter()
-        with (
-            mock.patch.object(infer, "study_box", study_box_ref),
-            mock.patch.object(infer, "logits_to_labels", logits_to_labels_ref),
-            mock.patch.object(infer, "_pad_to", _padded_to(model.refine) if old_windows else infer._pad_to),
-        ):
-            foreground = refine_foreground(vol, gm, logits, model.refine, cfg)
-        timings["refine"] = time.perf_counter() - t
-    t = time.perf_counter()
-    classes = logits_to_labels_ref(logits, gm, foreground=foreground, gate=cfg.refine_gate)
-    mask = gm.from_canonical(class_to_value_lut(cfg.postprocess.keep_other)[classes])
-    timings["resample_back"] = time.perf_counter() - t
-    t = time.perf_counter()
-    res = finish_labels_ref(mask, vol, cfg)
-    res.timings = {**timings, "postprocess": time.perf_counter() - t}
-    return res
+    def whole_grid(
+        logits: torch.Tensor, gm: GridMap, foreground: Foreground | None, gate: float, lut: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        classes = logits_to_labels_ref(logits, gm, foreground=foreground, gate=gate)
+        return np.zeros(3, dtype=np.int64), lut[classes]
+
+    with (
+        mock.patch.object(infer, "study_box", study_box_ref),
+        mock.patch.object(infer, "logits_to_labels", logits_to_labels_ref),
+        mock.patch.object(infer, "labels_in_box", whole_grid),
+        mock.patch.object(infer, "finish_labels", finish_labels_ref),
+        mock.patch.object(infer, "_pad_to", _padded_to(model.refine) if old_windows else infer._pad_to),
+    ):
+        return infer.segment_volume(vol, model, cfg)

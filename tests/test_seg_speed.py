@@ -166,3 +166,25 @@ def test_label_box_holds_every_label_with_a_margin() -> None:
     box = label_box(mask)
     assert box == (slice(0, 6), slice(2, 9), slice(4, 14))  # one voxel around, clipped at the grid
     assert label_box(mask, pad=0) == (slice(0, 5), slice(3, 8), slice(5, 14))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("seed", "profile"), [(1201, "default"), (1203, "wide")])
+def test_shipped_segmenter_masks_match_the_reference_steps(seed: int, profile: str) -> None:
+    """End to end on generated studies: the optimised steps and the reference give the same mask and report."""
+    from benchmarks.seg_reference import segment_volume_ref
+
+    from cspine.seg.infer import load_model, segment_volume
+    from cspine.seg.shipped import shipped_model
+    from cspine.synth import generate_study
+
+    path = shipped_model()
+    if path is None:
+        pytest.skip("no shipped segmenter in this installation")
+    model = load_model(path, "cpu")
+    for index in range(2):
+        vol = generate_study(seed, "small", index, profile=profile).volume
+        new, ref = segment_volume(vol, model), segment_volume_ref(vol, model, old_windows=False)
+        assert (ref.mask > 0).any()
+        np.testing.assert_array_equal(new.mask, ref.mask)
+        assert (new.vertebrae, new.warnings, new.cleanup) == (ref.vertebrae, ref.warnings, ref.cleanup)
