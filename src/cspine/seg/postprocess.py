@@ -117,15 +117,16 @@ def _keep_largest(
     assert box is not None  # there were pieces
     inside = ndimage.find_objects(mask[box], max_label=max(values))
     after = list(objects)
-    for v in range(1, len(objects) + 1):
-        if v in values:
-            sl = inside[v - 1] if v <= len(inside) else None
+    for v in values:
+        if v <= len(objects):
+            sl = inside[v - 1]
             after[v - 1] = (
                 None
                 if sl is None
                 else tuple(slice(a.start + b.start, a.stop + b.start) for a, b in zip(sl, box, strict=True))
             )
-        elif (given == v).any():
+    for v in np.unique(given).tolist():
+        if v and v not in values:
             pts = at[given == v]
             extra = tuple(slice(int(a), int(b) + 1) for a, b in zip(pts.min(0), pts.max(0), strict=True))
             after[v - 1] = _union_box([objects[v - 1], extra], mask.shape)
