@@ -237,7 +237,7 @@ def labels_to_model_grid(mask: np.ndarray, gm: GridMap) -> np.ndarray:
 
 
 def study_box(
-    logits: torch.Tensor, gm: GridMap, margin: int = 2, cervical_only: bool = False
+    logits: torch.Tensor | np.ndarray, gm: GridMap, margin: int = 2, cervical_only: bool = False
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Canonical study-voxel box [lo, hi] (inclusive) covered by the predicted vertebrae plus ``margin`` model
     voxels, or None when there are none. Only this box is resampled back.
@@ -248,18 +248,25 @@ def study_box(
     """
     from scipy import ndimage
 
-    coarse = logits.argmax(0).numpy()
+    coarse = _decide(np.asarray(logits))[0]
     if cervical_only:
         pts = []
-        for c in range(1, OTHER_CLASS):
-            pieces, n = ndimage.label(coarse == c, np.ones((3, 3, 3), dtype=bool))
-            if n:
-                largest = int(np.argmax(np.bincount(pieces.ravel())[1:])) + 1
-                box = ndimage.find_objects(pieces, max_label=largest)[largest - 1]
-                pts += [[b.start for b in box], [b.stop - 1 for b in box]]
+        for c, sl in enumerate(ndimage.find_objects(coarse, max_label=OTHER_CLASS - 1), start=1):
+            if sl is None:
+                continue
+            pieces, _ = ndimage.label(coarse[sl] == c, np.ones((3, 3, 3), dtype=bool))  # raster order kept
+            largest = int(np.argmax(np.bincount(pieces.ravel())[1:])) + 1
+            box = ndimage.find_objects(pieces, max_label=largest)[largest - 1]
+            pts += [[b.start + s.start for b, s in zip(box, sl, strict=True)],
+                    [b.stop - 1 + s.start for b, s in zip(box, sl, strict=True)]]  # fmt: skip
         fg = np.array(pts, dtype=np.int64).reshape(-1, 3)
     else:
-        fg = np.argwhere(coarse > 0)
+        fg = _nonzero_box(coarse)
+    return points_to_study_box(fg, gm, margin)
+
+
+def points_to_study_box(fg: np.ndarray, gm: GridMap, margin: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Canonical study-voxel box [lo, hi] around model-grid points (N, 3) plus ``margin`` model voxels."""
     if len(fg) == 0:
         return None
     lo = (fg.min(0) - margin).clip(0)
@@ -270,6 +277,17 @@ def study_box(
     if np.any(f_hi < f_lo):
         return None
     return f_lo, f_hi
+
+
+def _nonzero_box(a: np.ndarray) -> np.ndarray:
+    """(2, 3) first and last index of the nonzero voxels of a 3-D array per axis (empty (0, 3) when none)."""
+    corners = []
+    for axis in range(3):
+        hit = np.flatnonzero(a.any(axis=tuple(b for b in range(3) if b != axis)))
+        if not len(hit):
+            return np.zeros((0, 3), dtype=np.int64)
+        corners.append((hit[0], hit[-1]))
+    return np.array(corners, dtype=np.int64).T
 
 
 def canonical_crop(vol: Volume, gm: GridMap, lo: np.ndarray, hi: np.ndarray) -> Volume:
@@ -295,74 +313,192 @@ class Foreground(NamedTuple):
 
 
 def logits_to_labels(
-    logits: torch.Tensor,
+    logits: torch.Tensor | np.ndarray,
     gm: GridMap,
     margin: int = 2,
-    slab: int = 16,
     foreground: Foreground | None = None,
     gate: float = 8.0,
 ) -> np.ndarray:
     """Network logits (C, model grid) -> class labels (uint8) on the study's grid, in canonical orientation.
 
-    Logits are interpolated linearly to every study voxel (finer than nearest-neighbour upsampling of the coarse
-    argmax: on 2 mm output that is worth several Dice points) but only inside :func:`study_box`, in slabs, so
-    full-size studies stay within memory.
+    The whole canonical grid, zero outside :func:`labels_in_box`'s box (see there).
+    """
+    out = np.zeros(gm.shape, dtype=np.uint8)
+    found = labels_in_box(logits, gm, margin, foreground, gate)
+    if found is not None:
+        lo, labels = found
+        out[tuple(slice(int(a), int(a) + n) for a, n in zip(lo, labels.shape, strict=True))] = labels
+    return out
+
+
+def labels_in_box(
+    logits: torch.Tensor | np.ndarray,
+    gm: GridMap,
+    margin: int = 2,
+    foreground: Foreground | None = None,
+    gate: float = 8.0,
+    lut: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Network logits (C, model grid) -> (box origin, uint8 class labels of the :func:`study_box` box) in
+    canonical study voxels; None when no voxel is a vertebra. Every voxel outside the box is background.
+
+    Each study voxel takes the class of the logits interpolated linearly at its position (finer than
+    nearest-neighbour upsampling of the coarse argmax: on 2 mm output that is worth several Dice points); see
+    :func:`_interpolate_labels` for how that stays cheap on a 512x512x400 study.
 
     Inside ``foreground``'s box (from the refinement stage) its mask decides which voxels are vertebra and the
     logits only name them (argmax over the non-background classes). A refined voxel stays background where the
     coarse background logit beats the best vertebra logit by more than ``gate``: far from any vertebra the coarse
-    model knows better (skull base, mandible and ribs are bone, but not vertebrae).
+    model knows better (skull base, mandible and ribs are bone, but not vertebrae). ``lut``: class -> the value
+    written (:func:`class_to_value_lut`; default the class itself).
     """
-    import torch
-
-    out = np.zeros(gm.shape, dtype=np.uint8)
-    box = study_box(logits, gm, margin)
+    values = logits.float().numpy() if hasattr(logits, "numpy") else np.asarray(logits, dtype=np.float32)
+    box = study_box(values, gm, margin)
     if box is None:
-        return out
+        return None
     f_lo, f_hi = box
-    if foreground is not None:
-        r_lo, r_hi = foreground.lo, foreground.lo + np.array(foreground.mask.shape) - 1
-        if np.any(r_lo < f_lo) or np.any(r_hi > f_hi):
-            raise ValueError(f"refined box {r_lo.tolist()}..{r_hi.tolist()} outside {f_lo.tolist()}..{f_hi.tolist()}")
-    sc = gm.scale
-    lo = [max(0, math.floor(f_lo[a] / sc[a] + 1e-6)) for a in range(3)]
-    hi = [min(gm.model_shape[a] - 1, math.ceil(f_hi[a] / sc[a] - 1e-6)) for a in range(3)]
-    crop = logits[:, lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1].float()
-    taps = []
+    if foreground is None:
+        return f_lo, _interpolate_labels(values, gm.scale, f_lo, f_hi, lut=lut)
+    r_lo, r_hi = foreground.lo, foreground.lo + np.array(foreground.mask.shape) - 1
+    if np.any(r_lo < f_lo) or np.any(r_hi > f_hi):
+        raise ValueError(f"refined box {r_lo.tolist()}..{r_hi.tolist()} outside {f_lo.tolist()}..{f_hi.tolist()}")
+    inner = tuple(slice(int(a - f), int(b - f) + 1) for a, b, f in zip(r_lo, r_hi, f_lo, strict=True))
+    outside = np.ones(tuple(f_hi - f_lo + 1), dtype=bool)
+    outside[inner] = False  # the refined box is overwritten below: no need to interpolate it twice
+    labels = _interpolate_labels(values, gm.scale, f_lo, f_hi, need=outside, lut=lut)
+    named = _interpolate_labels(values, gm.scale, r_lo, r_hi, gate, need=foreground.mask, lut=lut)
+    named[~foreground.mask] = 0
+    labels[inner] = named
+    return f_lo, labels
+
+
+#: A model cell is interpolated voxel by voxel unless its 8 corners agree with a margin above this share of the
+#: largest |logit| (float32 linear interpolation is exact to a few 1e-7 of it).
+_REL_TOL = 1e-4
+_UNDECIDED = 255
+
+
+def _decide(values: np.ndarray, gate: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 decision, float32 margin) per voxel of (C, ...) logits.
+
+    ``gate`` None: the first largest class (as ``argmax``), margin = best - second best. ``gate`` g: the refined
+    foreground's naming, i.e. the first largest non-background class + 1 where background minus it is <= g, else 0;
+    margin = the distance to the nearer edge of that decision. A decision that all corners of a model cell share
+    with a positive margin holds for every convex combination of them, i.e. for every linearly interpolated voxel
+    inside the cell.
+    """
+    v = values if gate is None else values[1:]
+    best = np.array(v[0], dtype=np.float32)
+    second = np.full_like(best, -np.inf)
+    ident = np.zeros(best.shape, dtype=np.uint8)
+    for c in range(1, len(v)):
+        x = v[c]
+        gt = x > best  # strict: ties keep the first class, as argmax does
+        second = np.where(gt, best, np.maximum(second, x))
+        best = np.where(gt, x, best)
+        ident[gt] = c
+    if gate is None:
+        return ident, best - second
+    q = values[0] - best
+    keep = q <= gate
+    return np.where(keep, ident + 1, 0).astype(np.uint8), np.where(keep, np.minimum(best - second, gate - q), q - gate)
+
+
+def _interpolate_labels(
+    logits: np.ndarray,
+    scale: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    gate: float | None = None,
+    need: np.ndarray | None = None,
+    lut: np.ndarray | None = None,
+    chunk: int = 2048,
+) -> np.ndarray:
+    """:func:`_decide` of the logits (C, model grid) interpolated linearly at every study voxel of the canonical
+    box [lo, hi] (model voxel j sits at study voxel j * ``scale``; edges replicate).
+
+    Interpolating all classes at every voxel of a neck box (tens of millions of voxels) costs seconds and
+    memory, yet most model cells lie wholly inside one class: where a cell's 8 corners share the decision with a
+    margin (see :func:`_decide`), every voxel in it has that decision, so it is filled without interpolating.
+    Only the other cells (the boundaries, a few percent) are interpolated, all together in vectorised bricks.
+    ``need`` (bool, the box's shape): the voxels whose label matters; a cell without one is left 0, not
+    interpolated. ``lut``: what each decision is written as (uint8, e.g. class -> mask value; 0 must stay 0).
+    """
+    lut = np.arange(256, dtype=np.uint8) if lut is None else lut
+    pad = [(0, 0)] + [(0, 1 if n == 1 else 0) for n in logits.shape[1:]]  # a cell needs two corners per axis
+    if any(p[1] for p in pad):
+        logits = np.pad(logits, pad, mode="edge")
+    n = logits.shape[1:]
+    cells, w1 = [], []
     for a in range(3):
-        n_f = int(f_hi[a] - f_lo[a] + 1)
-        taps.append(axis_taps(crop.shape[a + 1], n_f, 1.0 / sc[a], False, offset=f_lo[a] / sc[a] - lo[a]))
-    with torch.inference_mode():
-        for z0 in range(0, taps[0][0].shape[0], slab):
-            zi, zw = taps[0][0][z0 : z0 + slab], taps[0][1][z0 : z0 + slab]
-            block = resample_axis(crop, 1, zi, zw)
-            block = resample_axis(block, 2, *taps[1])
-            block = resample_axis(block, 3, *taps[2])
-            labels = argmax0(block)
-            z = int(f_lo[0]) + z0
-            if foreground is not None:
-                _apply_foreground(block, labels, foreground, np.array([z, f_lo[1], f_lo[2]]), gate)
-            out[z : z + block.shape[1], f_lo[1] : f_hi[1] + 1, f_lo[2] : f_hi[2] + 1] = labels.numpy()
+        c = np.arange(int(lo[a]), int(hi[a]) + 1, dtype=np.float64) / float(scale[a])
+        i = np.clip(np.floor(c).astype(np.int64), 0, n[a] - 2)
+        cells.append(i)
+        w1.append(np.clip(c - i, 0.0, 1.0))
+    c0 = [int(i[0]) for i in cells]
+    sub = logits[:, c0[0] : int(cells[0][-1]) + 2, c0[1] : int(cells[1][-1]) + 2, c0[2] : int(cells[2][-1]) + 2]
+    corner, margin = _decide(sub, gate)
+    tol = _REL_TOL * (1.0 + float(np.abs(sub).max()))
+    shape = tuple(s - 1 for s in corner.shape)
+    decided = corner[: shape[0], : shape[1], : shape[2]].copy()
+    agree = np.ones(shape, dtype=bool)
+    for d in itertools.product((0, 1), repeat=3):
+        at = tuple(slice(k, k + s) for k, s in zip(d, shape, strict=True))
+        agree &= (corner[at] == decided) & (margin[at] > tol)
+    decided = lut[decided]
+    counts = [np.bincount(i - c0[a], minlength=shape[a]) for a, i in enumerate(cells)]
+    starts = [np.concatenate([[0], np.cumsum(k)[:-1]]) for k in counts]
+    if need is not None:
+        wanted = np.zeros((shape[0], *need.shape[1:]), dtype=bool)
+        for z, cz in enumerate(cells[0] - c0[0]):  # slice by slice: reduceat along axis 0 is several times slower
+            wanted[cz] |= need[z]
+        for a in (1, 2):
+            wanted = np.logical_or.reduceat(wanted, np.minimum(starts[a], need.shape[a] - 1), axis=a)
+        decided[~agree & ~wanted] = 0
+        agree |= ~wanted
+    decided[~agree] = _UNDECIDED  # every such cell is interpolated below
+    out = decided
+    for a in (2, 1, 0):
+        out = np.repeat(out, counts[a], axis=a)
+    todo = np.argwhere(~agree)
+    most = [int(k.max()) for k in counts]
+    for b in range(0, len(todo), chunk):
+        t = todo[b : b + chunk]
+        _interpolate_cells(sub, t, [(s[t[:, a]], k[t[:, a]], m, w1[a]) for a, (s, k, m) in enumerate(
+            zip(starts, counts, most, strict=True))], gate, lut, out)  # fmt: skip
     return out
 
 
-def _apply_foreground(
-    block: torch.Tensor, labels: torch.Tensor, fg: Foreground, origin: np.ndarray, gate: float
+def _interpolate_cells(
+    sub: np.ndarray,
+    cells: np.ndarray,
+    axes: list[tuple[np.ndarray, np.ndarray, int, np.ndarray]],
+    gate: float | None,
+    lut: np.ndarray,
+    out: np.ndarray,
 ) -> None:
-    """In place: labels (z, y, x) of a slab at ``origin`` (study voxels) take the refined foreground where it
-    overlaps, named by the best non-background logit of ``block`` (C, z, y, x)."""
-    import torch
-
-    a = np.maximum(fg.lo, origin)
-    b = np.minimum(fg.lo + np.array(fg.mask.shape), origin + np.array(labels.shape))
-    if np.any(b <= a):
-        return
-    blk = tuple(slice(int(i - o), int(j - o)) for i, j, o in zip(a, b, origin, strict=True))
-    ref = tuple(slice(int(i - o), int(j - o)) for i, j, o in zip(a, b, fg.lo, strict=True))
-    sub = block[(slice(None), *blk)]
-    best, ident = sub[1:].max(0)
-    keep = torch.from_numpy(np.ascontiguousarray(fg.mask[ref])) & (sub[0] - best <= gate)
-    labels[blk] = torch.where(keep, ident.to(torch.uint8) + 1, torch.zeros_like(labels[blk]))
+    """In place: ``out`` at the study voxels of the given model cells (B, 3) takes :func:`_decide` of the logits
+    interpolated there. ``axes``: per axis (first voxel of each cell, its voxel count, the largest count, the
+    weight of the upper corner per voxel of the box)."""
+    v = np.stack([sub[:, cells[:, 0] + i, cells[:, 1] + j, cells[:, 2] + k]
+                  for i, j, k in itertools.product((0, 1), repeat=3)], axis=-1)  # fmt: skip
+    v = v.reshape(len(sub), len(cells), 2, 2, 2)  # (C, B, z, y, x) corners
+    pos, valid, w0, w1 = [], [], [], []
+    for start, count, most, upper in axes:
+        off = np.arange(most)
+        p = np.minimum(start[:, None] + off[None, :], len(upper) - 1)
+        pos.append(p)
+        valid.append(off[None, :] < count[:, None])
+        w1.append(upper[p].astype(np.float32))
+        w0.append((1.0 - upper[p]).astype(np.float32))
+    v = v[..., :1] * w0[2][None, :, None, None, :] + v[..., 1:] * w1[2][None, :, None, None, :]
+    v = v[:, :, :, :1] * w0[1][None, :, None, :, None] + v[:, :, :, 1:] * w1[1][None, :, None, :, None]
+    v = v[:, :, :1] * w0[0][None, :, :, None, None] + v[:, :, 1:] * w1[0][None, :, :, None, None]
+    labels = _decide(v, gate)[0]
+    ok = valid[0][:, :, None, None] & valid[1][:, None, :, None] & valid[2][:, None, None, :]
+    z, y, x = (np.broadcast_to(p, ok.shape)[ok] for p in
+               (pos[0][:, :, None, None], pos[1][:, None, :, None], pos[2][:, None, None, :]))  # fmt: skip
+    out[z, y, x] = lut[labels[ok]]
 
 
 def argmax0(block: torch.Tensor) -> torch.Tensor:

@@ -42,11 +42,12 @@ from cspine.seg.data import (
     GridMap,
     canonical_crop,
     class_to_value_lut,
+    labels_in_box,
     logits_to_labels,
     study_box,
     to_model_grid,
 )
-from cspine.seg.postprocess import describe, postprocess
+from cspine.seg.postprocess import clean_box, describe, label_box
 from cspine.seg.presence import SPINE_ABSENT, SPINE_PRESENT, PresenceConfig, check_presence
 
 if TYPE_CHECKING:
@@ -219,7 +220,9 @@ def predict_logits(model: SegModel, image: np.ndarray, cfg: InferConfig | None =
     from cspine.seg.models import get_spec
 
     cfg = cfg or InferConfig()
-    divisor = max(model.preprocess.divisor, get_spec(model.arch).divisor)
+    # Windows of the training patch are already a multiple of the divisor; padding the image as well would only
+    # add rows of windows that are mostly padding.
+    divisor = 1 if model.window else max(model.preprocess.divisor, get_spec(model.arch).divisor)
     padded, shape = _pad_to(image.astype(np.float32, copy=False), divisor)
     x = torch.from_numpy(padded)[None, None].to(model.device)
     amp = model.device.type == "cuda"
@@ -285,11 +288,15 @@ def segment_volume(vol: Volume, model: SegModel | str | Path, cfg: InferConfig |
         foreground = refine_foreground(vol, gm, logits, model.refine, cfg)
         timings["refine"] = time.perf_counter() - t
     t = time.perf_counter()
-    classes = logits_to_labels(logits, gm, foreground=foreground, gate=cfg.refine_gate)
+    mask = np.zeros(vol.shape, dtype=np.uint8)
+    lut = class_to_value_lut(cfg.postprocess.keep_other)
+    found = labels_in_box(logits, gm, foreground=foreground, gate=cfg.refine_gate, lut=lut)
     del logits
-    values = class_to_value_lut(cfg.postprocess.keep_other)[classes]
-    del classes
-    mask = gm.from_canonical(values)
+    if found is not None:
+        lo, values = found
+        box = tuple(slice(int(a), int(a) + n) for a, n in zip(lo, values.shape, strict=True))
+        gm.to_canonical(mask)[box] = values  # a view: fills mask
+        del values
     timings["resample_back"] = time.perf_counter() - t
     res = finish_labels(mask, vol, cfg)
     res.timings = {**timings, **res.timings}
@@ -305,18 +312,43 @@ def finish_labels(mask: np.ndarray, vol: Volume, cfg: InferConfig | None = None)
     """
     cfg = cfg or InferConfig()
     t = time.perf_counter()
-    mask, changes, cleanup = postprocess(mask, vol.affine, cfg.postprocess)
+    if mask.shape != vol.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from volume shape {vol.shape}")
+    out = np.zeros(vol.shape, dtype=np.uint8)
+    box = label_box(mask)  # every step below sees only this box (a view), not the whole grid
+    changes: list[str] = []
+    cleanup: list[str] = []
     presence: dict[str, Any] = {"cervical_spine": SPINE_PRESENT, "rejected": {}}
     dropped: list[str] = []
-    if cfg.presence is not None:
-        mask, presence, dropped = check_presence(mask, vol, cfg.presence)
-    vertebrae, warnings = describe(mask, vol)
+    objects = None
+    if box is not None:
+        out[box] = mask[box]
+        origin = tuple(s.start for s in box)
+        changes, cleanup, objects = clean_box(out[box], vol.affine, origin, cfg.postprocess)
+        if cfg.presence is not None:
+            view = out[box]
+            sub, presence, dropped = check_presence(view, _box_volume(vol, box), cfg.presence)
+            if sub is not view or presence["rejected"]:
+                out[box] = sub
+                objects = None  # labels were dropped: describe finds the boxes again
+    elif cfg.presence is not None:
+        _, presence, dropped = check_presence(out, vol, cfg.presence)
+    mask = out
+    vertebrae, warnings = describe(mask, vol, box, objects)
     for name, why in presence["rejected"].items():
         vertebrae[name]["rejected"] = why
     if presence["cervical_spine"] == SPINE_ABSENT:
         warnings = [w for w in warnings if not w.endswith(" not found")]
     timings = {"postprocess": time.perf_counter() - t}
     return SegResult(mask, vertebrae, dropped + warnings + changes, timings, cleanup, presence["cervical_spine"])
+
+
+def _box_volume(vol: Volume, box: tuple[slice, ...]) -> Volume:
+    """The box of ``vol`` as a Volume (a view; the affine origin moves to the box's first voxel)."""
+    affine = vol.affine.copy()
+    affine[:3, 3] = vol.index_to_patient(np.array([s.start for s in box]))[0]
+    inst = vol.instance_numbers[box[0]] if len(vol.instance_numbers) else vol.instance_numbers
+    return Volume(vol.array[box], vol.spacing, affine, inst, vol.meta)
 
 
 def segment_study(

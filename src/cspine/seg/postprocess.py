@@ -33,6 +33,23 @@ def superior_axis(affine: np.ndarray) -> tuple[int, int]:
     return axis, (1 if s_component[axis] > 0 else -1)
 
 
+def label_box(mask: np.ndarray, pad: int = 1) -> tuple[slice, slice, slice] | None:
+    """The box of a label map's nonzero voxels grown by ``pad`` (clipped to the grid), or None when all are zero.
+
+    Post-processing, the anatomical checks and the description run on this view instead of the whole grid: the
+    vertebrae fill a fraction of a full-size study. With ``pad`` >= 1 a label touches the box's border only where
+    it touches the grid's, so "cut off by the field of view" reads the same.
+    """
+    along_z = np.flatnonzero(mask.reshape(mask.shape[0], -1).max(axis=1))
+    if not len(along_z):
+        return None
+    z0, z1 = int(along_z[0]), int(along_z[-1]) + 1
+    plane = mask[z0:z1].max(axis=0)
+    ys, xs = np.flatnonzero(plane.max(axis=1)), np.flatnonzero(plane.max(axis=0))
+    lo, hi = (z0, int(ys[0]), int(xs[0])), (z1, int(ys[-1]) + 1, int(xs[-1]) + 1)
+    return tuple(slice(max(0, a - pad), min(n, b + pad)) for a, b, n in zip(lo, hi, mask.shape, strict=True))  # type: ignore[return-value]
+
+
 def _union_box(objects: list[tuple[slice, ...] | None], shape: tuple[int, ...]) -> tuple[slice, ...] | None:
     boxes = [o for o in objects if o is not None]
     if not boxes:
@@ -40,71 +57,98 @@ def _union_box(objects: list[tuple[slice, ...] | None], shape: tuple[int, ...]) 
     return tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(len(shape)))
 
 
-def _rel(sl: tuple[slice, ...], box: tuple[slice, ...]) -> tuple[slice, ...]:
-    return tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(sl, box, strict=True))
-
-
 def keep_largest_components(mask: np.ndarray, values: tuple[int, ...] = CERVICAL_VALUES) -> list[str]:
     """In place: keep the largest 26-connected piece of each value; other pieces go to the neighbour they touch most.
 
     "Touch" counts shared faces; a piece that touches no kept labelled voxel becomes background. All pieces are
-    handled together (one id array over the labelled box, six shifted comparisons), so an untrained model's
-    thousands of specks cost little more than a few. Returns notes on what moved.
+    handled together (the coordinates of their voxels, six neighbour look-ups each), so an untrained model's
+    thousands of specks cost little more than a few, and only each value's own box is ever scanned. Returns
+    notes on what moved.
+    """
+    return _keep_largest(mask, values)[0]
+
+
+def _keep_largest(
+    mask: np.ndarray, values: tuple[int, ...] = CERVICAL_VALUES
+) -> tuple[list[str], list[tuple[slice, ...] | None]]:
+    """:func:`keep_largest_components`, also returning ``ndimage.find_objects(mask)`` of the result.
+
+    Those boxes come without scanning the whole mask again: the given values all lie in their former union
+    box (only that is scanned), every other label keeps its voxels plus the pieces handed to it.
     """
     objects = ndimage.find_objects(mask)
-    box = _union_box(objects, mask.shape)
-    if box is None:
-        return []
-    sub = mask[box]  # a view: edits go to mask
-    piece = np.zeros(sub.shape, dtype=np.int32)
+    coords: list[np.ndarray] = []
+    ids: list[np.ndarray] = []
     piece_value = [0]
     for v in values:
         if v > len(objects) or objects[v - 1] is None:
             continue
-        sl = _rel(objects[v - 1], box)
-        comp, n = ndimage.label(sub[sl] == v, structure=_FULL)
+        sl = objects[v - 1]
+        comp, n = ndimage.label(mask[sl] == v, structure=_FULL)
         if n <= 1:
             continue
         keep = int(np.argmax(np.bincount(comp.ravel())[1:])) + 1
-        remap = np.zeros(n + 1, dtype=np.int32)
+        remap = np.zeros(n + 1, dtype=np.int64)
         others = [k for k in range(1, n + 1) if k != keep]
-        remap[others] = np.arange(len(piece_value), len(piece_value) + len(others), dtype=np.int32)
-        ids = remap[comp]
-        moved = ids > 0
-        piece[sl][moved] = ids[moved]
-        sub[sl][moved] = 0
+        remap[others] = np.arange(len(piece_value), len(piece_value) + len(others))
+        where = np.nonzero((comp > 0) & (comp != keep))
+        ids.append(remap[comp[where]])
+        coords.append(np.stack(where, axis=1) + [s.start for s in sl])
+        mask[sl][where] = 0
         piece_value += [v] * len(others)
     if len(piece_value) == 1:
-        return []
+        return [], objects
     n_pieces = len(piece_value)
-    pbox = ndimage.find_objects((piece > 0).astype(np.uint8))[0]
-    lo = [max(0, s.start - 1) for s in pbox]
-    hi = [min(n, s.stop + 1) for s, n in zip(pbox, sub.shape, strict=True)]
-    p_reg = piece[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-    m_reg = sub[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-    shape = p_reg.shape
+    at, vox_id = np.concatenate(coords), np.concatenate(ids)
     pairs: list[np.ndarray] = []  # (piece id * 256 + touching kept value), one entry per touching face
     for axis in range(3):
         for k in (-1, 1):
-            d = [0, 0, 0]
-            d[axis] = k
-            src = tuple(slice(max(0, -o), n - max(0, o)) for o, n in zip(d, shape, strict=True))
-            dst = tuple(slice(max(0, o), n - max(0, -o)) for o, n in zip(d, shape, strict=True))
-            a, b = p_reg[src], m_reg[dst]
-            sel = (a > 0) & (b > 0)
-            pairs.append(a[sel].astype(np.int64) * 256 + b[sel])
+            nb = at.copy()
+            nb[:, axis] += k
+            inside = (nb[:, axis] >= 0) & (nb[:, axis] < mask.shape[axis])
+            touched = mask[nb[inside, 0], nb[inside, 1], nb[inside, 2]]
+            sel = touched > 0
+            pairs.append(vox_id[inside][sel] * 256 + touched[sel])
+    target = most_touched(pairs, n_pieces)
+    mask[at[:, 0], at[:, 1], at[:, 2]] = target[vox_id]
+    notes = handover_notes(piece_value, target, np.bincount(vox_id, minlength=n_pieces))
+    given = target[vox_id]
+    box = _union_box([objects[v - 1] for v in values if v <= len(objects)], mask.shape)
+    assert box is not None  # there were pieces
+    inside = ndimage.find_objects(mask[box], max_label=max(values))
+    after = list(objects)
+    for v in values:
+        if v <= len(objects):
+            sl = inside[v - 1]
+            after[v - 1] = (
+                None
+                if sl is None
+                else tuple(slice(a.start + b.start, a.stop + b.start) for a, b in zip(sl, box, strict=True))
+            )
+    for v in np.unique(given).tolist():
+        if v and v not in values:
+            pts = at[given == v]
+            extra = tuple(slice(int(a), int(b) + 1) for a, b in zip(pts.min(0), pts.max(0), strict=True))
+            after[v - 1] = _union_box([objects[v - 1], extra], mask.shape)
+    return notes, after
+
+
+def most_touched(pairs: list[np.ndarray], n_pieces: int) -> np.ndarray:
+    """Per piece id, the kept value it shares most faces with (0: none), from (piece id * 256 + value) entries."""
     keys, counts = np.unique(np.concatenate(pairs), return_counts=True)
     pid, touching = keys // 256, keys % 256
     order = np.lexsort((-counts, pid))  # per piece, the most touched value first
     first = np.r_[True, pid[order][1:] != pid[order][:-1]] if len(order) else np.zeros(0, bool)
     target = np.zeros(n_pieces, dtype=np.uint8)  # pieces touching nothing kept -> background
     target[pid[order][first]] = touching[order][first]
-    sizes = np.bincount(piece.ravel(), minlength=n_pieces)
-    moved_mask = piece > 0
-    sub[moved_mask] = target[piece[moved_mask]]
+    return target
+
+
+def handover_notes(piece_value: list[int], target: np.ndarray, sizes: np.ndarray) -> list[str]:
+    """One note per value: how many extra pieces it had, how many voxels went to which neighbour or away."""
     values_of = np.asarray(piece_value, dtype=np.int64)[1:]
     key = values_of * 256 + target[1:]
-    uniq, first, n_by_key = np.unique(key, return_index=True, return_counts=True)
+    uniq, n_by_key = np.unique(key, return_counts=True)
     vox_by_key = np.bincount(np.searchsorted(uniq, key), weights=sizes[1:], minlength=len(uniq))
     notes = []
     for v in np.unique(values_of):
@@ -114,21 +158,27 @@ def keep_largest_components(mask: np.ndarray, values: tuple[int, ...] = CERVICAL
             for k, vox in zip(uniq[sel], vox_by_key[sel], strict=True)
         ]
         notes.append(f"{value_name(int(v))}: {int(n_by_key[sel].sum())} extra piece(s): {', '.join(parts)}")
-    del first
     return notes
 
 
 def fix_order(
-    mask: np.ndarray, affine: np.ndarray, values: tuple[int, ...] = CERVICAL_VALUES, min_share: float = 0.25
+    mask: np.ndarray,
+    affine: np.ndarray,
+    values: tuple[int, ...] = CERVICAL_VALUES,
+    min_share: float = 0.25,
+    origin: tuple[int, ...] = (0, 0, 0),
+    objects: list[tuple[slice, ...] | None] | None = None,
 ) -> list[str]:
     """In place: relabel the present vertebrae so their centroids run superior -> inferior in label order.
 
     The set of present labels is kept; only which piece carries which label changes (C3 above C2 -> swapped).
     A label much smaller than the others (under ``min_share`` of their median volume) that is out of line with
     them is a stray piece, not a vertebra: it is removed rather than allowed to shift every level below it by
-    one (a 0.1 ml "C7" speck above C4 would otherwise relabel C4..C7 on a real neck).
+    one (a 0.1 ml "C7" speck above C4 would otherwise relabel C4..C7 on a real neck). ``origin``: where
+    ``mask`` (a box of the grid ``affine`` maps) starts; ``objects``: ``ndimage.find_objects(mask)`` when known
+    (updated in place: a removed label's entry becomes None, relabelled ones swap entries).
     """
-    objects = ndimage.find_objects(mask)
+    objects = ndimage.find_objects(mask) if objects is None else objects
     world, size = {}, {}
     for v in values:
         if v > len(objects) or objects[v - 1] is None:
@@ -136,7 +186,7 @@ def fix_order(
         sl = objects[v - 1]
         hit = mask[sl] == v
         size[v] = int(hit.sum())
-        centroid = np.array(ndimage.center_of_mass(hit)) + [s.start for s in sl]
+        centroid = np.array(ndimage.center_of_mass(hit)) + [s.start + o for s, o in zip(sl, origin, strict=True)]
         world[v] = float((affine[:3, :3] @ centroid + affine[:3, 3])[2])  # LPS z: larger = more superior
     notes = []
     if world:
@@ -147,6 +197,7 @@ def fix_order(
             if sorted(line, key=lambda u: -world[u]) != line:
                 sl = objects[v - 1]
                 mask[sl][mask[sl] == v] = 0
+                objects[v - 1] = None
                 del world[v]
                 notes.append(f"removed {value_name(v)}: a stray piece out of cranio-caudal order")
     present = sorted(world)
@@ -159,14 +210,23 @@ def fix_order(
     box = _union_box([objects[v - 1] for v in present], mask.shape)
     assert box is not None
     mask[box] = lut[mask[box]]
+    boxes = {v: objects[v - 1] for v in present}
+    for old, new in zip(by_height, present, strict=True):
+        objects[new - 1] = boxes[old]
     moved = [f"{value_name(o)}->{value_name(n)}" for o, n in zip(by_height, present, strict=True) if o != n]
     return [*notes, f"relabelled {', '.join(moved)} (out of cranio-caudal order)"]
 
 
-def remove_small(mask: np.ndarray, voxel_mm3: float, min_volume_mm3: float) -> list[str]:
-    """In place: drop labels (all values) whose total volume is below ``min_volume_mm3``."""
+def remove_small(
+    mask: np.ndarray, voxel_mm3: float, min_volume_mm3: float, objects: list[tuple[slice, ...] | None] | None = None
+) -> list[str]:
+    """In place: drop labels (all values) whose total volume is below ``min_volume_mm3``.
+
+    ``objects``: ``ndimage.find_objects(mask)`` when the caller has it (a removed label's entry becomes None).
+    """
     notes = []
-    for v, sl in enumerate(ndimage.find_objects(mask), start=1):
+    objects = ndimage.find_objects(mask) if objects is None else objects
+    for v, sl in enumerate(objects, start=1):
         if sl is None:
             continue
         region = mask[sl]  # a view: only the label's bounding box is scanned (full-size studies are 100 M voxels)
@@ -174,6 +234,7 @@ def remove_small(mask: np.ndarray, voxel_mm3: float, min_volume_mm3: float) -> l
         volume = int(hit.sum()) * voxel_mm3
         if volume < min_volume_mm3:
             region[hit] = 0
+            objects[v - 1] = None
             notes.append(f"removed {value_name(v)}: {volume:.0f} mm3 < {min_volume_mm3:.0f} mm3")
     return notes
 
@@ -193,28 +254,53 @@ def postprocess(
         neighbour or dropped: a network leaves a few on almost every study, and printed as warnings they buried
         the ones that matter (seven lines on every demo prediction).
     """
-    cfg = cfg or PostprocessConfig()
-    out = np.array(mask, dtype=np.uint8, copy=True)
-    voxel = float(abs(np.linalg.det(affine[:3, :3])))
-    cleanup = keep_largest_components(out) if cfg.keep_largest else []
-    warnings = remove_small(out, voxel, cfg.min_volume_mm3)
-    if cfg.fix_order:
-        warnings += fix_order(out, affine)
+    out = np.zeros(mask.shape, dtype=np.uint8)
+    box = label_box(mask)
+    if box is None:
+        return out, [], []
+    out[box] = mask[box]
+    warnings, cleanup, _ = clean_box(out[box], affine, tuple(s.start for s in box), cfg)
     return out, warnings, cleanup
 
 
-def describe(mask: np.ndarray, vol: Volume) -> tuple[dict[str, dict[str, Any]], list[str]]:
+def clean_box(
+    sub: np.ndarray, affine: np.ndarray, origin: tuple[int, ...], cfg: PostprocessConfig | None = None
+) -> tuple[list[str], list[str], list[tuple[slice, ...] | None]]:
+    """:func:`postprocess` in place on ``sub``, the box of a label map starting at ``origin`` that holds every
+    labelled voxel (:func:`label_box`). Returns (warnings, cleanup, ``ndimage.find_objects(sub)`` after it)."""
+    cfg = cfg or PostprocessConfig()
+    voxel = float(abs(np.linalg.det(affine[:3, :3])))
+    cleanup, objects = _keep_largest(sub) if cfg.keep_largest else ([], ndimage.find_objects(sub))
+    warnings = remove_small(sub, voxel, cfg.min_volume_mm3, objects)
+    if cfg.fix_order:
+        warnings += fix_order(sub, affine, origin=origin, objects=objects)
+    return warnings, cleanup, objects
+
+
+def describe(
+    mask: np.ndarray,
+    vol: Volume,
+    box: tuple[slice, ...] | None = None,
+    objects: list[tuple[slice, ...] | None] | None = None,
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Per vertebra C1..C7: present, voxels, volume, slices, instance numbers, bbox, centroids, FOV cut-off.
 
     Returns (vertebrae, warnings). ``slices`` are the first and last index along the volume's axis 0 (the DICOM
     slice axis); ``instance_numbers`` are the InstanceNumbers of those two slices (RSNA slice_number);
-    ``bbox_zyx`` is [start, stop) per axis, ready for :func:`cspine.io.volume.crop`.
+    ``bbox_zyx`` is [start, stop) per axis, ready for :func:`cspine.io.volume.crop`. ``box``: a box holding
+    every labelled voxel (:func:`label_box`, found when not given); only it is scanned, and not even that when
+    ``objects`` (``ndimage.find_objects(mask[box])``) is given.
     """
     if mask.shape != vol.shape:
         raise ValueError(f"mask shape {mask.shape} differs from volume shape {vol.shape}")
     voxel = float(abs(np.linalg.det(vol.affine[:3, :3])))
     s_axis, s_sign = superior_axis(vol.affine)
-    objects = ndimage.find_objects(mask)
+    box = box or label_box(mask)
+    origin = [s.start for s in box] if box else [0, 0, 0]
+    objects = [
+        None if sl is None else tuple(slice(s.start + o, s.stop + o) for s, o in zip(sl, origin, strict=True))
+        for sl in (objects if objects is not None else ndimage.find_objects(mask[box]) if box else [])
+    ]
     out: dict[str, dict[str, Any]] = {}
     warnings: list[str] = []
     for name, v in zip(CERVICAL, CERVICAL_VALUES, strict=True):
