@@ -72,18 +72,13 @@ def fresh_dice(seg_model) -> list[dict[str, float]]:
     return out
 
 
-def test_fresh_generated_studies_c1_to_c5_are_segmented_well(fresh_dice: list[dict[str, float]]) -> None:
-    """What the shipped model does today on fresh studies (docs/segmentation.md): C1..C5 well, everywhere."""
-    for dice in fresh_dice:
-        assert len(dice) == 7
-        assert all(dice[lv] >= 0.75 for lv in LEVELS[:5]), dice
-
-
-@pytest.mark.xfail(strict=True, reason="issue 13: the shipped model confuses C7 with T1 on some default-profile "
-                   "studies (held-out mean Dice 0.83, C7 0.59); target mean >= 0.90, every vertebra >= 0.85")
 def test_fresh_generated_studies_meet_the_issue_targets(fresh_dice: list[dict[str, float]]) -> None:
-    for dice in fresh_dice:
-        assert np.mean(list(dice.values())) >= 0.90 and min(dice.values()) >= 0.85, dice
+    """Issue 13's generated target, as eval-seg scores a set (each vertebra's Dice averaged over the studies):
+    mean >= 0.90 and every vertebra >= 0.85; and no vertebra of any study below 0.80."""
+    assert all(len(dice) == 7 for dice in fresh_dice)
+    per_vertebra = {lv: float(np.mean([dice[lv] for dice in fresh_dice])) for lv in LEVELS}
+    assert np.mean(list(per_vertebra.values())) >= 0.90 and min(per_vertebra.values()) >= 0.85, per_vertebra
+    assert min(min(dice.values()) for dice in fresh_dice) >= 0.80, fresh_dice
 
 
 def _segment(study: Path, out: Path, *extra: str) -> dict:
@@ -162,15 +157,15 @@ def slicer_heights(real: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 
 def test_slicer_neck_upper_levels_match_the_reading(slicer_heights: dict[str, float]) -> None:
-    """What holds today: C1..C3 within half a vertebra of the reading, every level found in order."""
+    """What holds today: C1..C4 within half a vertebra of the reading, every level found in order."""
     heights = slicer_heights
-    assert all(abs(heights[lv] - SLICER_READING[lv]) <= HALF_VERTEBRA_MM for lv in ("C1", "C2", "C3")), heights
+    assert all(abs(heights[lv] - SLICER_READING[lv]) <= HALF_VERTEBRA_MM for lv in LEVELS[:4]), heights
     z = [heights[lv] for lv in LEVELS if lv in heights]
     assert len(z) >= 5 and all(a > b for a, b in itertools.pairwise(z)), heights
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13: below C3 the Slicer neck loses a level (one label spans the "
-                   "reading's C4 and C5), so C4..C6 sit 7-13 mm low and C7 is not found")
+@pytest.mark.xfail(strict=True, reason="issue 13: on the Slicer neck C5 and C6 sit 9 and 6 mm below the reading "
+                   "and C7 (mostly cut off by the lowest slice) is not found")
 def test_slicer_neck_levels_match_the_reading(slicer_heights: dict[str, float]) -> None:
     heights = slicer_heights
     assert set(SLICER_READING) <= set(heights), f"found {sorted(heights)}"
