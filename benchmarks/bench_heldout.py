@@ -60,7 +60,11 @@ def main() -> None:
     y_arr, p_arr = np.asarray(y, np.float64), np.asarray(p, np.float64)
     n = len(y_arr)
     m = compute_metrics(y_arr, p_arr)  # loss, RSNA-prevalence baseline and AUCs as `cspine evaluate` reports them
-    baselines = {"rsna_prevalence": m["baselines"]["rsna_prevalence"]}
+    baselines = {
+        "rsna_prevalence": m["baselines"]["rsna_prevalence"],
+        # the issue's yardstick: these studies' own per-column prevalence (a constant that knows the answer's rates)
+        "own_prevalence": competition_loss(y_arr, np.tile(y_arr.mean(axis=0), (len(y_arr), 1))),
+    }
     if args.train_labels:
         train = read_labels(Path(args.train_labels))
         rates = as_matrix(train, sorted(train)).mean(axis=0)
