@@ -113,19 +113,18 @@ def finish(
 
     out = cfg.out
     uids, p, extra_cols = _read_wide(oof_parts)
-    alt = {k: v for k, v in extra_cols.items() if k.startswith("patient_")}
-    split = {n: np.stack([extra_cols[f"{n}_{v}"] for v in CERVICAL], axis=1) for n in PATHS if f"{n}_C1" in extra_cols}
     order = np.argsort(uids)
     uids = [uids[i] for i in order]
     p = p[order]
-    alt = {k: v[order] for k, v in alt.items()}
-    split = {k: v[order] for k, v in split.items()}
+    extra_cols = {k: v[order] for k, v in extra_cols.items()}
+    alt = {k: v for k, v in extra_cols.items() if k.startswith("patient_")}
+    split = {n: np.stack([extra_cols[f"{n}_{v}"] for v in CERVICAL], axis=1) for n in PATHS if f"{n}_C1" in extra_cols}
     row_of = {u: i for i, u in enumerate(store.uids)}
     y = store.labels()[[row_of[u] for u in uids]]
     folds = json.loads((out / "folds.json").read_text())
     fold_col = [str(folds.get(u, "test")) for u in uids]
     if len(oof_parts) > 1 or oof_parts[0].name != "oof.csv":
-        columns = {k: ["" if np.isnan(x) else f"{x:.9g}" for x in v[order]] for k, v in extra_cols.items()}
+        columns = {k: ["" if np.isnan(x) else f"{x:.9g}" for x in v] for k, v in extra_cols.items()}
         write_wide(out / "oof.csv", uids, p, {"fold": fold_col, **columns})
     write_csv_atomic(
         out / "labels.csv",
