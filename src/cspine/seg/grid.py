@@ -261,7 +261,7 @@ def study_box(
                     [b.stop - 1 + s.start for b, s in zip(box, sl, strict=True)]]  # fmt: skip
         fg = np.array(pts, dtype=np.int64).reshape(-1, 3)
     else:
-        fg = _nonzero_box(coarse)
+        fg = nonzero_box(coarse)
     return points_to_study_box(fg, gm, margin)
 
 
@@ -279,7 +279,7 @@ def points_to_study_box(fg: np.ndarray, gm: GridMap, margin: int) -> tuple[np.nd
     return f_lo, f_hi
 
 
-def _nonzero_box(a: np.ndarray) -> np.ndarray:
+def nonzero_box(a: np.ndarray) -> np.ndarray:
     """(2, 3) first and last index of the nonzero voxels of a 3-D array per axis (empty (0, 3) when none)."""
     corners = []
     for axis in range(3):

@@ -76,6 +76,8 @@ class InferConfig:
         refine_gate: a voxel the refinement stage calls vertebra stays background where the coarse background
             logit beats the best vertebra logit by more than this (a guard against other bones far from the
             spine; the value chosen: docs/segmentation.md, Measured).
+        body_margin_mm: the coarse stage runs on the box of the non-air voxels plus this margin (the rest is air,
+            which the network reads as the zeros it pads with); None runs it on the whole grid.
     """
 
     device: str = "auto"
@@ -88,6 +90,7 @@ class InferConfig:
     refine_context_mm: float = 16.0
     refine_gate: float = 8.0
     window_batch: int = 4
+    body_margin_mm: float | None = 16.0
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     presence: PresenceConfig | None = field(default_factory=PresenceConfig)
 
@@ -238,6 +241,41 @@ def predict_logits(model: SegModel, image: np.ndarray, cfg: InferConfig | None =
     return y[0, :, : shape[0], : shape[1], : shape[2]].float().cpu()
 
 
+#: Logit of the background class (and minus that of every other class) outside the body's box.
+BACKGROUND_MARGIN = 30.0
+
+
+def body_box(image: np.ndarray, margin: int) -> tuple[slice, slice, slice] | None:
+    """The box of a model-grid image's voxels above its window's floor (HU above the window's lower end: body,
+    table, headrest), plus ``margin`` voxels; None when the image holds nothing above it."""
+    from cspine.seg.grid import nonzero_box
+
+    corners = nonzero_box(image > 0.0)
+    if not len(corners):
+        return None
+    lo = np.maximum(corners[0] - margin, 0)
+    hi = np.minimum(corners[1] + margin + 1, image.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))  # type: ignore[return-value]
+
+
+def _coarse_logits(model: SegModel, image: np.ndarray, gm: GridMap, cfg: InferConfig) -> torch.Tensor:
+    """The coarse stage's logits on the whole model grid, computed only over the body's box.
+
+    Why: a real CT's field of view is often 2-3 times the patient's width (a 500 mm head-and-neck field), and the
+    air around the body costs as much network time as the body. Outside the box every voxel is background.
+    """
+    import torch
+
+    box = None if cfg.body_margin_mm is None else body_box(image, math.ceil(cfg.body_margin_mm / min(gm.model_spacing)))
+    if box is None or all(b.stop - b.start == n for b, n in zip(box, image.shape, strict=True)):
+        return predict_logits(model, image, cfg)
+    inner = predict_logits(model, np.ascontiguousarray(image[box]), cfg)
+    logits = torch.full((inner.shape[0], *image.shape), -BACKGROUND_MARGIN, dtype=inner.dtype)
+    logits[0] = BACKGROUND_MARGIN
+    logits[(slice(None), *box)] = inner
+    return logits
+
+
 def refine_foreground(
     vol: Volume, gm: GridMap, logits: torch.Tensor, refine: SegModel, cfg: InferConfig
 ) -> Foreground | None:
@@ -279,7 +317,7 @@ def segment_volume(vol: Volume, model: SegModel | str | Path, cfg: InferConfig |
     image, gm = to_model_grid(vol, model.preprocess)
     timings["preprocess"] = time.perf_counter() - t
     t = time.perf_counter()
-    logits = predict_logits(model, image, cfg)
+    logits = _coarse_logits(model, image, gm, cfg)
     del image
     timings["model"] = time.perf_counter() - t
     foreground = None
