@@ -40,12 +40,14 @@ class DemoConfig:
     workers: int = 2  # generation and decoding in parallel processes
     # the segmenter: None = the shipped one (cspine build-segmenter); any segmentation model directory otherwise
     seg_model: Path | None = None
-    # the frozen logistic path carries what the demo can learn; a few epochs let the CNN add what it can
-    cls_epochs: int = 4
+    # the fitted statistics carry what the demo learns; at 64 studies on CPU the CNN's part ranks at chance
+    # whether it trains 2 or 4 epochs (benchmarks/cls_results.md), so it gets 2
+    cls_epochs: int = 2
     cls_folds: int = 3
-    # where the lucency statistics are counted: in the shipped segmenter's refined masks themselves ("bone": the
-    # bone the image shows, labelled by the nearest masked vertebra, was for the coarse 4 mm masks of earlier demos)
-    stats_region: str = "mask"
+    # where the lucency statistics are counted: "bone", the bone the image shows labelled by the nearest masked
+    # vertebra. A predicted mask's rim holds soft tissue that drowns the fracture's dark voxels, most at C1 and C2
+    # (benchmarks/cls_results.md, session 9)
+    stats_region: str = "bone"
 
 
 def _stage(name: str, timings: dict[str, float], fn: Callable[[], Any]) -> Any:
