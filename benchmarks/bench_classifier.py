@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2, help="synth / prepare processes")
-    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    ap.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS), help="none: the two sets only")
     ap.add_argument("--cls-args", default="", help="extra train-cls flags for every run (one quoted string)")
     args = ap.parse_args()
     out: Path = args.out

@@ -17,6 +17,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,28 +31,28 @@ from cspine.metrics import competition_loss
 from cspine.synth import generate_study
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="model bundle (cspine demo leaves one in OUT/model)")
-    ap.add_argument("--studies", type=int, default=160)
-    ap.add_argument("--seed", type=int, default=11, help="generator seed (the demo uses 0)")
-    ap.add_argument("--draw", type=int, default=64, help="size of the random draws for the win rate")
-    ap.add_argument("--train-labels", default=None, help="train.csv the model was trained on")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--split", default="test", choices=("train", "test"), help="generator stream")
-    args = ap.parse_args()
-    bundle = load_bundle(Path(args.model), device=args.device)
+def heldout(
+    model: Path,
+    studies: int = 160,
+    seed: int = 11,
+    draw: int = 64,
+    train_labels: Path | None = None,
+    device: str = "cpu",
+    split: str = "test",
+) -> dict[str, Any]:
+    """The bundle's figures on ``studies`` fresh generated studies of ``seed`` (see the module docstring)."""
+    bundle = load_bundle(model, device=device)
     y, p = [], []
     parts: dict[str, list[np.ndarray]] = {"network": [], "statistics": []}
     not_in_view = 0
     t0 = time.perf_counter()
-    for i in range(args.studies):
-        study = generate_study(args.seed, "small", i, args.split)
+    for i in range(studies):
+        study = generate_study(seed, "small", i, split)  # type: ignore[arg-type]
         pred = bundle.predict(study.volume)
         probs = pred.probabilities
-        split = bundle.classifier.logit_parts(study.volume, pred.mask) if pred.mask.any() else None
+        split_logits = bundle.classifier.logit_parts(study.volume, pred.mask) if pred.mask.any() else None
         for k in parts:  # which part of the classifier ranks (NaN: the vertebra was not found)
-            parts[k].append(np.full(7, np.nan) if split is None else split[k])
+            parts[k].append(np.full(7, np.nan) if split_logits is None else split_logits[k])
         y.append([study.labels[t] for t in PREDICTION_TYPES])
         # a vertebra the model did not find gets the RSNA prevalence, as submit writes it
         p.append([PREVALENCE[t] if probs[t] is None else probs[t] for t in PREDICTION_TYPES])
@@ -65,31 +66,45 @@ def main() -> None:
         # the issue's yardstick: these studies' own per-column prevalence (a constant that knows the answer's rates)
         "own_prevalence": competition_loss(y_arr, np.tile(y_arr.mean(axis=0), (len(y_arr), 1))),
     }
-    if args.train_labels:
-        train = read_labels(Path(args.train_labels))
+    if train_labels:
+        train = read_labels(Path(train_labels))
         rates = as_matrix(train, sorted(train)).mean(axis=0)
         baselines["train_prevalence"] = competition_loss(y_arr, np.tile(rates, (n, 1)))
     rng = np.random.default_rng(0)
-    draws = [rng.choice(n, min(args.draw, n), replace=False) for _ in range(2000)]
+    draws = [rng.choice(n, min(draw, n), replace=False) for _ in range(2000)]
     rsna = np.array([PREVALENCE[t] for t in PREDICTION_TYPES])
     diff = np.array(
         [competition_loss(y_arr[d], p_arr[d]) - competition_loss(y_arr[d], np.tile(rsna, (len(d), 1))) for d in draws]
     )
     by_path = path_aucs(y_arr[:, 1:], {k: np.stack(v) for k, v in parts.items()})
-    result = {
+    return {
         "studies": n,
-        "seed": args.seed,
+        "seed": seed,
         "competition_loss": m["competition_loss"],
         "baselines": baselines,
         "mean_vertebra_auc": m["mean_vertebra_auc"],
         "patient_auc": m["patient_auc"],
         "auc": {t: a for t in PREDICTION_TYPES if (a := m["targets"][t]["auc"]) is not None},
-        f"draws_of_{args.draw}_model_ahead_of_rsna_prevalence": float((diff < 0).mean()),
+        f"draws_of_{draw}_model_ahead_of_rsna_prevalence": float((diff < 0).mean()),
         "draw_difference_mean_sd": [float(diff.mean()), float(diff.std())],
         "mean_vertebra_auc_by_path": {k: v["mean_vertebra_auc"] for k, v in by_path.items()},
         "rows_not_in_view": not_in_view,
         "seconds_per_study": seconds / n,
     }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="model bundle (cspine demo leaves one in OUT/model)")
+    ap.add_argument("--studies", type=int, default=160)
+    ap.add_argument("--seed", type=int, default=11, help="generator seed (the demo uses 0)")
+    ap.add_argument("--draw", type=int, default=64, help="size of the random draws for the win rate")
+    ap.add_argument("--train-labels", default=None, help="train.csv the model was trained on")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--split", default="test", choices=("train", "test"), help="generator stream")
+    args = ap.parse_args()
+    result = heldout(Path(args.model), args.studies, args.seed, args.draw,
+                     Path(args.train_labels) if args.train_labels else None, args.device, args.split)  # fmt: skip
     print(json.dumps(result, indent=2))
 
 

