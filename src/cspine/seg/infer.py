@@ -261,8 +261,9 @@ def body_box(image: np.ndarray, margin: int) -> tuple[slice, slice, slice] | Non
 def _coarse_logits(model: SegModel, image: np.ndarray, gm: GridMap, cfg: InferConfig) -> torch.Tensor:
     """The coarse stage's logits on the whole model grid, computed only over the body's box.
 
-    Why: a real CT's field of view is often 2-3 times the patient's width (a 500 mm head-and-neck field), and the
-    air around the body costs as much network time as the body. Outside the box every voxel is background.
+    Why: a real CT's field of view is often 2-3 times the patient's width (a 500 mm head-and-neck field). The
+    network, trained on generated fields that hug the body, lost the upper vertebrae in that much air, and the air
+    cost as much network time as the body (docs/segmentation.md, Design). Outside the box every voxel is background.
     """
     import torch
 
