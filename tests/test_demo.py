@@ -221,7 +221,6 @@ def test_demo_meets_the_issue_targets_on_a_fresh_set(tmp_path: Path) -> None:
     from cspine.demo import DemoConfig, run_demo
 
     s = run_demo(DemoConfig(out=tmp_path / "demo", device="cpu"), progress=False)
-    assert s["test_competition_loss"] < s["test_prevalence_baseline_loss"]  # its own test draw: the stages work
     fresh = heldout(Path(s["model"]), studies=64, seed=11)
     assert fresh["competition_loss"] <= 0.85 * fresh["baselines"]["own_prevalence"], fresh
     assert fresh["mean_vertebra_auc"] >= 0.85, fresh
