@@ -25,7 +25,6 @@ Results: OUT/parts/results.json; the figures are in benchmarks/cls_results.md.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -40,7 +39,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the cspine CLI does, b
 import torch
 import torch.nn.functional as F
 
+from cspine.cls.evaluate import read_labels
 from cspine.cls.models import _efficientnet_lite0, load_pretrained
+from cspine.cls.oof import path_aucs
 from cspine.features.linear import LucencyModel
 from cspine.labels import CERVICAL
 from cspine.seg.shipped import SHIPPED_DIR
@@ -153,9 +154,9 @@ def read_set(crops: Path, net: torch.nn.Module, cache: Path) -> dict[str, np.nda
 
 
 def labels(out: Path, split: str, uids: np.ndarray) -> np.ndarray:
-    with open(out / "data" / split / "train.csv") as f:
-        rows = {r["StudyInstanceUID"]: r for r in csv.DictReader(f)}
-    return np.array([[int(rows[u][v]) for v in CERVICAL] for u in uids])
+    """(n, 7) vertebra labels of ``uids`` from the set's train.csv."""
+    rows = read_labels(out / "data" / split / "train.csv")
+    return np.array([[rows[u][v] for v in CERVICAL] for u in uids])
 
 
 def appearance_logits(tr: dict[str, np.ndarray], y: np.ndarray, te: dict[str, np.ndarray]) -> np.ndarray:
@@ -180,15 +181,12 @@ def statistics_logits(tr: dict[str, np.ndarray], y: np.ndarray, te: dict[str, np
     return model.logits(torch.from_numpy(te["stats"]), torch.from_numpy(te["present"])).numpy()
 
 
-def mean_auc(y: np.ndarray, logits: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(np.mean([roc_auc_score(y[:, j], logits[:, j]) for j in range(len(CERVICAL))]))
-
-
 def score(tr: dict[str, np.ndarray], ytr: np.ndarray, te: dict[str, np.ndarray], yte: np.ndarray) -> dict[str, float]:
-    app, sta = appearance_logits(tr, ytr, te), statistics_logits(tr, ytr, te)
-    return {"statistics": mean_auc(yte, sta), "appearance": mean_auc(yte, app), "both": mean_auc(yte, app + sta)}
+    """Test mean vertebra AUC of each part and of their sum, as train-cls reports its own parts (the frozen network
+    in the network's place)."""
+    by_path = path_aucs(yte, {"network": appearance_logits(tr, ytr, te), "statistics": statistics_logits(tr, ytr, te)})
+    names = {"statistics": "statistics", "appearance": "network", "both": "both"}
+    return {name: by_path[key]["mean_vertebra_auc"] for name, key in names.items()}
 
 
 def main() -> None:

@@ -44,6 +44,7 @@ from cspine.seg.data import (
     class_to_value_lut,
     labels_in_box,
     logits_to_labels,
+    nonzero_box,
     study_box,
     to_model_grid,
 )
@@ -248,8 +249,6 @@ BACKGROUND_MARGIN = 30.0
 def body_box(image: np.ndarray, margin: int) -> tuple[slice, slice, slice] | None:
     """The box of a model-grid image's voxels above its window's floor (HU above the window's lower end: body,
     table, headrest), plus ``margin`` voxels; None when the image holds nothing above it."""
-    from cspine.seg.grid import nonzero_box
-
     corners = nonzero_box(image > 0.0)
     if not len(corners):
         return None
