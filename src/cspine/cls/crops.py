@@ -207,7 +207,8 @@ def _vertebra_stats(
     box = tuple(
         slice(max(0, extent[2 * a] - pads[a]), min(volume.shape[a], extent[2 * a + 1] + pads[a])) for a in range(3)
     )
-    return lucency_features(volume.array[box], mask[box] == value, volume.spacing)
+    labels = mask[box]
+    return lucency_features(volume.array[box], labels == value, volume.spacing, others=(labels > 0) & (labels != value))
 
 
 def _crop_stack(

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 #: major.minor of the statistics' definition; crop caches and classifiers are keyed by it.
-FEATURES_VERSION = "1.0"
+FEATURES_VERSION = "2.0"
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,9 @@ class LucencyConfig:
         fraction_floor: models read fractions as log(fraction + floor) (they are heavy-tailed).
         clip: standardised inputs are clipped at +-clip, so a vertebra unlike any in training (a mask of soft
             tissue) cannot dominate the logit.
+        ring_hu: bone of the canal ring is above this (cspine.features.ring; thin real laminae read low).
+        ring_reach_mm: the ring's bone lies within this of the vertebra's mask (a gap or a fragment it left out).
+        ring_min_mm2: an enclosed hole at least this large is the canal (the transverse foramina are smaller).
     """
 
     spacing: tuple[float, float, float] = (2.0, 1.0, 1.0)
@@ -40,18 +43,25 @@ class LucencyConfig:
     res_gt_hu: tuple[int, ...] = (40, 80)
     fraction_floor: float = 1e-3
     clip: float = 6.0
+    ring_hu: float = 150.0
+    ring_reach_mm: float = 3.0
+    ring_min_mm2: float = 60.0
 
     @property
-    def names(self) -> tuple[str, ...]:
-        """Feature names in order: the fractions first, then log_volume and height_mm."""
+    def fractions(self) -> tuple[str, ...]:
+        """Names of the fraction features (heavy-tailed: models read them as logs)."""
         return (
             *(f"lt{t}" for t in self.lt_hu),
             *(f"core_lt{t}" for t in self.core_lt_hu),
             *(f"res_lt{t}" for t in self.res_lt_hu),
             *(f"res_gt{t}" for t in self.res_gt_hu),
-            "log_volume",
-            "height_mm",
         )
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Feature names in order: the fractions first, then the vertebra's size and its canal ring
+        (cspine.features.ring)."""
+        return (*self.fractions, "log_volume", "height_mm", "ring_closed", "log_ring_mm2", "ring_height_mm")
 
 
 @dataclass(frozen=True)

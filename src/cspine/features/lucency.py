@@ -1,7 +1,7 @@
 """Per-vertebra lucency statistics: how much of the bone the mask claims is darker than bone should be.
 
 Why: a fracture is a lucent line or gap through bone (blood, soft tissue, air where the mask says bone), a dense
-impaction band, or lost height. These fifteen numbers say so directly, from the full 3D vertebra on a fixed grid,
+impaction band, or lost height. These numbers say so directly, from the full 3D vertebra on a fixed grid,
 so the classifier does not have to discover them from the few dozen fractured vertebrae a small dataset holds
 (what they score: benchmarks/cls_results.md). Thin slices are averaged down to the grid first, so the numbers mean
 the same on a 0.5 mm scan as on a 2 mm one.
@@ -13,6 +13,7 @@ Features (in this order):
                       (a line or band in bone, whatever the patient's bone density)
     log_volume        log of the vertebra's volume in mm^3
     height_mm         its extent along z
+    ring_closed ..    whether its bone closes the ring around the canal (cspine.features.ring)
 
 The constants are cspine.features.config.LucencyConfig: changing one means bumping FEATURES_VERSION (crop caches
 and classifiers are keyed by it).
@@ -33,21 +34,28 @@ LUCENCY_FEATURES: tuple[str, ...] = _C.names
 N_LUCENCY = len(LUCENCY_FEATURES)
 #: The first N_FRACTIONS features are fractions: heavy-tailed (a fractured or osteoporotic vertebra can sit 10-17
 #: standard deviations out), so models read them as log(fraction + FRACTION_FLOOR).
-N_FRACTIONS = len(LUCENCY_FEATURES) - 2
+N_FRACTIONS = len(_C.fractions)
 FRACTION_FLOOR = _C.fraction_floor
 
 
-def lucency_features(hu: np.ndarray, inside: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+def lucency_features(
+    hu: np.ndarray, inside: np.ndarray, spacing: tuple[float, float, float], others: np.ndarray | None = None
+) -> np.ndarray:
     """(N_LUCENCY,) float32 statistics of one vertebra.
 
     Args:
         hu: (z, y, x) HU of a box around the vertebra (a few voxels of margin keep the local median honest).
         inside: bool mask of the vertebra on the same box.
         spacing: (dz, dy, dx) of the box in mm.
+        others: bool mask of the other labelled structures on the box (None: nothing else is labelled).
     """
     from scipy import ndimage
 
-    hu_g, in_g, grid = _to_grid(hu.astype(np.float32), inside, spacing)
+    from cspine.features.ring import ring_features
+
+    if others is None:
+        others = np.zeros(inside.shape, bool)
+    hu_g, (in_g, others_g), grid = _to_grid(hu.astype(np.float32), (inside, others), spacing)
     n = int(in_g.sum())
     if n == 0:
         return np.zeros(N_LUCENCY, np.float32)
@@ -63,6 +71,7 @@ def lucency_features(hu: np.ndarray, inside: np.ndarray, spacing: tuple[float, f
     feats += [float((res > t).mean()) if res.size else 0.0 for t in RES_GT_HU]
     zs = np.nonzero(in_g.any(axis=(1, 2)))[0]
     feats += [float(np.log(n * float(np.prod(grid)))), float((zs[-1] - zs[0] + 1) * grid[0])]
+    feats += ring_features(hu_g, in_g, others_g, grid).tolist()
     return np.asarray(feats, np.float32)
 
 
@@ -82,21 +91,23 @@ def _local_median(hu: np.ndarray, where: np.ndarray, window: list[int]) -> np.nd
 
 
 def _to_grid(
-    hu: np.ndarray, inside: np.ndarray, spacing: tuple[float, float, float]
-) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    hu: np.ndarray, masks: tuple[np.ndarray, ...], spacing: tuple[float, float, float]
+) -> tuple[np.ndarray, tuple[np.ndarray, ...], tuple[float, float, float]]:
     """Average axes finer than LUCENCY_SPACING down to it (HU smoothed before it is thinned, so noise does not
-    alias; the mask interpolated and thresholded at one half, so its boundary stays put); keep coarser axes."""
+    alias; each mask interpolated and thresholded at one half, so its boundary stays put); keep coarser axes."""
     from scipy import ndimage
 
     native = np.asarray(spacing, np.float64)
     target = np.maximum(native, LUCENCY_SPACING)
     factor = native / target  # <= 1
     if np.all(factor > 0.9):
-        return hu, inside, tuple(float(x) for x in native)  # type: ignore[return-value]
+        return hu, masks, tuple(float(x) for x in native)  # type: ignore[return-value]
     hu = ndimage.gaussian_filter(hu, sigma=(1.0 / factor - 1.0) / 2.0)
     shape = np.maximum(np.rint(np.asarray(hu.shape) * factor).astype(int), 1)
     zoom = shape / np.asarray(hu.shape)
     hu_g = ndimage.zoom(hu, zoom, order=1, grid_mode=True, mode="nearest")
-    in_g = ndimage.zoom(inside.astype(np.float32), zoom, order=1, grid_mode=True, mode="nearest") > 0.5
+    masks_g = tuple(
+        ndimage.zoom(m.astype(np.float32), zoom, order=1, grid_mode=True, mode="nearest") > 0.5 for m in masks
+    )
     grid = np.asarray(hu.shape, np.float64) * native / shape
-    return hu_g, in_g, tuple(float(x) for x in grid)  # type: ignore[return-value]
+    return hu_g, masks_g, tuple(float(x) for x in grid)  # type: ignore[return-value]
