@@ -405,6 +405,35 @@ def test_ring_features_see_a_broken_arch_that_the_mask_left_out() -> None:
     assert broken["ring_closed"] == 0.0 and broken["ring_height_mm"] == 0.0
     # the other vertebra's bone over the gap does not close this one's ring; a thin-slice scan says the same
     assert f(0.5, 60.0)["ring_closed"] == 0.0 and f(0.5, None)["ring_closed"] == 1.0
+    # not measured (NaN) on pixels too coarse for an arch, nor for a vertebra cut off by the field of view
+    hu, inside, other = _ring_vertebra(1.0, None)
+    cut = lucency_features(hu, inside, (2.0, 1.0, 1.0), others=other, cut_off=True)
+    for values in (f(3.2, None), dict(zip(LUCENCY_FEATURES, cut.tolist(), strict=True))):
+        assert np.isnan([values[k] for k in ("ring_closed", "log_ring_mm2", "ring_height_mm")]).all()
+        assert values["lt140"] == 0.0  # the rest is measured as before
+
+
+def test_a_feature_not_measured_reads_as_the_training_mean() -> None:
+    import torch
+
+    from cspine.features.linear import LucencyModel
+    from cspine.features.lucency import LUCENCY_FEATURES, N_LUCENCY
+
+    rng = np.random.default_rng(0)
+    stats = torch.from_numpy(rng.uniform(0.001, 0.05, (30, 7, N_LUCENCY)).astype(np.float32))
+    ring = LUCENCY_FEATURES.index("ring_closed")
+    stats[:10, :, ring] = float("nan")  # coarse scans in training
+    present = torch.ones(30, 7, dtype=torch.bool)
+    labels = (rng.random((30, 7)) < 0.3).astype(np.float32)
+    model = LucencyModel.fit(stats, present, labels)
+    assert torch.isfinite(model.mean).all() and torch.isfinite(model.std).all()
+    assert model.mean[ring] == pytest.approx(float(stats[10:, :, ring].mean()), rel=1e-5)
+    unmeasured = stats[:1].clone()
+    unmeasured[..., ring] = float("nan")
+    as_mean = unmeasured.clone()
+    as_mean[..., ring] = model.mean[ring]
+    logits = model.logits(unmeasured, present[:1])
+    assert torch.isfinite(logits).all() and torch.allclose(logits, model.logits(as_mean, present[:1]), atol=1e-5)
 
 
 def _block_vertebra(pixel: float, line_hu: float | None, bone_hu: float = 300.0) -> tuple[np.ndarray, np.ndarray]:

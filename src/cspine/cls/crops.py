@@ -208,7 +208,10 @@ def _vertebra_stats(
         slice(max(0, extent[2 * a] - pads[a]), min(volume.shape[a], extent[2 * a + 1] + pads[a])) for a in range(3)
     )
     labels = mask[box]
-    return lucency_features(volume.array[box], labels == value, volume.spacing, others=(labels > 0) & (labels != value))
+    cut_off = extent[0] == 0 or extent[1] == volume.shape[0]
+    return lucency_features(
+        volume.array[box], labels == value, volume.spacing, others=(labels > 0) & (labels != value), cut_off=cut_off
+    )
 
 
 def _crop_stack(

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 #: major.minor of the statistics' definition; crop caches and classifiers are keyed by it.
-FEATURES_VERSION = "2.0"
+FEATURES_VERSION = "2.1"
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,9 @@ class LucencyConfig:
         ring_hu: bone of the canal ring is above this (cspine.features.ring; thin real laminae read low).
         ring_reach_mm: the ring's bone lies within this of the vertebra's mask (a gap or a fragment it left out).
         ring_min_mm2: an enclosed hole at least this large is the canal (the transverse foramina are smaller).
+        ring_max_pixel_mm: on coarser in-plane pixels the ring is not measured (NaN, which the models read as an
+            average vertebra): an arch 2-4 mm thick is a pixel or less there and reads as broken on a healthy
+            real neck; nor is it for a vertebra the field of view cuts at its top or bottom (its arch may be out).
     """
 
     spacing: tuple[float, float, float] = (2.0, 1.0, 1.0)
@@ -46,6 +49,7 @@ class LucencyConfig:
     ring_hu: float = 150.0
     ring_reach_mm: float = 3.0
     ring_min_mm2: float = 60.0
+    ring_max_pixel_mm: float = 2.0
 
     @property
     def fractions(self) -> tuple[str, ...]:

@@ -83,8 +83,12 @@ class LucencyModel:
         2x; a fold with one class leaves it at zero)."""
         model = cls.identity()
         x = lucency_inputs(stats[present].float())
-        if len(x) >= 2:
-            model.mean, model.std = x.mean(0), x.std(0).clamp(min=1e-6)
+        n = (~torch.isnan(x)).sum(0)
+        if len(x) >= 2:  # NaN: not measured on that vertebra (the ring, cspine.features.ring); left out
+            mean = torch.nanmean(x, 0)
+            var = torch.nansum((x - mean) ** 2, 0) / (n - 1).clamp(min=1)
+            model.mean = torch.where(n > 0, mean, torch.zeros_like(mean))
+            model.std = torch.where(n > 1, var.sqrt(), torch.ones_like(var)).clamp(min=1e-6)
         if labels is None:
             return model
         from sklearn.linear_model import LogisticRegression
@@ -108,10 +112,10 @@ class LucencyModel:
 
     def standardise(self, stats: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """(B, 7, N_LUCENCY) raw -> (B*7, N_LUCENCY): fractions as logs, standardised, clipped, zero where the
-        vertebra is absent."""
+        vertebra is absent or the feature was not measured (NaN: the training vertebrae's mean)."""
         mean, std = self.mean.to(stats.device), self.std.to(stats.device)
         z = (lucency_inputs(stats.reshape(-1, stats.shape[-1]).float()) - mean) / std
-        return z.clamp(-STATS_CLIP, STATS_CLIP) * present.reshape(-1, 1).float()
+        return torch.nan_to_num(z, nan=0.0).clamp(-STATS_CLIP, STATS_CLIP) * present.reshape(-1, 1).float()
 
     def logits(self, stats: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """(B, 7) logits of the fitted regression (what is added to the network's vertebra logits)."""

@@ -39,19 +39,24 @@ FRACTION_FLOOR = _C.fraction_floor
 
 
 def lucency_features(
-    hu: np.ndarray, inside: np.ndarray, spacing: tuple[float, float, float], others: np.ndarray | None = None
+    hu: np.ndarray,
+    inside: np.ndarray,
+    spacing: tuple[float, float, float],
+    others: np.ndarray | None = None,
+    cut_off: bool = False,
 ) -> np.ndarray:
-    """(N_LUCENCY,) float32 statistics of one vertebra.
+    """(N_LUCENCY,) float32 statistics of one vertebra (the ring's NaN where it cannot be measured).
 
     Args:
         hu: (z, y, x) HU of a box around the vertebra (a few voxels of margin keep the local median honest).
         inside: bool mask of the vertebra on the same box.
         spacing: (dz, dy, dx) of the box in mm.
         others: bool mask of the other labelled structures on the box (None: nothing else is labelled).
+        cut_off: the field of view cuts the vertebra at its top or bottom.
     """
     from scipy import ndimage
 
-    from cspine.features.ring import ring_features
+    from cspine.features.ring import RING_FEATURES, ring_features, ring_measurable
 
     if others is None:
         others = np.zeros(inside.shape, bool)
@@ -71,7 +76,10 @@ def lucency_features(
     feats += [float((res > t).mean()) if res.size else 0.0 for t in RES_GT_HU]
     zs = np.nonzero(in_g.any(axis=(1, 2)))[0]
     feats += [float(np.log(n * float(np.prod(grid)))), float((zs[-1] - zs[0] + 1) * grid[0])]
-    feats += ring_features(hu_g, in_g, others_g, grid).tolist()
+    if ring_measurable(spacing, cut_off):
+        feats += ring_features(hu_g, in_g, others_g, grid).tolist()
+    else:
+        feats += [float("nan")] * len(RING_FEATURES)
     return np.asarray(feats, np.float32)
 
 

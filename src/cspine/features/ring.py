@@ -10,6 +10,9 @@ Features (in this order):
     ring_closed      fraction of the vertebra's axial slices where its bone encloses a hole >= ring_min_mm2
     log_ring_mm2     log(1 + the largest enclosed hole of any slice, mm^2): the canal where the ring is whole
     ring_height_mm   how many mm of slices have such a hole
+
+All three are NaN where the ring cannot be measured (:func:`ring_measurable`); the models read NaN as an average
+vertebra (cspine.features.linear).
 """
 
 from __future__ import annotations
@@ -20,6 +23,12 @@ from cspine.features.config import FEATURES
 
 _C = FEATURES.lucency
 RING_FEATURES: tuple[str, ...] = ("ring_closed", "log_ring_mm2", "ring_height_mm")
+
+
+def ring_measurable(spacing: tuple[float, float, float], cut_off: bool) -> bool:
+    """Whether the scan's in-plane pixels are fine enough to see an arch whole, and the vertebra is not cut off at
+    the top or bottom of the field of view."""
+    return not cut_off and max(spacing[1], spacing[2]) <= _C.ring_max_pixel_mm
 
 
 def ring_features(
