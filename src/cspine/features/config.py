@@ -62,10 +62,14 @@ class LucencyConfig:
         )
 
     @property
+    def ring(self) -> tuple[str, ...]:
+        """Names of the canal ring's features (cspine.features.ring)."""
+        return ("ring_closed", "log_ring_mm2", "ring_height_mm")
+
+    @property
     def names(self) -> tuple[str, ...]:
-        """Feature names in order: the fractions first, then the vertebra's size and its canal ring
-        (cspine.features.ring)."""
-        return (*self.fractions, "log_volume", "height_mm", "ring_closed", "log_ring_mm2", "ring_height_mm")
+        """Feature names in order: the fractions first, then the vertebra's size and its canal ring."""
+        return (*self.fractions, "log_volume", "height_mm", *self.ring)
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,9 @@
 
 Why: a fracture of the neural arch (lamina, pedicle, C1's anterior or posterior arch) opens the ring of bone that
 encloses the canal. The lucency fractions barely see it: the gap is a small part of the vertebra, and a predicted
-mask leaves it (and often the displaced fragment) out, so the voxels it holds are soft tissue at the rim no matter
-what (benchmarks/cls_results.md, session 10). The ring is read from the image, not the mask: bone near the mask that
-no other vertebra claims, so a gap the mask skipped still breaks it.
+mask leaves it (and often the displaced fragment) out, so what the mask holds looks like an intact vertebra
+(benchmarks/cls_results.md, session 10). The ring is read from the image, not the mask: bone near the mask that no
+other label claims, so a gap the mask skipped still breaks it.
 
 Features (in this order):
     ring_closed      fraction of the vertebra's axial slices where its bone encloses a hole >= ring_min_mm2
@@ -22,7 +22,7 @@ import numpy as np
 from cspine.features.config import FEATURES
 
 _C = FEATURES.lucency
-RING_FEATURES: tuple[str, ...] = ("ring_closed", "log_ring_mm2", "ring_height_mm")
+RING_FEATURES: tuple[str, ...] = _C.ring
 
 
 def ring_measurable(spacing: tuple[float, float, float], cut_off: bool) -> bool:
