@@ -45,6 +45,7 @@ from cspine.cls.models import _efficientnet_lite0, load_pretrained
 from cspine.cls.oof import path_aucs
 from cspine.features.linear import LucencyModel
 from cspine.labels import CERVICAL
+from cspine.metrics import as_matrix
 from cspine.seg.shipped import SHIPPED_DIR
 
 #: lite0 blocks whose outputs are pooled (strides 4, 8, 16, 32 of the input).
@@ -158,8 +159,7 @@ def read_set(crops: Path, net: torch.nn.Module, cache: Path) -> dict[str, np.nda
 
 def labels(out: Path, split: str, uids: np.ndarray) -> np.ndarray:
     """(n, 7) vertebra labels of ``uids`` from the set's train.csv."""
-    rows = read_labels(out / "data" / split / "train.csv")
-    return np.array([[rows[u][v] for v in CERVICAL] for u in uids])
+    return as_matrix(read_labels(out / "data" / split / "train.csv"), [str(u) for u in uids], CERVICAL)
 
 
 def appearance_logits(tr: dict[str, np.ndarray], y: np.ndarray, te: dict[str, np.ndarray]) -> np.ndarray:
@@ -197,12 +197,15 @@ def by_kind(out: Path, uids: np.ndarray, y: np.ndarray, logits: np.ndarray) -> d
     return {k: {"n": len(v), "rank": round(float(np.mean(v)), 3)} for k, v in sorted(ranks.items())}
 
 
-def score(tr: dict[str, np.ndarray], ytr: np.ndarray, te: dict[str, np.ndarray], yte: np.ndarray) -> dict[str, float]:
+def score(
+    tr: dict[str, np.ndarray], ytr: np.ndarray, te: dict[str, np.ndarray], yte: np.ndarray
+) -> tuple[dict[str, float], np.ndarray]:
     """Test mean vertebra AUC of each part and of their sum, as train-cls reports its own parts (the frozen network
-    in the network's place)."""
-    by_path = path_aucs(yte, {"network": appearance_logits(tr, ytr, te), "statistics": statistics_logits(tr, ytr, te)})
+    in the network's place); and the statistics' test logits."""
+    stats = statistics_logits(tr, ytr, te)
+    by_path = path_aucs(yte, {"network": appearance_logits(tr, ytr, te), "statistics": stats})
     names = {"statistics": "statistics", "appearance": "network", "both": "both"}
-    return {name: by_path[key]["mean_vertebra_auc"] for name, key in names.items()}
+    return {name: by_path[key]["mean_vertebra_auc"] for name, key in names.items()}, stats
 
 
 def main() -> None:
@@ -223,16 +226,19 @@ def main() -> None:
         for split in SETS:
             t = time.perf_counter()
             crops = masks_and_crops(args.out, source, split, args.size)
-            sets[split] = read_set(crops, net, args.out / "parts" / f"features{tag}-{source}-{split}.npz")
+            # keyed by the crop folder (its name holds the crop and feature config): never another version's figures
+            cache = args.out / "parts" / f"features{tag}-{source}-{split}-{crops.parent.name}.npz"
+            sets[split] = read_set(crops, net, cache)
             results["seconds"][f"{source}-{split}"] = round(time.perf_counter() - t, 1)  # type: ignore[index]
         tr, te = sets["train"], sets["test"]
         ytr, yte = labels(args.out, "train", tr["uids"]), labels(args.out, "test", te["uids"])
         subsets = []
         for k in range(SUBSETS):
             part = slice(k * SUBSET_SIZE, (k + 1) * SUBSET_SIZE)
-            subsets.append(score({n: a[part] for n, a in tr.items()}, ytr[part], te, yte))
-        kinds = by_kind(args.out, te["uids"], yte, statistics_logits(tr, ytr, te))
-        results[source] = {"train_200": score(tr, ytr, te, yte), "train_64": subsets, "statistics_by_kind": kinds}
+            subsets.append(score({n: a[part] for n, a in tr.items()}, ytr[part], te, yte)[0])
+        full, stats = score(tr, ytr, te, yte)
+        kinds = by_kind(args.out, te["uids"], yte, stats)
+        results[source] = {"train_200": full, "train_64": subsets, "statistics_by_kind": kinds}
         print(source, json.dumps(results[source]), flush=True)
     (args.out / "parts" / f"results{tag}.json").write_text(json.dumps(results, indent=2))
 
