@@ -425,6 +425,30 @@ def test_resume_after_interruption_continues_from_saved_epoch(
         train_segmentation(train_config(out=out, **{**TINY, "lr": 0.5}), studies)
 
 
+def test_init_starts_a_run_from_another_segmenters_weights(
+    studies: list[SynthStudy], trained: dict[str, Any], tmp_path: Path
+) -> None:
+    import torch
+
+    from cspine.errors import ConfigError
+    from cspine.runtime import load_checkpoint
+    from cspine.seg.train import train_config, train_segmentation
+
+    still = {**TINY, "epochs": 1, "lr": 1e-12, "weight_decay": 0.0, "fold": -1}  # a step too small to move them
+    out = tmp_path / "tuned"
+    train_segmentation(train_config(out=out, init=trained["out"], **still), studies, resume=False)
+    tuned = load_checkpoint(out / "model.pt")["model"]
+    source = load_checkpoint(trained["out"] / "model.pt")["model"]
+    for k in source:
+        torch.testing.assert_close(tuned[k], source[k], rtol=1e-5, atol=1e-6)
+    train_segmentation(train_config(out=tmp_path / "scratch", **still), studies, resume=False)
+    scratch = load_checkpoint(tmp_path / "scratch" / "model.pt")["model"]
+    assert any(not torch.allclose(scratch[k].float(), source[k].float()) for k in source)
+    refine = {**still, "stage": "refine", "arch": "unet-fine"}
+    with pytest.raises(ConfigError, match="a coarse stage of network 'unet-tiny'"):
+        train_segmentation(train_config(out=tmp_path / "r", init=trained["out"], **refine), studies, resume=False)
+
+
 def test_inference_returns_masks_on_the_studys_own_grid(
     studies: list[SynthStudy], trained: dict[str, Any], tmp_path: Path
 ) -> None:

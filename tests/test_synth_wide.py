@@ -91,6 +91,26 @@ def test_c1_sits_below_the_foramen_magnum_and_the_spine_spans_real_lengths(cspin
         assert 70.0 <= span <= 140.0, (st.index, span)  # real necks: C1-C7 centroid span 70-140 mm
 
 
+def _height_above(anat, name: str, ref: str) -> float:  # type: ignore[no-untyped-def]
+    """How far part ``name``'s frame sits above part ``ref``'s centre, along ref's axis (mm)."""
+    frames = {p.name: p.frame for p in anat.parts}
+    return float((frames[name].centre - frames[ref].centre) @ frames[ref].R[:, 2])
+
+
+def test_wide_profile_moves_the_mandible_and_hyoid_off_the_vertebrae() -> None:
+    """Real mandibles hang from the skull (a radiotherapy mask lifts them to C1): a segmenter must not learn to
+    name C2 as the vertebra behind the mandible. The default profile keeps them where its figures were made."""
+    lifts: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+    for i in range(16):
+        for wide in (True, False):
+            anat = build_anatomy(study_rng(SEED, "train", i, 2), [], study_rng(SEED, "train", i, 3), 0.0, wide=wide)
+            lifts[wide].append((_height_above(anat, "mandible", "C2"), _height_above(anat, "hyoid", "C3")))
+    jaw, hyoid = np.array(lifts[True]).T
+    assert jaw.max() - jaw.min() > 20.0 and jaw.max() > 15.0 and jaw.min() < 0.0, jaw
+    assert hyoid.max() - hyoid.min() > 12.0, hyoid
+    assert np.allclose(lifts[False], 0.0)
+
+
 def test_resolution_ranges_at_full_size() -> None:
     rng_a = study_rng(SEED, "train", 0, 2)
     anat = build_anatomy(rng_a, [], study_rng(SEED, "train", 0, 3), 0.0, wide=True)

@@ -168,6 +168,9 @@ class TrainSegConfig:
             more variation of the generated studies.
         seed: seed of folds, initialisation and patch sampling.
         device: auto, cpu, cuda or cuda:N (DDP under torchrun).
+        init: start from this segmenter's weights instead of a random initialisation (a model directory of the
+            same stage and network, e.g. the shipped one; its refine/ for the refinement stage), to fine-tune it
+            on other data with this run's schedule; a resumed run continues from its own state.
     """
 
     data: Path | None = None
@@ -195,6 +198,7 @@ class TrainSegConfig:
     max_studies: int | None = None
     cervical_box_mm: float | None = None
     randomize: bool = False
+    init: Path | None = None
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     randomization: RandomizeConfig = field(default_factory=RandomizeConfig)

@@ -168,17 +168,17 @@ def load_model(path: str | Path, device: str = "auto", checkpoint: str = "") -> 
     refinement stage in MODEL_DIR/refine when there is one. ``checkpoint``: a file name in each stage's directory
     instead of its weights (model.pt; best.pt in 1.0/1.1 directories)."""
     model_dir = resolve_model_dir(path)
-    model = _load_network(model_dir, device, checkpoint)
+    model = load_stage(model_dir, device, checkpoint)
     if model.stage != "coarse":
         raise ValueError(f"{model_dir}: a {model.stage} stage; load the model directory that holds it as {REFINE_DIR}/")
     if (model_dir / REFINE_DIR / "config.json").exists():
-        model.refine = _load_network(model_dir / REFINE_DIR, device, checkpoint)
+        model.refine = load_stage(model_dir / REFINE_DIR, device, checkpoint)
         if model.refine.stage != "refine":
             raise ValueError(f"{model_dir / REFINE_DIR}: stage {model.refine.stage!r}, expected 'refine'")
     return model
 
 
-def _load_network(model_dir: Path, device: str, checkpoint: str) -> SegModel:
+def load_stage(model_dir: Path, device: str, checkpoint: str) -> SegModel:
     """One stage's network from its directory (its weights, else the resume state of a run still in progress)."""
     from cspine.engine.model_dir import load_weights
     from cspine.runtime import resolve_device

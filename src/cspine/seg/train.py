@@ -30,10 +30,11 @@ from cspine.engine.config import from_dict, to_dict
 from cspine.engine.loop import Hooks, barrier, fit, warmup_cosine_steps
 from cspine.engine.model_dir import RunFiles
 from cspine.engine.step import StepResult
+from cspine.errors import ConfigError
 from cspine.io.volume import Volume
 from cspine.labels import CERVICAL
 from cspine.runtime import Runtime, write_json
-from cspine.seg.config import REFINE_RECIPE, RUN_NAME, STAGE_CLASSES, TrainSegConfig
+from cspine.seg.config import REFINE_DIR, REFINE_RECIPE, RUN_NAME, STAGE_CLASSES, TrainSegConfig
 from cspine.seg.data import Case, PatchSampler, describe_cases, discover_studies, fold_of
 from cspine.seg.model_dir import (
     TRAINING_FILES,
@@ -202,6 +203,23 @@ def fit_hooks(
     )
 
 
+def initial_weights(cfg: TrainSegConfig) -> dict[str, Any]:
+    """The weights of ``cfg.init`` (its refine/ stage for ``stage="refine"``), checked to be this run's stage and
+    network, for fine-tuning."""
+    from cspine.seg.infer import load_stage, resolve_model_dir
+
+    src = resolve_model_dir(cfg.init)  # type: ignore[arg-type]
+    if cfg.stage == "refine" and (src / REFINE_DIR / "config.json").exists():
+        src = src / REFINE_DIR
+    init = load_stage(src, "cpu", "")
+    if (init.stage, init.arch) != (cfg.stage, cfg.arch):
+        raise ConfigError(
+            f"--init {src}: a {init.stage} stage of network {init.arch!r}; this run trains a {cfg.stage} stage of "
+            f"{cfg.arch!r}"
+        )
+    return init.net.state_dict()
+
+
 def train_segmentation(
     cfg: TrainSegConfig,
     studies: Sequence[StudyLike] | None = None,
@@ -268,6 +286,8 @@ def train_segmentation(
             write_json(out / "labels.json", labels_json(cfg.stage))
 
         net = create_model(cfg.arch, 1, len(STAGE_CLASSES[cfg.stage]), get_spec(cfg.arch).arch()).to(rt.device)
+        if cfg.init is not None:  # a resume state, when there is one, replaces these weights in fit()
+            net.load_state_dict(initial_weights(cfg))
         after = None if on_epoch_end is None else (lambda row: on_epoch_end(row["epoch"], row))
         hooks = fit_hooks(cfg, rt, train_cases, val_cases, after)
         if not val_items:

@@ -27,6 +27,7 @@ from cspine.synth.wide import (
     head_parts,
     larynx_parts,
     lower_phis,
+    neighbour_frames,
     rib_parts,
     shoulder_parts,
     trunk_tubes,
@@ -186,10 +187,14 @@ def build_anatomy(
     # ---- other bones (mask 0): skull base, mandible, hyoid, first ribs, clavicles
     fm_w = 15.0 * s  # foramen magnum height above the atlas centre
     jaw = float(rng.uniform(-8, 6)) * s  # mouth opening / head posture moves the mandible
-    parts += other_bones(frames, skull, s, fm_w, jaw, cortical, cancellous, cortical_mm)
+    jaw_frame, hyoid_frame = frames["C2"], frames["C3"]
+    if wide:  # the mandible hangs from the skull, not from C2, and the hyoid from the mandible and larynx
+        jaw_frame, hyoid_frame, shifts = neighbour_frames(rng, frames, s)
+        params |= shifts
+    parts += other_bones(frames, skull, s, fm_w, jaw, cortical, cancellous, cortical_mm, jaw_frame, hyoid_frame)
     metal: list[tuple[float, float, float]] = []
     if wide:
-        head, metal, head_params = head_parts(rng, skull, frames["C2"], s, jaw, fm_w, cortical, cancellous, cortical_mm)
+        head, metal, head_params = head_parts(rng, skull, jaw_frame, s, jaw, fm_w, cortical, cancellous, cortical_mm)
         params |= head_params
         parts = head[:1] + parts + head[1:]  # the brain first: bone paints over it
         parts += larynx_parts(rng, frames, s) + rib_parts(frames, s, cortical, cancellous, cortical_mm)
@@ -202,7 +207,7 @@ def build_anatomy(
     z_bottom = float(frames["T1"].centre[2]) - float(rng.uniform(-4, 30))
     anat = Anatomy(neck.tubes, parts, -1000.0, z_top, z_bottom, (float(place[0]), float(place[1] + 7.0 * s)), params)
     if wide:
-        anat.tubes[1:1] = trunk_tubes(rng, frames, skull, s, fm_w, jaw, habitus)
+        anat.tubes[1:1] = trunk_tubes(rng, frames, skull, s, fm_w, jaw, habitus, jaw_frame)
         anat.tubes[0:0] = couch_tubes(
             rng, float(np.median(bx)), float((neck.ncy + neck.ryb).max()), (float(zz[1]), float(zz[-2]))
         )

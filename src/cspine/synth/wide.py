@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from cspine.synth.parts import TISSUES, Part, Tube
-from cspine.synth.shapes import Bar, Ellipsoid, Frame, Primitive, Shell
+from cspine.synth.shapes import Bar, Body, Ellipsoid, Frame, Primitive, Shell
 from cspine.synth.vertebrae import rib_bars
 
 #: Levels below T2, built bottom-up before the default chain (L1-L3 are drawn but carry mask value 0).
@@ -87,6 +87,31 @@ def head_parts(
             cortical_mm,
         ),
     ]
+    petrous: list[Primitive] = [  # dense wedges from the mastoids to the clivus, beside the foramen magnum
+        Bar(
+            (side * 42.0 * s, 10.0 * s, fm_w + 8.0 * s),
+            (side * 13.0 * s, -14.0 * s, fm_w + 20.0 * s),
+            7.0 * s,
+            8.0 * s,
+            r2=4.0 * s,
+            hh2=5.0 * s,
+            round=2.0,
+        )
+        for side in (-1.0, 1.0)
+    ]
+    parts.append(Part("petrous bones", skull, petrous, [], 0, cortical * 1.3, cancellous * 3.0, cortical_mm * 2.0))
+    # The occipital bone closes a ring around the foramen magnum, with the condyles below its front half: on an
+    # axial slice a "C0" that looks like the atlas under it. Without it a segmenter trained here takes that ring
+    # for C1 on real CT and names every level one too low.
+    ring, rim_h = float(rng.uniform(1.0, 1.25)), float(rng.uniform(4.0, 8.0))
+    rim: list[Primitive] = [
+        Body((0.0, 14.5 * s, fm_w + 4.0 * s), 21.0 * s * ring, 24.0 * s * ring, rim_h * s, round=3.0)
+    ]
+    rim += [Ellipsoid((side * 13.0 * s, 3.0 * s, 12.0 * s), (7.0 * s, 11.0 * s, 4.5 * s)) for side in (-1.0, 1.0)]
+    fm_hole = Body((0.0, 14.5 * s, fm_w + 4.0 * s), 15.0 * s, 17.5 * s, rim_h * s + 2.0, round=2.0)
+    parts.append(
+        Part("foramen magnum rim", skull, rim, [fm_hole], 0, cortical * 1.05, cancellous * 1.4, cortical_mm * 1.4)
+    )
     enamel = float(rng.uniform(1800, 2600))
     upper = _arch([(25.0, -46.0), (21.0, -60.0), (12.0, -69.0), (0.0, -72.0)], 7)
     lower = _arch([(41.0, -46.0), (26.0, -68.0), (0.0, -76.0)], 7)
@@ -114,9 +139,30 @@ def head_parts(
     return parts, metal, {"head_size": size, "dental_metal": float(n_metal)}
 
 
+def shifted(frame: Frame, up: float, forward: float = 0.0) -> Frame:
+    """The frame moved ``up`` mm along its w axis and ``forward`` mm anteriorly (along -v)."""
+    return Frame(frame.centre + frame.R[:, 2] * up - frame.R[:, 1] * forward, frame.R)
+
+
+def neighbour_frames(
+    rng: np.random.Generator, frames: dict[str, Frame], s: float
+) -> tuple[Frame, Frame, dict[str, float]]:
+    """Frames of the mandible and the hyoid, moved off C2 and C3: in real CT the mandible hangs from the skull, so
+    head extension (a radiotherapy mask) lifts it to C1 and flexion drops it to C3, and the hyoid rides between C2
+    and C4. A segmenter that named levels by what lies in front of them would count wrong on such necks."""
+    lift = float(rng.uniform(-8.0, 26.0)) * s
+    forward = float(rng.uniform(-4.0, 10.0)) * s
+    hyoid = float(rng.uniform(-10.0, 12.0)) * s
+    shifts = {"jaw_lift_mm": lift, "jaw_forward_mm": forward, "hyoid_lift_mm": hyoid}
+    return shifted(frames["C2"], lift, forward), shifted(frames["C3"], hyoid), shifts
+
+
 def larynx_parts(rng: np.random.Generator, frames: dict[str, Frame], s: float) -> list[Part]:
-    """Thyroid cartilage (a V open posteriorly, C4-C6) and cricoid ring (C6), calcified to a random degree."""
+    """Thyroid cartilage (a V open posteriorly, C4-C6) and cricoid ring (C6), calcified to a random degree, a
+    level higher or lower from one neck to the next."""
     hu = float(rng.uniform(80, 500))
+    up = float(rng.uniform(-12.0, 12.0)) * s
+    frames = {k: shifted(frames[k], up) for k in ("C5", "C6")}
     thyroid: list[Primitive] = []
     for side in (-1.0, 1.0):
         thyroid.append(
@@ -202,12 +248,19 @@ def couch_tubes(rng: np.random.Generator, x: float, y_back: float, z_range: tupl
 
 
 def trunk_tubes(
-    rng: np.random.Generator, frames: dict[str, Frame], skull: Frame, s: float, fm_w: float, jaw: float, habitus: float
+    rng: np.random.Generator,
+    frames: dict[str, Frame],
+    skull: Frame,
+    s: float,
+    fm_w: float,
+    jaw: float,
+    habitus: float,
+    jaw_frame: Frame,
 ) -> list[Tube]:
-    """Face (around the mandible and teeth), head outline (an ellipsoid closing at the vertex), lungs T1-T11, liver
-    T10-L2."""
+    """Face (around the mandible and teeth, in ``jaw_frame``), head outline (an ellipsoid closing at the vertex),
+    lungs T1-T11, liver T10-L2."""
     tubes = []
-    c2 = frames["C2"]
+    c2 = jaw_frame
     chin = c2.to_world((0.0, -48.0 * s, jaw - 16.0 * s))
     top = skull.to_world((0.0, -45.0 * s, fm_w + 45.0 * s))
     low = min(c2.to_world((u * s, v * s, jaw - 24.0 * s))[2] for u, v in ((0.0, -80.0), (46.0, -16.0), (-46.0, -16.0)))
