@@ -17,7 +17,8 @@ from cspine.synth.render import Grid
 FOVS: dict[str, float] = {
     "head": 0.1,
     "head_neck": 0.2,
-    "neck": 0.3,
+    "head_upper_neck": 0.1,
+    "neck": 0.2,
     "neck_chest": 0.2,
     "chest": 0.1,
     "abdomen": 0.1,
@@ -49,6 +50,8 @@ def wide_grid(rng: np.random.Generator, anat: Anatomy, size: str, fov: str) -> G
     ranges = {
         "head": (lm["foramen_magnum"] + u(8, 30), lm["vertex"] + u(0, 15)),
         "head_neck": (lm["T1_centre"] - u(0, 25), lm["vertex"] + u(0, 15)),
+        # a head CT that runs into the neck and stops anywhere from C3 to C7 (the column ends in a cut vertebra)
+        "head_upper_neck": (lm["C3_centre"] + u(0, 1) * (lm["C7_centre"] - lm["C3_centre"]), lm["vertex"] + u(0, 15)),
         "neck": (anat.z_bottom, anat.z_top),
         "neck_chest": (lm["T6_centre"] - u(0, 50), lm["foramen_magnum"] + u(10, 40)),
         "chest": (lm["T12_centre"] - u(0, 40), lm["T2_centre"] - u(8, 25)),
@@ -56,9 +59,13 @@ def wide_grid(rng: np.random.Generator, anat: Anatomy, size: str, fov: str) -> G
     }
     lo, hi = ranges[fov]
     dx = _log_uniform(rng, *PIXEL_MM)
-    fov_lo, fov_hi = {"head": (210, 260), "neck": (170, 320), "chest": (300, 480), "abdomen": (300, 480)}.get(
-        fov, (220, 480)
-    )
+    fov_lo, fov_hi = {
+        "head": (210, 260),
+        "head_upper_neck": (210, 260),
+        "neck": (170, 320),
+        "chest": (300, 480),
+        "abdomen": (300, 480),
+    }.get(fov, (220, 480))
     n = int(np.clip(round(float(u(fov_lo, fov_hi)) / dx), 24, 512))
     if n > MAX_MATRIX[size]:
         dx, n = dx * n / MAX_MATRIX[size], MAX_MATRIX[size]

@@ -100,9 +100,16 @@ def head_parts(
         for side in (-1.0, 1.0)
     ]
     parts.append(Part("petrous bones", skull, petrous, [], 0, cortical * 1.3, cancellous * 3.0, cortical_mm * 2.0))
+    # Mastoid processes: wide, with their tips beside C1's transverse processes, a cortical shell around air cells
+    # (pneumatised to a random degree). On real CT they and the petrous bones are the brightest bone beside the top
+    # of the column; the default profile's small solid ellipsoids are not.
+    air_cells = float(rng.uniform(-700.0, 250.0))
+    mastoid: list[Primitive] = [
+        Ellipsoid((side * 47.0 * s, 10.0 * s, 20.0 * s), (9.0 * s, 11.0 * s, 16.0 * s)) for side in (-1.0, 1.0)
+    ]
+    parts.append(Part("mastoids", skull, mastoid, [], 0, cortical * 1.2, air_cells, 1.5 * s))
     # The occipital bone closes a ring around the foramen magnum, with the condyles below its front half: on an
-    # axial slice a "C0" that looks like the atlas under it. Without it a segmenter trained here takes that ring
-    # for C1 on real CT and names every level one too low.
+    # axial slice a ring over the atlas, as on real CT.
     ring, rim_h = float(rng.uniform(1.0, 1.25)), float(rng.uniform(4.0, 8.0))
     rim: list[Primitive] = [
         Body((0.0, 14.5 * s, fm_w + 4.0 * s), 21.0 * s * ring, 24.0 * s * ring, rim_h * s, round=3.0)
