@@ -1,5 +1,7 @@
-"""The wide profile's extra anatomy: calvarium and brain, face (palate, teeth, dental metal), larynx, ribs T3-T10,
-lungs and liver, and the lower spine T3-L3, so that a field of view can be a head, a neck, a chest or an abdomen.
+"""The wide profile's extra anatomy: calvarium and brain, skull base (petrous bones, mastoids, the ring around the
+foramen magnum), face (palate, teeth, dental metal), a mandible, hyoid and larynx that move against the vertebrae,
+ribs T3-T10, lungs and liver, and the lower spine T3-L3, so that a field of view can be a head, a neck, a chest or
+an abdomen.
 
 Why: real CTs that reach cspine are not all tight cervical-spine scans (SynthSeg's lesson: train on variation far
 beyond the real one). These structures are coarse, but they put bone, air and metal where real scans have them, so
@@ -57,7 +59,8 @@ def head_parts(
     cancellous: float,
     cortical_mm: float,
 ) -> tuple[list[Part], list[tuple[float, float, float]], dict[str, float]]:
-    """Brain, calvarium, palate, upper and lower teeth (some with metal). Returns (parts, metal points, params)."""
+    """Brain, calvarium, palate, petrous bones, mastoids, the foramen magnum's ring, upper and lower teeth (some
+    with metal). Returns (parts, metal points, params)."""
     size = float(rng.uniform(0.93, 1.07))
     c = (0.0, 10.0 * s, fm_w + 62.0 * s)
     r = (68.0 * s * size, 88.0 * s * size, 70.0 * s * size)
@@ -267,10 +270,11 @@ def trunk_tubes(
     """Face (around the mandible and teeth, in ``jaw_frame``), head outline (an ellipsoid closing at the vertex),
     lungs T1-T11, liver T10-L2."""
     tubes = []
-    c2 = jaw_frame
-    chin = c2.to_world((0.0, -48.0 * s, jaw - 16.0 * s))
+    chin = jaw_frame.to_world((0.0, -48.0 * s, jaw - 16.0 * s))
     top = skull.to_world((0.0, -45.0 * s, fm_w + 45.0 * s))
-    low = min(c2.to_world((u * s, v * s, jaw - 24.0 * s))[2] for u, v in ((0.0, -80.0), (46.0, -16.0), (-46.0, -16.0)))
+    low = min(
+        jaw_frame.to_world((u * s, v * s, jaw - 24.0 * s))[2] for u, v in ((0.0, -80.0), (46.0, -16.0), (-46.0, -16.0))
+    )
     zf = np.array([low, (chin[2] + top[2]) / 2, top[2]])
     fat = float(rng.uniform(-110, -70))
     tubes.append(
