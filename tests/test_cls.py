@@ -546,11 +546,12 @@ def test_crops_carry_the_lucency_statistics_of_their_vertebra() -> None:
 
 def test_crops_leave_the_ring_unmeasured_for_a_vertebra_the_field_of_view_cuts() -> None:
     from cspine.features.lucency import LUCENCY_FEATURES
+    from cspine.features.ring import RING_FEATURES
 
     vol, mask = _staircase()
     mask[:6, 12:28, 14:34] = LABEL_VALUES["C2"]  # C2 runs out of the first slice
     crops = vertebra_crops(vol, mask, CropConfig(slices=4, size=32))
-    ring = [LUCENCY_FEATURES.index(n) for n in ("ring_closed", "log_ring_mm2", "ring_height_mm")]
+    ring = [LUCENCY_FEATURES.index(n) for n in RING_FEATURES]
     assert np.isnan(crops["C2"].stats[ring]).all()
     assert np.isfinite(crops["C3"].stats).all() and np.isfinite(crops["C4"].stats).all()
 

@@ -21,12 +21,12 @@ def other_bones(
     cortical: float,
     cancellous: float,
     cortical_mm: float,
-    jaw_frame: Frame | None = None,
-    hyoid_frame: Frame | None = None,
+    jaw_frame: Frame,
+    hyoid_frame: Frame,
 ) -> list[Part]:
     """Skull base (``fm_w``: foramen magnum height above the atlas centre), mandible (opened by ``jaw`` mm),
     hyoid, the first two ribs and the clavicles, at scale ``s`` with the patient's bone densities. The mandible
-    and hyoid sit in C2's and C3's frames unless ``jaw_frame`` / ``hyoid_frame`` move them."""
+    and hyoid sit in ``jaw_frame`` and ``hyoid_frame`` (C2's and C3's in the default profile)."""
     skull_prims: list[Primitive] = [
         Shell((0.0, 14.0 * s, fm_w + 48.0 * s), (62.0 * s, 78.0 * s, 48.0 * s), 7.0 * s, fm_w + 45.0 * s),
         Bar((0.0, -4.0 * s, fm_w + 1.0 * s), (0.0, -24.0 * s, fm_w + 24.0 * s), 11.0 * s, 5.0 * s, round=2.0),
@@ -61,9 +61,7 @@ def other_bones(
                 round=2.0,
             )
         )  # ramus
-    parts.append(
-        Part("mandible", jaw_frame or frames["C2"], mand, [], 0, cortical * 1.1, cancellous, cortical_mm * 1.4)
-    )
+    parts.append(Part("mandible", jaw_frame, mand, [], 0, cortical * 1.1, cancellous, cortical_mm * 1.4))
     hy_pts = [(19.0, -30.0), (12.0, -39.0), (0.0, -42.0)]
     hyoid: list[Primitive] = []
     for side in (-1.0, 1.0):
@@ -77,7 +75,7 @@ def other_bones(
                     round=1.0,
                 )
             )
-    parts.append(Part("hyoid", hyoid_frame or frames["C3"], hyoid, [], 0, cortical * 0.8, cancellous, cortical_mm))
+    parts.append(Part("hyoid", hyoid_frame, hyoid, [], 0, cortical * 0.8, cancellous, cortical_mm))
     for lvl, pts_r, drop in (
         ("T1", [(31.0, 11.0), (42.0, 6.0), (52.0, -12.0), (55.0, -36.0), (46.0, -60.0), (32.0, -72.0)], 30.0),
         ("T2", [(31.0, 12.0), (46.0, 14.0), (64.0, -4.0), (71.0, -34.0), (66.0, -64.0), (50.0, -84.0)], 36.0),

@@ -172,7 +172,7 @@ def larynx_parts(rng: np.random.Generator, frames: dict[str, Frame], s: float) -
     level higher or lower from one neck to the next."""
     hu = float(rng.uniform(80, 500))
     up = float(rng.uniform(-12.0, 12.0)) * s
-    frames = {k: shifted(frames[k], up) for k in ("C5", "C6")}
+    moved = {k: shifted(frames[k], up) for k in ("C5", "C6")}
     thyroid: list[Primitive] = []
     for side in (-1.0, 1.0):
         thyroid.append(
@@ -190,8 +190,8 @@ def larynx_parts(rng: np.random.Generator, frames: dict[str, Frame], s: float) -
         for p, q in itertools.pairwise(ring)
     ]
     return [
-        Part("thyroid cartilage", frames["C5"], thyroid, [], 0, hu + 150.0, hu, 0.8),
-        Part("cricoid cartilage", frames["C6"], cricoid, [], 0, hu + 150.0, hu, 0.8),
+        Part("thyroid cartilage", moved["C5"], thyroid, [], 0, hu + 150.0, hu, 0.8),
+        Part("cricoid cartilage", moved["C6"], cricoid, [], 0, hu + 150.0, hu, 0.8),
     ]
 
 
