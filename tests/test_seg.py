@@ -212,6 +212,63 @@ def test_augmented_patches_keep_identities(studies: list[SynthStudy]) -> None:
         assert ordered == sorted(ordered)
 
 
+def test_lucent_voxels_are_a_fractures_gap_inside_the_vertebra_and_weigh_in_the_loss() -> None:
+    """train-seg --lucent-weight: the dark voxels inside a vertebra (a fracture plate), not its rim nor the soft tissue
+    around it, are listed per case, drawn as patch centres, mapped in every patch and weighed by the extra loss."""
+    import torch
+    import torch.nn.functional as F
+
+    from cspine.seg.config import AugmentConfig
+    from cspine.seg.data import Case, PatchSampler
+    from cspine.seg.patches import LUCENT_INSIDE, LUCENT_OUTSIDE
+    from cspine.seg.train import masked_cross_entropy
+
+    pre = PreprocessConfig(spacing=(1.0, 1.0, 1.0), divisor=8)
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])[[2, 1, 0, 3]]  # index axis 0 runs along patient z
+    hu = np.full((48, 48, 48), 40, np.int16)
+    mask = np.zeros(hu.shape, np.uint8)
+    hu[12:36, 12:36, 12:36], mask[12:36, 12:36, 12:36] = 400, 3
+
+    def build(image: np.ndarray) -> Case:
+        return Case.build("a", Volume(image, (1.0, 1.0, 1.0), affine), mask, pre, soft=False, stage="refine",
+                          lucent_hu=150)  # fmt: skip
+
+    intact = build(hu.copy())
+    hu[23:25, 14:34, 14:34] = 80  # the fracture: a 2 mm plate of the vertebra's own label, bone on both sides
+    case = build(hu)
+    assert intact.lucent is not None and len(intact.lucent) == 0
+    assert case.lucent is not None and len(case.lucent) == 2 * 20 * 20  # every plate voxel, and nothing else
+    plate = np.zeros(hu.shape, bool)
+    plate[23:25, 14:34, 14:34] = True
+    listed = np.zeros(hu.shape, bool)
+    listed[tuple(case.lucent.T)] = True
+    assert np.array_equal(listed, plate)  # the model grid is the study's own here (1 mm, axis 0 along z)
+
+    sampler = PatchSampler([case], (16, 16, 16), AugmentConfig(p_affine=0.0), fg_fraction=0.0, preprocess=pre,
+                           lucent_hu=150, lucent_fraction=1.0)  # fmt: skip
+    x, y, lucent = sampler.batch(4, np.random.default_rng(0))
+    assert lucent.shape == y.shape == x.shape
+    inside, outside = lucent == LUCENT_INSIDE, lucent == LUCENT_OUTSIDE
+    for b in range(4):  # every centre on the plate: a lucent map in every patch, inside the vertebra only
+        assert 0 < int(inside[b].sum()) <= 2 * 16 * 16 and bool((y[b][inside[b]] == 1).all())
+        assert bool((y[b][outside[b]] == 0).all())  # the soft tissue against the bone: its negatives
+    face = np.zeros(hu.shape, bool)  # in the whole study, the dark voxels against the vertebra are its shell
+    face[11:37, 11:37, 11:37] = True
+    face[12:36, 12:36, 12:36] = False
+    whole = PatchSampler([case], (48, 48, 48), AugmentConfig(), 0.0, preprocess=pre, lucent_hu=150)
+    full = whole.lucent_map(torch.from_numpy(case.image.astype(np.float32)), torch.from_numpy(case.labels))
+    assert np.array_equal(full.numpy() == LUCENT_OUTSIDE, face) and np.array_equal(full.numpy() == LUCENT_INSIDE, plate)
+    plain = PatchSampler([case], (16, 16, 16), AugmentConfig(p_affine=0.0), fg_fraction=1.0)
+    assert len(plain.batch(2, np.random.default_rng(0))) == 2  # off: the two tensors as before
+
+    logits = torch.randn(4, 2, 16, 16, 16)
+    want = F.cross_entropy(logits, y[:, 0], reduction="none")[inside[:, 0]].mean()
+    assert torch.allclose(masked_cross_entropy(logits, y, inside), want)
+    shares = F.one_hot(y[:, 0], 2).permute(0, 4, 1, 2, 3).float()  # soft targets give the same
+    assert torch.allclose(masked_cross_entropy(logits, shares, inside), want)
+    assert float(masked_cross_entropy(logits, y, torch.zeros_like(inside))) == 0.0
+
+
 def test_refined_foreground_decides_bone_and_coarse_logits_name_it() -> None:
     import torch
 
@@ -392,6 +449,21 @@ def test_two_epochs_lower_the_loss_and_write_a_loadable_model_dir(trained: dict[
     assert run["world_size"] == 1 and run["epochs_run"] == 2 and "torch" in run["versions"]
     model = load_model(out, "cpu")
     assert model.arch == "unet-tiny" and model.preprocess == TINY_PRE
+
+
+def test_lucent_weight_adds_its_term_to_the_training_loss(studies: list[SynthStudy], tmp_path: Path) -> None:
+    """train-seg --lucent-weight reaches the loss: the same first step (same weights, same patches) costs more."""
+    from cspine.seg.train import train_config, train_segmentation
+
+    losses = {}
+    for weight in (0.0, 1.0):
+        cfg = train_config(out=tmp_path / f"w{weight}", **{**TINY, "epochs": 1, "iters_per_epoch": 1},
+                           lucent_weight=weight)  # fmt: skip
+        train_segmentation(cfg, studies, resume=False)
+        losses[weight] = json.loads((cfg.out / "model.history.json").read_text())["epochs"][0]["train_loss"]
+    saved = json.loads((tmp_path / "w1.0" / "config.json").read_text())["train"]
+    assert saved["lucent_weight"] == 1.0 and saved["lucent_hu"] == 150.0
+    assert losses[1.0] > losses[0.0] + 1e-3
 
 
 def test_resume_after_interruption_continues_from_saved_epoch(

@@ -42,7 +42,6 @@ CONFIG_FORMAT = "1.2"
 RUN_NAME = "model"
 
 
-
 @dataclass(frozen=True)
 class PreprocessConfig:
     """How a CT becomes network input; identical in training and inference.
@@ -171,6 +170,14 @@ class TrainSegConfig:
         init: start from this segmenter's weights instead of a random initialisation (a model directory of the
             same stage and network, e.g. the shipped one; its refine/ for the refinement stage), to fine-tune it
             on other data with this run's schedule; a resumed run continues from its own state.
+        lucent_weight: weight of an extra cross-entropy term on the voxels darker than ``lucent_hu`` inside a
+            vertebra (not on its rim): fracture lines and gaps. They are a fraction of a percent of a vertebra,
+            so Dice and plain cross-entropy let a segmenter leave them out, and a mask without them hides the
+            fracture from the classifier's statistics (benchmarks/cls_results.md). The dark voxels against a
+            vertebra (soft tissue) get the same weight as background, or the masks grow into them. 0: off.
+        lucent_fraction: share of patch centres drawn on a study's lucent voxels, where it has any.
+        lucent_hu: the HU below which a vertebra voxel is lucent (intact generated bone stays above it on the
+            model grid).
     """
 
     data: Path | None = None
@@ -199,6 +206,9 @@ class TrainSegConfig:
     cervical_box_mm: float | None = None
     randomize: bool = False
     init: Path | None = None
+    lucent_weight: float = 0.0
+    lucent_fraction: float = 0.0
+    lucent_hu: float = 150.0
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     randomization: RandomizeConfig = field(default_factory=RandomizeConfig)
@@ -221,8 +231,11 @@ class TrainSegConfig:
             raise ConfigError(f"patch sides {self.patch} must be multiples of {self.preprocess.divisor}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
-        if not 0.0 <= self.fg_fraction <= 1.0:
-            raise ConfigError(f"fg_fraction must be in [0, 1], got {self.fg_fraction}")
+        for name in ("fg_fraction", "lucent_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.lucent_weight < 0:
+            raise ConfigError(f"lucent_weight must be >= 0, got {self.lucent_weight}")
 
 
 #: What ``stage="refine"`` changes from the coarse defaults (the measured recipe, docs/segmentation.md): a slim

@@ -25,12 +25,13 @@ if TYPE_CHECKING:
     import torch
 
 
-
 @dataclass
 class Case:
     """One study on the model grid: image (float16 to halve memory), classes, class shares, where each class lies.
 
     ``shares`` are the soft targets (:func:`class_shares`) quantised to uint8 (1/255 steps): (classes, z, y, x).
+    ``lucent``: (n, 3) model-grid voxels of a vertebra whose 26 neighbours are vertebra too and that are darker than
+    the ``lucent_hu`` the case was built with: fracture lines and gaps (an intact generated vertebra has none).
     """
 
     uid: str
@@ -38,6 +39,7 @@ class Case:
     labels: np.ndarray
     shares: np.ndarray | None = None
     fg_index: dict[int, np.ndarray] = field(default_factory=dict)
+    lucent: np.ndarray | None = None
 
     @classmethod
     def build(
@@ -49,10 +51,11 @@ class Case:
         max_points: int = 2000,
         soft: bool = True,
         stage: str = "coarse",
+        lucent_hu: float | None = None,
     ) -> Case:
         """``stage`` "refine" collapses the classes to background / vertebra (share of any vertebra); patch
         centres are still balanced over C1..C7 and other (``fg_index`` by vertebra), so C1, next to the skull
-        base, is seen as often as C4."""
+        base, is seen as often as C4. ``lucent_hu``: also list the lucent vertebra voxels (:attr:`lucent`)."""
         image, gm = to_model_grid(vol, cfg)
         shares = class_shares(mask, gm)
         vertebrae = argmax0(shares).numpy()
@@ -69,7 +72,24 @@ class Case:
             if len(pts) > max_points:
                 pts = pts[rng.choice(len(pts), max_points, replace=False)]
             fg[int(c)] = pts.astype(np.int32)
-        return cls(uid, image.astype(np.float16), labels, q, fg)
+        lucent = None
+        if lucent_hu is not None:
+            from scipy import ndimage
+
+            inner = ndimage.binary_erosion(vertebrae > 0, np.ones((3, 3, 3), bool))
+            lucent = np.argwhere(inner & (image < window_value(lucent_hu, cfg))).astype(np.int32)
+            if len(lucent) > max_points:
+                lucent = lucent[rng.choice(len(lucent), max_points, replace=False)]
+        return cls(uid, image.astype(np.float16), labels, q, fg, lucent)
+
+
+#: Values of :meth:`PatchSampler.lucent_map`.
+LUCENT_INSIDE, LUCENT_OUTSIDE = 1, 2
+
+
+def window_value(hu: float, cfg: PreprocessConfig) -> float:
+    """Where ``hu`` lies on the network's input scale (the window mapped to [0, 1])."""
+    return (hu - (cfg.window_level - cfg.window_width / 2.0)) / cfg.window_width
 
 
 def cervical_box(vol: Volume, mask: np.ndarray, margin_mm: float) -> tuple[Volume, np.ndarray] | None:
@@ -123,7 +143,9 @@ class PatchSampler:
     nearest labels); intensity augmentation adds gamma, contrast, brightness, noise and blur. With ``randomize``
     (and the ``preprocess`` the cases were built with) each patch is first taken back to HU and domain-randomised
     (:func:`cspine.seg.randomize.randomize_patch`: field-of-view edges, tissue intensities, bias field, gamma, blur,
-    resolution, noise), then windowed again. Every draw comes from the generators passed in.
+    resolution, noise), then windowed again. Every draw comes from the generators passed in. With ``lucent_hu``
+    each patch also carries where its target vertebrae are lucent (:meth:`lucent_map`), and ``lucent_fraction`` of
+    the centres fall on a case's lucent voxels (:attr:`Case.lucent`) where it has any.
     """
 
     def __init__(
@@ -135,6 +157,8 @@ class PatchSampler:
         soft: bool = False,
         randomize: RandomizeConfig | None = None,
         preprocess: PreprocessConfig | None = None,
+        lucent_hu: float | None = None,
+        lucent_fraction: float = 0.0,
     ) -> None:
         if not cases:
             raise ValueError("no training cases")
@@ -149,19 +173,30 @@ class PatchSampler:
             raise ValueError("domain randomisation needs the preprocessing the cases were built with")
         self.randomize = randomize
         self.preprocess = preprocess
+        if lucent_hu is not None and preprocess is None:
+            raise ValueError("lucent voxels need the preprocessing the cases were built with")
+        self.lucent_hu = lucent_hu
+        self.lucent_fraction = lucent_fraction
 
-    def batch(self, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
         """(images (n, 1, *patch) float32, targets): class shares (n, classes, *patch) float32 when soft, else
-        labels (n, 1, *patch) int64."""
+        labels (n, 1, *patch) int64; with ``lucent_hu`` a third tensor, the lucent maps (n, 1, *patch) uint8."""
         import torch
 
-        xs, ys = zip(*(self.sample(rng) for _ in range(n)), strict=True)
-        if self.soft:
-            return torch.stack(xs)[:, None], torch.stack(ys)
-        return torch.stack(xs)[:, None], torch.stack(ys)[:, None].long()
+        drawn = [self.sample(rng) for _ in range(n)]
+        x = torch.stack([d[0] for d in drawn])[:, None]
+        y = torch.stack([d[1] for d in drawn])
+        y = y if self.soft else y[:, None].long()
+        if self.lucent_hu is None:
+            return x, y
+        return x, y, torch.stack([d[2] for d in drawn])[:, None]
 
     def _centre(self, case: Case, rng: np.random.Generator) -> np.ndarray:
         shape = np.array(case.image.shape)
+        lucent = case.lucent if case.lucent is not None and self.lucent_fraction else np.empty((0, 3), np.int32)
+        if len(lucent) and rng.random() < self.lucent_fraction:
+            centre = lucent[int(rng.integers(len(lucent)))].astype(np.float64)
+            return centre + rng.uniform(-0.25, 0.25, 3) * self.patch
         if case.fg_index and rng.random() < self.fg_fraction:
             classes = sorted(case.fg_index)
             pts = case.fg_index[classes[int(rng.integers(len(classes)))]]
@@ -171,8 +206,8 @@ class PatchSampler:
             centre = rng.uniform(0, 1, 3) * (shape - 1)
         return centre
 
-    def sample(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """One augmented (image, labels) patch."""
+    def sample(self, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
+        """One augmented (image, labels) patch, and its lucent map with ``lucent_hu``."""
         import torch
 
         case = self.cases[int(rng.integers(len(self.cases)))]
@@ -191,6 +226,7 @@ class PatchSampler:
             y = torch.from_numpy(_crop_padded(target, lo, p))
             if self.soft:
                 y = _shares_from_uint8(y)
+        lucent = self.lucent_map(x, y) if self.lucent_hu is not None else None
         if self.randomize is not None:
             x, y = self._randomized(x, y, rng)
         if rng.random() < a.p_intensity:
@@ -201,8 +237,31 @@ class PatchSampler:
                 x = x + torch.from_numpy(rng.standard_normal(x.shape, dtype=np.float32) * sigma)
         if rng.random() < a.p_blur:
             x = gaussian_blur(x, float(rng.uniform(*a.blur_sigma)))
-        return x.contiguous(), y
+        if lucent is None:
+            return x.contiguous(), y
+        lucent[(lucent == LUCENT_INSIDE) & ~self._foreground(y)] = 0  # a crop of the field of view took these
+        return x.contiguous(), y, lucent
 
+    def _foreground(self, y: torch.Tensor) -> torch.Tensor:
+        return y[0] < 0.5 if self.soft else y > 0
+
+    def lucent_map(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """uint8 map of a patch (read before intensity changes) of the voxels darker than ``lucent_hu``:
+        :data:`LUCENT_INSIDE` where the target calls them vertebra and all 26 neighbours are vertebra too (a
+        fracture line or gap), :data:`LUCENT_OUTSIDE` where it calls them background and one of their neighbours
+        is vertebra (the soft tissue against the bone: the negatives that keep the masks from growing into it)."""
+        import torch
+        import torch.nn.functional as F
+
+        assert self.lucent_hu is not None and self.preprocess is not None
+        fg = self._foreground(y)[None, None].float()
+        inner = -F.max_pool3d(-fg, 3, stride=1, padding=1)[0, 0] > 0.5
+        touching = F.max_pool3d(fg, 3, stride=1, padding=1)[0, 0] > 0.5
+        dark = x < window_value(self.lucent_hu, self.preprocess)
+        out = torch.zeros(x.shape, dtype=torch.uint8)
+        out[dark & inner] = LUCENT_INSIDE
+        out[dark & touching & (fg[0, 0] < 0.5)] = LUCENT_OUTSIDE
+        return out
 
     def _randomized(
         self, x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator

@@ -22,7 +22,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -44,7 +44,10 @@ from cspine.seg.model_dir import (
     plot_curve,
     upgrade_legacy_run,
 )
-from cspine.seg.patches import cervical_box
+from cspine.seg.patches import LUCENT_INSIDE, LUCENT_OUTSIDE, cervical_box
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +110,8 @@ def _build_cases(items: list[tuple[str, Callable[[], tuple]]], cfg: TrainSegConf
             if boxed is None:
                 continue
             vol, mask = boxed
-        cases.append(Case.build(uid, vol, mask, cfg.preprocess, soft=soft, stage=cfg.stage))
+        lucent_hu = cfg.lucent_hu if cfg.lucent_weight or cfg.lucent_fraction else None
+        cases.append(Case.build(uid, vol, mask, cfg.preprocess, soft=soft, stage=cfg.stage, lucent_hu=lucent_hu))
     return cases
 
 
@@ -163,6 +167,7 @@ def fit_hooks(
     sampler = PatchSampler(
         train_cases, cfg.patch, cfg.augment, cfg.fg_fraction, soft=cfg.soft_labels,
         randomize=cfg.randomization if cfg.randomize else None, preprocess=cfg.preprocess,
+        lucent_hu=cfg.lucent_hu if cfg.lucent_weight else None, lucent_fraction=cfg.lucent_fraction,
     )  # fmt: skip
 
     def batches(epoch: int) -> Iterator[tuple[Any, Any]]:
@@ -171,11 +176,15 @@ def fit_hooks(
         for _ in range(cfg.iters_per_epoch):
             yield sampler.batch(cfg.batch_size, rng)
 
-    def step(net: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> StepResult:
-        x, y = batch
+    def step(net: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> StepResult:
+        x, y, *lucent = batch
         logits = net(x)
         with torch.autocast(rt.device.type, enabled=False):  # the loss in float32, as without AMP
             loss = loss_fn(logits.float(), y)
+            if lucent:  # as much weight on the lucent voxels inside the vertebrae as on the dark ones against them
+                inside = masked_cross_entropy(logits.float(), y, lucent[0] == LUCENT_INSIDE)
+                outside = masked_cross_entropy(logits.float(), y, lucent[0] == LUCENT_OUTSIDE)
+                loss = loss + cfg.lucent_weight * (inside + outside)
         return StepResult(loss, int(x.shape[0]), 0.0, 0)
 
     def lr(epoch: int, i: int) -> float:
@@ -201,6 +210,18 @@ def fit_hooks(
         grad_clip=12.0,
         after_epoch=after_epoch,
     )
+
+
+def masked_cross_entropy(logits: torch.Tensor, y: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the voxels ``where`` (n, 1, *patch) is True (0 when there are none); ``y`` hard
+    labels (n, 1, *patch) or class shares (n, classes, *patch)."""
+    import torch
+    import torch.nn.functional as F
+
+    log_p = F.log_softmax(logits, dim=1)
+    ce = -log_p.gather(1, y) if y.dtype == torch.int64 else -(y * log_p).sum(1, keepdim=True)
+    w = where.to(ce.dtype)
+    return (ce * w).sum() / w.sum().clamp(min=1.0)
 
 
 def initial_weights(cfg: TrainSegConfig) -> dict[str, Any]:
