@@ -32,8 +32,7 @@ class DemoConfig:
     out: Path = Path("cspine-demo")
     # The demo's own test draw only shows submit and evaluate at work: its figures are measured on fresh held-out
     # sets of >= 64 studies (benchmarks/bench_heldout.py), where a 16-study draw's base rates do not decide them.
-    # 128 rather than 64: on three fresh 64-study sets the loss fell from 0.90 / 0.88 / 0.81 to 0.82 / 0.81 / 0.68 x
-    # each set's own prevalence (mean vertebra AUC 0.73 / 0.71 / 0.84 -> 0.75 / 0.73 / 0.86), for ~90 s more
+    # 128 rather than 64: better loss and ranking on every fresh held-out set, for about twice the time
     # (benchmarks/cls_results.md, session 12)
     train_studies: int = 128
     test_studies: int = 16

@@ -180,10 +180,11 @@ def fit_hooks(
         x, y, *lucent = batch
         logits = net(x)
         with torch.autocast(rt.device.type, enabled=False):  # the loss in float32, as without AMP
-            loss = loss_fn(logits.float(), y)
+            logits = logits.float()
+            loss = loss_fn(logits, y)
             if lucent:  # as much weight on the lucent voxels inside the vertebrae as on the dark ones against them
-                inside = masked_cross_entropy(logits.float(), y, lucent[0] == LUCENT_INSIDE)
-                outside = masked_cross_entropy(logits.float(), y, lucent[0] == LUCENT_OUTSIDE)
+                inside = masked_cross_entropy(logits, y, lucent[0] == LUCENT_INSIDE)
+                outside = masked_cross_entropy(logits, y, lucent[0] == LUCENT_OUTSIDE)
                 loss = loss + cfg.lucent_weight * (inside + outside)
         return StepResult(loss, int(x.shape[0]), 0.0, 0)
 
