@@ -5,7 +5,8 @@ On the two sets of ``benchmarks/bench_classifier.py`` (``OUT/cache/train``: 200 
 segmented with ``--model`` (default: the shipped segmenter) and the lucency statistics of every vertebra are counted
 in these masks:
 
-- ``model``: the model's masks, as ``cspine segment`` writes them;
+- ``model``: the model's masks, as ``cspine segment`` writes them (with ``--diagnose``: the ``raw`` masks through
+  segment's clean-up, ``finish_labels``, so that the network runs once);
 - ``raw`` (with ``--diagnose``): the same without post-processing's one-piece-per-vertebra step, to see whether the
   network or the clean-up leaves a fracture's gap or fragment out;
 - ``oracle_lucent`` (with ``--diagnose``): the model's masks plus every voxel of a true vertebra darker than 150 HU
@@ -14,9 +15,9 @@ in these masks:
 - ``oracle_all`` (with ``--diagnose``): the model's masks plus every true vertebra voxel they left out;
 - ``truth``: the generator's masks (the ceiling).
 
-For each, the regression train-cls fits on the statistics (LucencyModel, C 0.3) is fitted on the training set's
-statistics with the same kind of mask and scored on the test set (mean vertebra AUC), and the test set's lucent
-voxels (true vertebra, < 150 HU) that the masks keep are counted. Per-study results are cached under
+For each, the regression train-cls fits on the statistics (``bench_cls_parts.statistics_logits``) is fitted on the
+training set's statistics with the same kind of mask and scored on the test set (mean vertebra AUC), and the test
+set's lucent voxels (true vertebra, < 150 HU) that the masks keep are counted. Per-study results are cached under
 ``OUT/mask-fracture/NAME`` (rerun to resume).
 
     .venv/bin/python benchmarks/bench_mask_fracture.py --out /tmp/bench-cls --diagnose
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -39,17 +41,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the cspine CLI does, b
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cls_parts import labels, statistics_logits
 from cspine.cls.crops import _extents, _vertebra_stats
-from cspine.cls.evaluate import read_labels
-from cspine.cls.oof import path_aucs
 from cspine.data.cache import load_prepared, prepared_studies
-from cspine.features.linear import LucencyModel
 from cspine.features.lucency import N_LUCENCY
 from cspine.labels import CERVICAL, LABEL_VALUES
-from cspine.metrics import as_matrix
+from cspine.metrics import auc
 from cspine.seg.config import PostprocessConfig
-from cspine.seg.infer import InferConfig, load_model, segment_volume
-from cspine.seg.postprocess import postprocess
+from cspine.seg.infer import InferConfig, finish_labels, load_model, segment_volume
 from cspine.seg.shipped import SHIPPED_DIR
 
 LUCENT_HU = 150.0
@@ -61,13 +61,13 @@ def masks_of(study_dir: Path, model: object, diagnose: bool) -> tuple[object, di
     st = load_prepared(study_dir)
     vol, truth = st.volume, st.mask
     assert truth is not None
-    if diagnose:  # segment once without the one-piece step; the default clean-up then gives the model's mask
+    if diagnose:  # segment once without the one-piece step; segment's own clean-up then gives the model's mask
         raw = segment_volume(vol, model, InferConfig(postprocess=PostprocessConfig(keep_largest=False))).mask
         raw = np.where(raw <= len(CERVICAL), raw, 0).astype(np.uint8)
-        mask = postprocess(raw, vol.affine)[0]
+        mask = finish_labels(raw, vol).mask
     else:
         mask = segment_volume(vol, model).mask
-        mask = np.where(mask <= len(CERVICAL), mask, 0).astype(np.uint8)
+    mask = np.where(mask <= len(CERVICAL), mask, 0).astype(np.uint8)
     cervical = (truth > 0) & (truth <= len(CERVICAL))
     lucent = cervical & (vol.array < LUCENT_HU)
     masks = {"model": mask, "truth": truth}
@@ -108,10 +108,14 @@ def run_set(out: Path, split: str, model: object, dest: Path, diagnose: bool) ->
 
 
 def load_set(out: Path, split: str, dest: Path) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
+    """The cached studies of one set and their (n, 7) labels."""
     files = sorted(dest.glob("*.npz"))
-    uids = [f.stem for f in files]
-    y = as_matrix(read_labels(out / "data" / split / "train.csv"), uids, CERVICAL)
-    return [dict(np.load(f)) for f in files], y
+    return [dict(np.load(f)) for f in files], labels(out, split, np.array([f.stem for f in files]))
+
+
+def kind_of(zs: list[dict[str, np.ndarray]], kind: str) -> dict[str, np.ndarray]:
+    """One mask kind's statistics and presence, as bench_cls_parts reads a set."""
+    return {"stats": np.stack([z[kind] for z in zs]), "present": np.stack([z[kind + "_present"] for z in zs])}
 
 
 def main() -> None:
@@ -137,18 +141,12 @@ def main() -> None:
         "statistics_mean_vertebra_auc": {},
     }
     for kind in kinds:
-
-        def stack(zs: list[dict[str, np.ndarray]], key: str = kind) -> tuple[torch.Tensor, torch.Tensor]:
-            return torch.from_numpy(np.stack([z[key] for z in zs])), torch.from_numpy(
-                np.stack([z[key + "_present"] for z in zs])
-            )
-
-        fitted = LucencyModel.fit(*stack(tr), ytr, c=0.3)
-        logits = fitted.logits(*stack(te)).numpy()
-        aucs = path_aucs(yte, {"network": np.zeros_like(logits), "statistics": logits})["statistics"]
+        logits = statistics_logits(kind_of(tr, kind), ytr, kind_of(te, kind))
+        per = {v: auc(yte[:, j], logits[:, j]) for j, v in enumerate(CERVICAL)}
+        known = [a for a in per.values() if a is not None]
         results["statistics_mean_vertebra_auc"][kind] = {  # type: ignore[index]
-            "mean": round(aucs["mean_vertebra_auc"], 3),
-            **{v: None if a is None else round(a, 3) for v, a in aucs["auc"].items()},
+            "mean": round(float(np.mean(known)), 3),
+            **{v: None if a is None else round(a, 3) for v, a in per.items()},
         }
     (base / "results.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
