@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 NV = len(CERVICAL)
 
+#: BatchNorm momentum of every encoder (PyTorch's default; see build_encoder)
+BN_MOMENTUM = 0.1
+
 
 def _scale(x: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float in about [-2, 2] (fixed, so crops need no per-dataset statistics)."""
@@ -69,6 +72,13 @@ def build_encoder(cfg: ModelConfig, in_channels: int, pool: str | None = "avg") 
             net = nets.EfficientNetBN(name, pretrained=False, spatial_dims=2, in_channels=in_channels, num_classes=1)
         net._avg_pooling = _pooling(pool)  # type: ignore[assignment]
         net._fc = nn.Identity()  # type: ignore[assignment]
+        # MONAI builds EfficientNets with TensorFlow's BatchNorm momentum (0.01): after the few hundred steps of
+        # a fine-tune the running statistics are still mostly those of the start (ImageNet's), so evaluation mode
+        # normalises CT features with the wrong statistics and ranks at chance or worse. PyTorch's 0.1 follows
+        # the data within tens of steps.
+        for module in net.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = BN_MOMENTUM
     else:  # config validation makes this unreachable; kept for a clear message
         raise ValueError(f"unknown encoder {name!r}")
     if cfg.pretrained:
