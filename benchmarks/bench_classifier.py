@@ -19,6 +19,13 @@ Usage::
     .venv/bin/python benchmarks/bench_classifier.py --out /tmp/b --train-studies 20 --test-studies 10 --epochs 1
     .venv/bin/python benchmarks/bench_classifier.py --out /tmp/b --device cuda --threads 8 \
         --cls-args "--encoder efficientnet-lite0 --size 96 --stem-stride 1 --batch-size 8"   # a GPU run
+    .venv/bin/python benchmarks/bench_classifier.py --out /tmp/bench-cls --runs network --threads 2 --tag lite0-f0 \
+        --epochs 16 --cls-args "--encoder efficientnet-lite0 --pretrained LITE0.pth --size 64 --stem-stride 2 \
+        --lr 3e-4 --patience 16 --fold 0"   # CPU: ImageNet lite0 fine-tuned on one fold (160 studies), ~30 min
+
+``--fold K`` trains one fold of five (its 40 validation studies give the out-of-fold figures); the test set is
+scored by whatever folds the run has. ``--tag`` names the model folders (OUT/models/RUN-TAG) so that runs with
+other flags do not resume one another.
 
 Results: OUT/results.json; the figures go to benchmarks/cls_results.md with the command that made them.
 """
@@ -79,6 +86,19 @@ def _test_logits(model: Path, cache: Path, device: str) -> dict[str, np.ndarray]
     return {k: np.stack(v) for k, v in acc.items()}
 
 
+def _fold_oof(model: Path, train_csv: Path) -> dict[str, Any]:
+    """Out-of-fold figures of a run that trained only some folds: the paths' AUCs over their validation studies."""
+    from cspine.cls.evaluate import read_labels
+    from cspine.cls.oof import PATHS, _read_wide, path_aucs
+    from cspine.labels import CERVICAL
+    from cspine.metrics import as_matrix
+
+    uids, _, wide = _read_wide(sorted(model.glob("oof_fold*.csv")))
+    y = as_matrix(read_labels(train_csv), uids, CERVICAL)
+    parts = {n: np.stack([wide[f"{n}_{v}"] for v in CERVICAL], axis=1) for n in PATHS}
+    return {"paths": path_aucs(y, parts), "studies": len(uids)}
+
+
 def _score(t: dict[str, np.ndarray]) -> dict[str, Any]:
     from cspine.cls.evaluate import compute_metrics
     from cspine.cls.oof import path_aucs
@@ -110,6 +130,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="synth / prepare processes")
     ap.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS), help="none: the two sets only")
     ap.add_argument("--cls-args", default="", help="extra train-cls flags for every run (one quoted string)")
+    ap.add_argument("--tag", default="", help="model folders are OUT/models/RUN-TAG (default: OUT/models/RUN)")
     args = ap.parse_args()
     out: Path = args.out
     seconds: dict[str, float] = {}
@@ -119,7 +140,7 @@ def main() -> None:
     seconds["generate_and_prepare"] = round(time.perf_counter() - t, 1)
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "seconds": seconds, "runs": {}}
     for name in args.runs:
-        model = out / "models" / name
+        model = out / "models" / (f"{name}-{args.tag}" if args.tag else name)
         t = time.perf_counter()
         _cspine("train-cls", "--data", str(train), "--out", str(model), "--epochs", str(args.epochs),
                 "--device", args.device, "--threads", str(args.threads), "--no-progress",
@@ -128,7 +149,9 @@ def main() -> None:
         t = time.perf_counter()
         scored = _score(_test_logits(model, test, args.device))
         seconds[f"test_{name}"] = round(time.perf_counter() - t, 1)
-        oof = json.loads((model / "metrics.json").read_text())
+        metrics = model / "metrics.json"  # written when every fold is done; a one-fold run has its fold's OOF
+        train_csv = out / "data" / "train" / "train.csv"
+        oof = json.loads(metrics.read_text()) if metrics.exists() else _fold_oof(model, train_csv)
         speed = oof.get("speed", {})
         results["runs"][name] = {"test": scored, "oof": {k: oof.get(k) for k in ("competition_loss", "paths")},
                                  "speed": speed}  # fmt: skip

@@ -25,7 +25,8 @@ import json
 import re
 from pathlib import Path
 
-from cspine.cls.config import TrainConfig, config_from_dict, config_to_dict
+from cspine.cls.config import TrainConfig, config_from_dict
+from cspine.engine.config import to_dict
 from cspine.engine.model_dir import check_resumable
 
 #: Settings that may change between a run and its resumption (they do not change what is learned).
@@ -55,9 +56,11 @@ def check_resume(cfg: TrainConfig) -> None:
     path = cfg.out / "config.json"
     if not path.exists():
         return
-    old = config_to_dict(config_from_dict(json.loads(path.read_text())))
+    # compared as resolved TrainConfigs, whose top-level names RESUMABLE_CHANGES lists (config.json nests them
+    # under "train", where a changed --threads or --fold would count as another configuration)
+    old = to_dict(config_from_dict(json.loads(path.read_text())))
     hint = "use a new --out folder, or the same settings to resume"
-    check_resumable(cfg.out, old, config_to_dict(cfg), RESUMABLE_CHANGES, hint)
+    check_resumable(cfg.out, old, to_dict(cfg), RESUMABLE_CHANGES, hint)
 
 
 __all__ = ["RESUMABLE_CHANGES", "check_resume", "fold_checkpoints", "load_config"]
