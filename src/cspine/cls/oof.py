@@ -73,7 +73,9 @@ def path_aucs(y: np.ndarray, parts: dict[str, np.ndarray]) -> dict[str, dict[str
     return out
 
 
-def _read_wide(paths: list[Path]) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
+def read_wide(paths: list[Path]) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
+    """Studies, (n, 8) probabilities and the extra columns (patient heads, each path's vertebra logits; NaN where
+    empty) of per-fold out-of-fold files, in file order."""
     import csv
 
     uids: list[str] = []
@@ -112,7 +114,7 @@ def finish(
     from cspine.data.rsna import write_csv_atomic
 
     out = cfg.out
-    uids, p, extra_cols = _read_wide(oof_parts)
+    uids, p, extra_cols = read_wide(oof_parts)
     order = np.argsort(uids)
     uids = [uids[i] for i in order]
     p = p[order]
