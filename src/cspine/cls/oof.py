@@ -184,4 +184,4 @@ def finish(
     return summary
 
 
-__all__ = ["PATHS", "finish", "path_aucs", "paths_line", "write_oof"]
+__all__ = ["PATHS", "finish", "path_aucs", "paths_line", "read_wide", "write_oof"]
