@@ -89,14 +89,13 @@ def _test_logits(model: Path, cache: Path, device: str) -> dict[str, np.ndarray]
 def _fold_oof(model: Path, train_csv: Path) -> dict[str, Any]:
     """Out-of-fold figures of a run that trained only some folds: the paths' AUCs over their validation studies."""
     from cspine.cls.evaluate import read_labels
-    from cspine.cls.oof import PATHS, path_aucs, read_wide
+    from cspine.cls.oof import path_aucs, path_logits, read_wide
     from cspine.labels import CERVICAL
     from cspine.metrics import as_matrix
 
-    uids, _, wide = read_wide(sorted(model.glob("oof_fold*.csv")))
+    uids, _, columns = read_wide(sorted(model.glob("oof_fold*.csv")))
     y = as_matrix(read_labels(train_csv), uids, CERVICAL)
-    parts = {n: np.stack([wide[f"{n}_{v}"] for v in CERVICAL], axis=1) for n in PATHS}
-    return {"paths": path_aucs(y, parts), "studies": len(uids)}
+    return {"paths": path_aucs(y, path_logits(columns)), "studies": len(uids)}
 
 
 def _score(t: dict[str, np.ndarray]) -> dict[str, Any]:

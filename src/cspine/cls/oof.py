@@ -102,6 +102,11 @@ def paths_line(paths: dict[str, dict[str, Any]]) -> str:
     return ", ".join(parts)
 
 
+def path_logits(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """(n, 7) vertebra logits of each path that :func:`read_wide`'s extra columns hold (``network_C1`` ...)."""
+    return {n: np.stack([columns[f"{n}_{v}"] for v in CERVICAL], axis=1) for n in PATHS if f"{n}_C1" in columns}
+
+
 def finish(
     cfg: TrainConfig,
     store: StudyStore,
@@ -120,7 +125,7 @@ def finish(
     p = p[order]
     extra_cols = {k: v[order] for k, v in extra_cols.items()}
     alt = {k: v for k, v in extra_cols.items() if k.startswith("patient_")}
-    split = {n: np.stack([extra_cols[f"{n}_{v}"] for v in CERVICAL], axis=1) for n in PATHS if f"{n}_C1" in extra_cols}
+    split = path_logits(extra_cols)
     row_of = {u: i for i, u in enumerate(store.uids)}
     y = store.labels()[[row_of[u] for u in uids]]
     folds = json.loads((out / "folds.json").read_text())
@@ -184,4 +189,4 @@ def finish(
     return summary
 
 
-__all__ = ["PATHS", "finish", "path_aucs", "paths_line", "read_wide", "write_oof"]
+__all__ = ["PATHS", "finish", "path_aucs", "path_logits", "paths_line", "read_wide", "write_oof"]
