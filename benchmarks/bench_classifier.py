@@ -23,6 +23,10 @@ Usage::
         --epochs 16 --cls-args "--encoder efficientnet-lite0 --pretrained LITE0.pth --size 64 --stem-stride 2 \
         --lr 3e-4 --patience 16 --fold 0"   # CPU: ImageNet lite0 fine-tuned on one fold (160 studies), ~30 min
 
+``--seg-masks`` trains and tests on the shipped segmenter's masks instead (``cspine pseudo-label --all`` of both
+sets into OUT/segmasks; ``--seg-model`` for another segmenter): what a user's masks give, where the generator's
+masks hand the statistics every fracture voxel (benchmarks/cls_results.md, session 9).
+
 ``--fold K`` trains one fold of five (its 40 validation studies give the out-of-fold figures); the test set is
 scored by whatever folds the run has. ``--tag`` names the model folders (OUT/models/RUN-TAG) so that runs with
 other flags do not resume one another.
@@ -64,11 +68,20 @@ def _generate(out: Path, name: str, studies: int, seed: int, workers: int) -> Pa
     return cache
 
 
-def _test_logits(model: Path, cache: Path, device: str) -> dict[str, np.ndarray]:
+def _segment(cache: Path, seg_model: Path, out: Path, device: str) -> Path:
+    """``cspine pseudo-label --all``: the segmenter's mask of every study of a set (resumable); the masks folder."""
+    _cspine("pseudo-label", "--data", str(cache), "--model", str(seg_model), "--out", str(out), "--all",
+            "--device", device, "--no-progress")  # fmt: skip
+    return out
+
+
+def _test_logits(model: Path, cache: Path, device: str, masks: Path | None = None) -> dict[str, np.ndarray]:
     """Labels (n, 8), calibrated probabilities (n, 8) and the network / statistics parts of the vertebra logits
-    (n, 7; NaN where the mask lacks the vertebra) of every test study, with its ground-truth mask."""
+    (n, 7; NaN where the mask lacks the vertebra) of every test study, with its ground-truth mask or, with
+    ``masks``, the segmenter's (``masks/<uid>.nii.gz``)."""
     from cspine.cls.infer import load_classifier
     from cspine.data.cache import load_prepared, prepared_studies
+    from cspine.io import load_segmentation
     from cspine.labels import PREDICTION_TYPES
 
     clf = load_classifier(model, device)
@@ -76,8 +89,9 @@ def _test_logits(model: Path, cache: Path, device: str) -> dict[str, np.ndarray]
     for d in prepared_studies(cache, "train"):
         st = load_prepared(d)
         assert st.mask is not None and st.labels is not None, f"{d}: generated with its mask and labels"
-        pred = clf.predict(st.volume, st.mask)
-        parts = clf.logit_parts(st.volume, st.mask)
+        mask = st.mask if masks is None else load_segmentation(masks / f"{st.uid}.nii.gz", st.volume)
+        pred = clf.predict(st.volume, mask)
+        parts = clf.logit_parts(st.volume, mask)
         assert parts is not None, "the sequence recipe splits its logits"
         acc["y"].append(np.array([st.labels[t] for t in PREDICTION_TYPES], np.float64))
         acc["p"].append(np.array([pred.probabilities[t] for t in PREDICTION_TYPES]))
@@ -116,6 +130,27 @@ def _score(t: dict[str, np.ndarray]) -> dict[str, Any]:
     }
 
 
+def _install(out: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """The run's fold 0 into the package, with what made it: command, seconds, figures and the studies it saw."""
+    from cspine.cls.shipped import install
+    from cspine.runtime import versions
+
+    if len(args.runs) != 1:
+        raise SystemExit("--install takes one run (--runs both or --runs network)")
+    name = args.runs[0]
+    model = out / "models" / (f"{name}-{args.tag}" if args.tag else name)
+    record = {
+        "command": "python benchmarks/bench_classifier.py " + shlex.join(sys.argv[1:]),
+        "seconds": results["seconds"],
+        "figures": results["runs"][name],
+        # training and validation studies of the fold (seed 2101 by default), for anyone checking a figure's studies
+        "train_uids": sorted(json.loads((model / "folds.json").read_text())),
+        "versions": versions(),
+        "machine": {"cpus": os.cpu_count()},
+    }
+    print(f"installed: {install(model, record)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
@@ -130,6 +165,11 @@ def main() -> None:
     ap.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS), help="none: the two sets only")
     ap.add_argument("--cls-args", default="", help="extra train-cls flags for every run (one quoted string)")
     ap.add_argument("--tag", default="", help="model folders are OUT/models/RUN-TAG (default: OUT/models/RUN)")
+    ap.add_argument("--seg-masks", action="store_true",
+                    help="train and test on the segmenter's masks (what a user has) instead of the generator's")
+    ap.add_argument("--seg-model", type=Path, default=None, help="with --seg-masks (default: the shipped segmenter)")
+    ap.add_argument("--install", action="store_true",
+                    help="copy fold 0 of the (one) run into the package as the shipped classifier (cspine.cls.shipped)")
     args = ap.parse_args()
     out: Path = args.out
     seconds: dict[str, float] = {}
@@ -137,16 +177,27 @@ def main() -> None:
     train = _generate(out, "train", args.train_studies, args.train_seed, args.workers)
     test = _generate(out, "test", args.test_studies, args.test_seed, args.workers)
     seconds["generate_and_prepare"] = round(time.perf_counter() - t, 1)
+    masks: dict[str, Path | None] = {"train": None, "test": None}
+    mask_args: list[str] = []
+    if args.seg_masks:
+        from cspine.seg.shipped import shipped_model
+
+        seg_model = args.seg_model or shipped_model()
+        t = time.perf_counter()
+        masks = {name: _segment(out / "cache" / name, seg_model, out / "segmasks" / name, args.device)
+                 for name in ("train", "test")}  # fmt: skip
+        mask_args = ["--masks", str(masks["train"]), "--masks-first"]
+        seconds["segment"] = round(time.perf_counter() - t, 1)
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "seconds": seconds, "runs": {}}
     for name in args.runs:
         model = out / "models" / (f"{name}-{args.tag}" if args.tag else name)
         t = time.perf_counter()
         _cspine("train-cls", "--data", str(train), "--out", str(model), "--epochs", str(args.epochs),
                 "--device", args.device, "--threads", str(args.threads), "--no-progress",
-                *RUNS[name], *shlex.split(args.cls_args))  # fmt: skip
+                *RUNS[name], *mask_args, *shlex.split(args.cls_args))  # fmt: skip
         seconds[f"train_{name}"] = round(time.perf_counter() - t, 1)
         t = time.perf_counter()
-        scored = _score(_test_logits(model, test, args.device))
+        scored = _score(_test_logits(model, test, args.device, masks["test"]))
         seconds[f"test_{name}"] = round(time.perf_counter() - t, 1)
         metrics = model / "metrics.json"  # written when every fold is done; a one-fold run has its fold's OOF
         train_csv = out / "data" / "train" / "train.csv"
@@ -156,6 +207,8 @@ def main() -> None:
                                  "speed": speed}  # fmt: skip
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     print(json.dumps(results, indent=2, default=str))
+    if args.install:
+        _install(out, args, results)
     for name, r in results["runs"].items():
         s, paths = r["test"], r["test"]["paths"]
         aucs = " / ".join("-" if paths[k]["mean_vertebra_auc"] is None else f"{paths[k]['mean_vertebra_auc']:.3f}"

@@ -833,6 +833,35 @@ def test_train_sequence_resumes_after_a_kill_and_predicts(tiny_cache: Path, tmp_
     assert np.isnan(clf.logit_parts(st.volume, no_c7)["network"][6])
 
 
+def test_init_starts_every_fold_from_another_classifier_and_0_epochs_keep_it(tiny_cache: Path, tmp_path: Path) -> None:
+    import torch
+
+    from cspine.cls.model_dir import load_config
+    from cspine.cls.train import train_cls
+    from cspine.engine.model_dir import load_weights
+    from cspine.errors import ConfigError
+
+    base = {"crop": TINY_CROP, "model": TINY_MODEL, "folds": 2, "batch_size": 2, "threads": 2}
+    src = tmp_path / "src"
+    train_cls(resolve_train_config("sequence", tiny_cache, src, {**base, "epochs": 1, "fold": 0}))
+    start = load_weights(src / "fold0.pt")[0]
+    out = tmp_path / "init"
+    cfg = resolve_train_config("sequence", tiny_cache, out, {"folds": 2, "epochs": 0, "init": str(src)})
+    source = load_config(src)  # the network and crop settings are the source's
+    assert cfg.crop == source.crop and cfg.model == source.model and cfg.model.width == TINY_MODEL["width"]
+    summary = train_cls(cfg)
+    for k in (0, 1):  # the network is the source's; each fold fits its own statistics on its own training studies
+        weights = load_weights(out / f"fold{k}.pt")[0]
+        assert weights.keys() == start.keys() and all(torch.equal(weights[n], start[n]) for n in start)
+        assert (out / f"fold{k}.features.json").exists()
+    assert summary["studies"] == 8 and set(summary["paths"]) == {"network", "statistics", "both"}
+    other = {**base, "epochs": 0, "init": str(src), "model": {**TINY_MODEL, "hidden": 8}}
+    with pytest.raises(ConfigError, match=r"model\.hidden"):
+        train_cls(resolve_train_config("sequence", tiny_cache, tmp_path / "other", other))
+    with pytest.raises(ConfigError, match="epochs"):
+        resolve_train_config("sequence", tiny_cache, tmp_path / "none", {**base, "epochs": 0})
+
+
 def test_train_cls_under_torchrun_two_gloo_processes(tiny_cache: Path, tmp_path: Path, torchrun) -> None:
     out = tmp_path / "ddp"
     args = ["train-cls", "--data", str(tiny_cache), "--out", str(out), "--folds", "2", "--epochs", "2",

@@ -42,7 +42,10 @@ def test_demo_outputs(demo: dict) -> None:
 
 def test_no_oof_mask_comes_from_a_segmenter_that_trained_on_its_study(demo: dict) -> None:
     """Every training study's mask comes from the shipped segmenter, which trained on none of them (its recipe
-    lists the studies it trained on); the classifier's folds are the dataset's one split file."""
+    lists the studies it trained on); the classifier's folds are the dataset's one split file, and its network
+    starts from the shipped classifier, which trained on none of the demo's studies either."""
+    from cspine.cls.shipped import SHIPPED_CLS_DIR
+    from cspine.data.cache import prepared_studies
     from cspine.seg.shipped import SHIPPED_DIR
 
     out = Path(demo["out"])
@@ -55,6 +58,13 @@ def test_no_oof_mask_comes_from_a_segmenter_that_trained_on_its_study(demo: dict
         record = json.loads((out / "work" / "pseudo" / f"{uid}.json").read_text())
         assert Path(record["model"]).resolve() == SHIPPED_DIR.resolve()
         assert uid not in trained_on, f"{uid}: its mask comes from a segmenter that trained on it"
+    # the fracture network the folds start from trained on other studies too: none of the demo's, test included
+    config = json.loads((out / "work" / "cls" / "config.json").read_text())["train"]
+    assert Path(config["init"]).resolve() == SHIPPED_CLS_DIR.resolve()
+    net_trained_on = set(json.loads((SHIPPED_CLS_DIR / "recipe.json").read_text())["train_uids"])
+    assert len(net_trained_on) >= 160
+    demo_uids = {d.name for split in ("train", "test") for d in prepared_studies(out / "cache", split)}
+    assert len(demo_uids) == 11 and not demo_uids & net_trained_on
 
 
 def test_predict_outputs_aligned_mask(demo: dict) -> None:

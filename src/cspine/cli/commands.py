@@ -212,6 +212,15 @@ def cmd_train_cls(args: argparse.Namespace) -> int:
         overrides["masks"] = str(_existing(str(overrides["masks"])))
     if "pretrained" in overrides["model"]:
         _existing(str(overrides["model"]["pretrained"]))
+    if overrides.get("init") == "shipped":  # the fracture network in the package (cspine.cls.shipped)
+        from cspine.cls.shipped import shipped_classifier
+
+        shipped = shipped_classifier()
+        if shipped is None:
+            raise UsageError("--init shipped: this installation has no shipped classifier (cspine/weights/classifier)")
+        overrides["init"] = str(shipped)
+    elif "init" in overrides:
+        overrides["init"] = str(_existing(str(overrides["init"])))
     cfg = resolve_train_config(args.recipe, _existing(args.data), Path(args.out), overrides)
     summary = train_cls(cfg, progress=not args.no_progress)
     if not summary:  # under torchrun the other ranks return nothing: rank 0 prints

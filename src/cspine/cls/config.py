@@ -193,6 +193,11 @@ class TrainConfig:
         fold: train only this fold (parallel runs).
         holdout: held-out fraction for split study/image.
         val_fraction: validation fraction of the training part (early stopping of the hold-out splits).
+        init: a classifier model directory (``train-cls --out``; ``shipped`` at the CLI: the package's,
+            cspine.cls.shipped) whose first fold's network every fold starts from instead of a new one; its network
+            and crop settings must be this run's. With ``epochs`` 0 that network
+            is used as it is, and only the lucency statistics' regression and the calibration are fitted (on the
+            masks of this run).
         epochs: training epochs per model.
         batch_size: studies (sequence) or images (seed-baseline) per step.
         lr: peak learning rate.
@@ -223,6 +228,7 @@ class TrainConfig:
     fold: int | None = None
     holdout: float = 0.33
     val_fraction: float = 0.15
+    init: Path | None = None
     epochs: int = 12
     batch_size: int = 4
     lr: float = 1e-3
@@ -252,8 +258,10 @@ class TrainConfig:
             raise ConfigError(f"fold {self.fold} needs split 'folds' and 0 <= fold < {self.folds}")
         if not 0.05 <= self.holdout <= 0.8 or not 0.0 < self.val_fraction < 0.5:
             raise ConfigError("holdout must be in [0.05, 0.8] and val_fraction in (0, 0.5)")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.patience < 1:
-            raise ConfigError("epochs, batch_size and patience must be >= 1 and lr > 0")
+        if self.epochs < (0 if self.init else 1) or self.batch_size < 1 or self.lr <= 0 or self.patience < 1:
+            raise ConfigError("epochs (>= 0 with init), batch_size and patience must be >= 1 and lr > 0")
+        if self.init is not None and (self.recipe != "sequence" or self.split != "folds"):
+            raise ConfigError("init needs the sequence recipe with split 'folds'")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
@@ -312,12 +320,18 @@ RECIPES: dict[str, Recipe] = {
 def resolve_train_config(recipe: str, data: Path, out: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Recipe defaults, then the user's overrides (type-checked; nested ``crop``/``model`` dicts allowed).
 
-    Unknown keys are an error that lists the valid ones (a typo must not be silently ignored).
+    Unknown keys are an error that lists the valid ones (a typo must not be silently ignored). With ``init``, the
+    network and crop settings of that classifier come between the two (its weights need them).
     """
     if recipe not in RECIPES:
         raise ConfigError(f"unknown recipe {recipe!r}; expected one of {', '.join(RECIPES)}")
     merged: dict[str, Any] = {}
     _deep_update(merged, RECIPES[recipe].defaults)
+    if (overrides or {}).get("init"):  # the starting network's settings, unless the user sets them otherwise
+        from cspine.cls.model_dir import load_config
+
+        init = load_config(Path(overrides["init"]))  # type: ignore[index]
+        _deep_update(merged, {"crop": asdict(init.crop), "model": {**asdict(init.model), "pretrained": None}})
     _deep_update(merged, overrides or {})
     crop = from_dict(CropConfig, merged.pop("crop", {}))
     model = from_dict(ModelConfig, merged.pop("model", {}))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,30 @@ from cspine.metrics import competition_loss
 from cspine.runtime import Runtime, timed, write_json
 
 log = logging.getLogger(__name__)
+
+
+def initial_weights(cfg: TrainConfig) -> dict[str, Any]:
+    """The first fold's weights of ``cfg.init``, checked to be a network of this run's model and crop settings."""
+    from dataclasses import replace
+
+    from cspine.cls.model_dir import fold_checkpoints, load_config
+    from cspine.engine.config import to_dict
+    from cspine.engine.model_dir import differences, load_weights
+    from cspine.errors import ConfigError
+
+    src = Path(cfg.init)  # type: ignore[arg-type]
+    init = load_config(src)
+    # the lucency regression's strength and the pretrained file are no part of the network's weights
+    same = {"pretrained": None, "feature_c": cfg.model.feature_c}
+    diff = differences("model", to_dict(replace(init.model, **same)), to_dict(replace(cfg.model, **same)))
+    diff += differences("crop", to_dict(replace(init.crop, stats_region=cfg.crop.stats_region)), to_dict(cfg.crop))
+    if init.recipe != cfg.recipe or diff:
+        raise ConfigError(f"--init {src}: its network differs from this run's: " + "; ".join(
+            diff or [f"recipe {init.recipe!r} != {cfg.recipe!r}"]))  # fmt: skip
+    paths = fold_checkpoints(src)
+    if not paths:
+        raise ConfigError(f"--init {src}: no fold*.pt weights (training not finished?)")
+    return load_weights(paths[0])[0]
 
 
 def train_folds(
@@ -54,6 +79,8 @@ def train_folds(
             continue
         torch.manual_seed(cfg.seed * 100 + k)
         model = recipe.build()
+        if cfg.init is not None:  # a resume state, when there is one, replaces these weights in fit()
+            model.load_state_dict(initial_weights(cfg))
         tr_rows = np.flatnonzero(folds != k)
         va_rows = np.flatnonzero(folds == k)
         lucency = recipe.fit_lucency(*store.study_stats(tr_rows), y[tr_rows, 1:])
