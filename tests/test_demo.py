@@ -22,7 +22,8 @@ def demo(tmp_path_factory) -> dict:
     from cspine.demo import DemoConfig, run_demo
 
     out = tmp_path_factory.mktemp("demo")
-    cfg = DemoConfig(out=out, train_studies=8, test_studies=3, segmented=1.0, cls_epochs=1, cls_folds=2, device="cpu")
+    cfg = DemoConfig(out=out, train_studies=8, test_studies=3, segmented=1.0, cls_epochs=1, cls_folds=2, device="cpu",
+                     shipped_network=True)
     return run_demo(cfg, progress=False)
 
 

@@ -166,7 +166,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The whole pipeline on generated data."""
     from cspine.demo import DemoConfig, format_summary, run_demo
 
-    cfg = DemoConfig(out=Path(args.out), seed=args.seed, device=args.device)
+    cfg = DemoConfig(out=Path(args.out), seed=args.seed, device=args.device, shipped_network=args.shipped_network)
     print(format_summary(run_demo(cfg, progress=not args.no_progress)))
     return 0
 
