@@ -195,9 +195,8 @@ class TrainConfig:
         val_fraction: validation fraction of the training part (early stopping of the hold-out splits).
         init: a classifier model directory (``train-cls --out``; ``shipped`` at the CLI: the package's,
             cspine.cls.shipped) whose first fold's network every fold starts from instead of a new one; its network
-            and crop settings must be this run's. With ``epochs`` 0 that network
-            is used as it is, and only the lucency statistics' regression and the calibration are fitted (on the
-            masks of this run).
+            and crop settings must be this run's. With ``epochs`` 0 that network is used as it is, and only the
+            lucency statistics' regression and the calibration are fitted (on the masks of this run).
         epochs: training epochs per model.
         batch_size: studies (sequence) or images (seed-baseline) per step.
         lr: peak learning rate.

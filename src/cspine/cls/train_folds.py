@@ -71,6 +71,7 @@ def train_folds(
         write_json(out / "folds.json", {u: int(f) for u, f in zip(store.uids, folds, strict=True)})
     todo = [cfg.fold] if cfg.fold is not None else list(range(cfg.folds))
     batch = cfg.batch_size * 2
+    start = initial_weights(cfg) if cfg.init is not None else None  # read once, every fold starts from it
     for k in todo:
         run = RunFiles.standard(out, f"fold{k}")
         oof_path = out / f"oof_fold{k}.csv"
@@ -79,8 +80,8 @@ def train_folds(
             continue
         torch.manual_seed(cfg.seed * 100 + k)
         model = recipe.build()
-        if cfg.init is not None:  # a resume state, when there is one, replaces these weights in fit()
-            model.load_state_dict(initial_weights(cfg))
+        if start is not None:  # a resume state, when there is one, replaces these weights in fit()
+            model.load_state_dict(start)
         tr_rows = np.flatnonzero(folds != k)
         va_rows = np.flatnonzero(folds == k)
         lucency = recipe.fit_lucency(*store.study_stats(tr_rows), y[tr_rows, 1:])
