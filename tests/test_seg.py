@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cspine.io.nifti import read_nifti
 from cspine.io.volume import Volume
 from cspine.seg.config import OTHER_VALUE, PostprocessConfig, PreprocessConfig, TrainSegConfig
 from cspine.seg.evaluate import evaluate_files, evaluate_masks, markdown_table, summarize
@@ -691,6 +692,12 @@ def test_cli_train_segment_evaluate_pseudo_label(cache: Path, tmp_path: Path, ca
     assert main(again) == 0  # resumable: the one done is skipped; --all adds the three that have masks
     summary = json.loads(capsys.readouterr().out)
     assert summary["skipped_existing"] == 1 and summary["labelled_now"] == 3
+    pl2 = tmp_path / "pl2"  # two worker processes write the same masks
+    two = ["pseudo-label", "--data", str(cache), "--model", str(model), "--out", str(pl2), "--all", "--workers", "2"]
+    assert main([*two, "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["labelled_now"] == 4
+    for mask in sorted(pl.glob("*.nii.gz")):
+        assert np.array_equal(read_nifti(mask)[0], read_nifti(pl2 / mask.name)[0]), mask.name
     assert main(["eval-seg", "--pred", str(pl), "--truth", str(cache), "--out", str(tmp_path / "ev2")]) == 0
     assert json.loads((tmp_path / "ev2" / "eval.json").read_text())["summary"]["studies"] == 3
     assert main(["segment", str(study), "--model", str(tmp_path), "--out", str(tmp_path / "x.nii.gz")]) == 2

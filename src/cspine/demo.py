@@ -173,7 +173,9 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
         lambda: prepare_dataset(PrepareConfig(data=data, out=cache, workers=cfg.workers), progress=progress),
     )
     seg_model = _segmenter(cfg)
-    pseudo = PseudoLabelConfig(data=cache, model=seg_model, out=work / "pseudo", all_studies=True, device=cfg.device)
+    pseudo = PseudoLabelConfig(
+        data=cache, model=seg_model, out=work / "pseudo", all_studies=True, device=cfg.device, workers=cfg.workers
+    )
     seg_summary = _stage("segment", timings, lambda: pseudo_label(pseudo, progress=progress))
     cls_cfg = resolve_train_config("sequence", cache, work / "cls", _cls_overrides(cfg, work))
     cls_summary = _stage("train-cls", timings, lambda: train_cls(cls_cfg, progress=progress))

@@ -305,7 +305,7 @@ def cmd_pseudo_label(args: argparse.Namespace) -> int:
     from cspine.seg.pseudo import PseudoLabelConfig, pseudo_label
 
     cfg = PseudoLabelConfig(data=_existing(args.data), model=_existing(args.model), out=Path(args.out),
-                            split=args.split, all_studies=args.all, device=args.device)
+                            split=args.split, all_studies=args.all, device=args.device, workers=args.workers)
     print(json.dumps(pseudo_label(cfg, progress=not args.no_progress), indent=2))
     return 0
 

@@ -286,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train")
     p.add_argument("--all", action="store_true", help="also studies that already have a mask")
     p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=1,
+                   help="studies segmented at once, one process each with a share of the CPU threads")
     _add_progress(p)
     p.set_defaults(func=cmd_pseudo_label)
 

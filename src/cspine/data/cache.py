@@ -19,8 +19,6 @@ import logging
 import os
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from cspine.errors import CspineInputError
 from cspine.io import load_segmentation, load_series
 from cspine.io.nifti import read_nifti, save_nifti
 from cspine.io.volume import Volume
+from cspine.process_pool import run_in_processes
 from cspine.runtime import versions, write_json
 
 log = logging.getLogger(__name__)
@@ -154,28 +153,6 @@ def _prepare_one(job: tuple[str, str, str, str | None, dict[str, Any], int]) -> 
         return split, uid, f"{type(exc).__name__}: {first}", time.perf_counter() - t0
 
 
-def _run_pool(jobs: list[Any], workers: int, record: Any) -> None:
-    """Run ``_prepare_one`` over the jobs in ``workers`` processes; a process that dies (a native crash, the OOM
-    killer) is replaced: the jobs that did not answer are run again one per fresh process, so the study that kills
-    its process is recorded as failed and the others are still prepared."""
-    pending = {id(j): j for j in jobs}
-    try:
-        with ProcessPoolExecutor(max_workers=workers) as ex:
-            futures = {ex.submit(_prepare_one, j): j for j in jobs}
-            for fut in as_completed(futures):
-                record(fut.result())
-                pending.pop(id(futures[fut]), None)
-    except BrokenProcessPool:
-        log.warning("a prepare process died; running %d unfinished study(ies) one per process", len(pending))
-        for job in pending.values():
-            try:
-                with ProcessPoolExecutor(max_workers=1) as ex:
-                    record(ex.submit(_prepare_one, job).result())
-            except BrokenProcessPool:
-                record((job[0], job[1], f"{job[2]}: the process preparing this study died (a crash in a native "
-                                        "library, or out of memory)", 0.0))  # fmt: skip
-
-
 def prepare_dataset(cfg: PrepareConfig, progress: bool = False) -> dict[str, Any]:
     """Cache every study of the dataset (this shard), skipping finished ones; record failures and go on.
 
@@ -240,7 +217,12 @@ def prepare_dataset(cfg: PrepareConfig, progress: bool = False) -> dict[str, Any
         for job in full_jobs:
             record(_prepare_one(job))
     else:
-        _run_pool(full_jobs, workers, record)
+
+        def crashed(job: tuple[Any, ...]) -> None:
+            record((job[0], job[1], f"{job[2]}: the process preparing this study died (a crash in a native library, "
+                                    "or out of memory)", 0.0))  # fmt: skip
+
+        run_in_processes(_prepare_one, full_jobs, workers, record, crashed)
     bar.close()
     write_json(failures_path, sorted(failures.values(), key=lambda r: (r["split"], r["uid"])))
     report = {

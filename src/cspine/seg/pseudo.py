@@ -20,9 +20,13 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cspine.labels import CERVICAL
+
+if TYPE_CHECKING:
+    from cspine.seg.infer import SegModel
+    from cspine.seg.studies import StudyRef
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,8 @@ class PseudoLabelConfig:
         all_studies: also label studies that already have a mask (e.g. to measure agreement).
         uids: only these studies (e.g. the fold a segmenter held out); None: every study of the split.
         volume_ml: plausible (min, max) volume of a complete cervical vertebra; outside is flagged.
+        workers: studies segmented at once, each in its own process with its share of the torch threads (the
+            segmenter's pre- and post-processing run on one core; two processes keep both busy).
     """
 
     data: Path
@@ -48,6 +54,7 @@ class PseudoLabelConfig:
     uids: tuple[str, ...] | None = None
     device: str = "auto"
     volume_ml: tuple[float, float] = (1.0, 40.0)
+    workers: int = 1
 
 
 def judge(report: dict[str, Any], cfg: PseudoLabelConfig) -> dict[str, Any]:
@@ -75,54 +82,108 @@ def judge(report: dict[str, Any], cfg: PseudoLabelConfig) -> dict[str, Any]:
     }
 
 
+def label_study(ref: StudyRef, model: SegModel, cfg: PseudoLabelConfig) -> str | None:
+    """Segment one study and write its mask, then its quality record (atomically, mask first); the error message
+    instead of raising, so that one unreadable study does not stop the batch."""
+    from cspine.io import save_nifti
+    from cspine.runtime import write_json
+    from cspine.seg.infer import InferConfig, segment_volume
+
+    out = Path(cfg.out)
+    t = time.perf_counter()
+    try:
+        vol, _ = ref.load(with_mask=False)
+        res = segment_volume(vol, model, InferConfig(device=cfg.device, presence=None))
+        save_nifti(res.mask, vol, out / f"{ref.uid}.nii.gz")
+        report = res.to_json()
+        record = {"uid": ref.uid, "source": str(ref.path), "model": str(model.path), **judge(report, cfg)}
+        record.update(report)
+        record["seconds"] = round(time.perf_counter() - t, 3)
+        write_json(out / f"{ref.uid}.json", record)
+        return None
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+_worker_model: SegModel | None = None  # the segmenter of a pseudo-label worker process
+
+
+def _init_worker(model: Path, device: str, threads: int) -> None:
+    import torch
+
+    from cspine.seg.infer import load_model
+
+    global _worker_model
+    torch.set_num_threads(threads)
+    _worker_model = load_model(model, device)
+
+
+def _label_in_worker(job: tuple[StudyRef, PseudoLabelConfig]) -> tuple[str, str | None]:
+    ref, cfg = job
+    assert _worker_model is not None, "_init_worker did not run"
+    return ref.uid, label_study(ref, _worker_model, cfg)
+
+
 def pseudo_label(cfg: PseudoLabelConfig, progress: bool = False) -> dict[str, Any]:
     """Segment every study without a mask (all with ``all_studies``); skip those already done. Returns counts."""
+    import torch
+
     from cspine.data.rsna import write_csv_atomic
     from cspine.engine.config import to_dict
-    from cspine.io import save_nifti
+    from cspine.process_pool import run_in_processes
     from cspine.runtime import run_record, write_json
     from cspine.seg.data import discover_studies
-    from cspine.seg.infer import InferConfig, load_model, segment_volume
+    from cspine.seg.infer import load_model, resolve_model_dir
 
     t0 = time.perf_counter()
     refs = [r for r in discover_studies(Path(cfg.data), cfg.split) if cfg.all_studies or not r.has_mask]
     if cfg.uids is not None:
         refs = [r for r in refs if r.uid in set(cfg.uids)]
-    model = load_model(cfg.model, cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     failures_path = out / "failures.json"
     failures: dict[str, str] = json.loads(failures_path.read_text()) if failures_path.exists() else {}
-    done = skipped = failed = 0
+    todo = [r for r in refs if not ((out / f"{r.uid}.json").exists() and (out / f"{r.uid}.nii.gz").exists())]
+    skipped = len(refs) - len(todo)
+    done = failed = 0
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(refs), desc="pseudo-label", unit="study")
-    for ref in refs:
-        record_path = out / f"{ref.uid}.json"
-        if record_path.exists() and (out / f"{ref.uid}.nii.gz").exists():
-            skipped += 1
-        else:
-            t = time.perf_counter()
-            try:
-                vol, _ = ref.load(with_mask=False)
-                res = segment_volume(vol, model, InferConfig(device=cfg.device, presence=None))
-                save_nifti(res.mask, vol, out / f"{ref.uid}.nii.gz")
-                report = res.to_json()
-                record = {"uid": ref.uid, "source": str(ref.path), "model": str(model.path), **judge(report, cfg)}
-                record.update(report)
-                record["seconds"] = round(time.perf_counter() - t, 3)
-                write_json(record_path, record)
-                failures.pop(ref.uid, None)
-                done += 1
-            except Exception as exc:  # one unreadable study must not stop the batch
-                failed += 1
-                failures[ref.uid] = f"{type(exc).__name__}: {exc}"
-                log.warning("pseudo-label %s failed: %s", ref.uid, failures[ref.uid])
-                write_json(failures_path, failures)
+        bar = tqdm(total=len(refs), initial=skipped, desc="pseudo-label", unit="study")
+
+    def record(result: tuple[str, str | None]) -> None:
+        nonlocal done, failed
+        uid, err = result
+        if err is None:
+            failures.pop(uid, None)
+            done += 1
+        else:  # one unreadable study must not stop the batch
+            failed += 1
+            failures[uid] = err
+            log.warning("pseudo-label %s failed: %s", uid, err)
+            write_json(failures_path, failures)
         if bar is not None:
             bar.update(1)
+
+    workers = max(1, min(cfg.workers, len(todo)))
+    if workers == 1:
+        model = load_model(cfg.model, cfg.device)
+        for ref in todo:
+            record((ref.uid, label_study(ref, model, cfg)))
+    else:
+        threads = max(1, torch.get_num_threads() // workers)
+        died = "the process segmenting this study died (a crash in a native library, or out of memory)"
+        run_in_processes(
+            _label_in_worker,
+            [(ref, cfg) for ref in todo],
+            workers,
+            record,
+            lambda job: record((job[0].uid, died)),
+            initializer=_init_worker,
+            initargs=(cfg.model, cfg.device, threads),
+            start_method="spawn",  # this process's torch threads make a forked child unsafe
+        )
     if bar is not None:
         bar.close()
     write_json(failures_path, failures)
@@ -144,9 +205,7 @@ def pseudo_label(cfg: PseudoLabelConfig, progress: bool = False) -> dict[str, An
         "ok": n_ok,
         "flagged": len(rows) - n_ok,
     }
-    cfg_dict = to_dict(cfg)
-    write_json(
-        out / "run.json",
-        run_record(None, cfg_dict, {"total": time.perf_counter() - t0}, model=str(model.path), **summary),
-    )
+    timings = {"total": time.perf_counter() - t0}
+    model = str(resolve_model_dir(cfg.model))
+    write_json(out / "run.json", run_record(None, to_dict(cfg), timings, model=model, **summary))
     return summary
