@@ -148,7 +148,7 @@ def _install(out: Path, args: argparse.Namespace, results: dict[str, Any]) -> No
         "versions": versions(),
         "machine": {"cpus": os.cpu_count()},
     }
-    print(f"installed: {install(model, record)}")
+    print(f"installed: {install(model, record, out / 'cache' / 'train')}")
 
 
 def main() -> None:

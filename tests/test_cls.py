@@ -16,6 +16,7 @@ import pytest
 
 from cspine.cls.config import CropConfig, ModelConfig, TrainConfig, resolve_train_config
 from cspine.cls.crops import assign_boxes, vertebra_crops
+from cspine.cls.domain import DOMAIN_FILE, NetworkDomain, spacing_domain
 from cspine.cls.folds import holdout_split, leaky_image_split, make_folds
 from cspine.io.volume import Volume, affine_from_dicom, window
 from cspine.labels import CERVICAL, LABEL_VALUES, PREDICTION_TYPES
@@ -832,6 +833,23 @@ def test_train_sequence_resumes_after_a_kill_and_predicts(tiny_cache: Path, tmp_
     assert 1.0 / (1.0 + np.exp(-both)) == pytest.approx([pred.uncalibrated[v] for v in CERVICAL], abs=1e-6)
     assert np.isnan(clf.logit_parts(st.volume, no_c7)["network"][6])
 
+    # the network's domain: the coarsest spacing of its training studies and its out-of-fold mean per vertebra
+    domain = json.loads((out / DOMAIN_FILE).read_text())
+    spacings = [json.loads((d / "meta.json").read_text())["spacing_zyx"] for d in prepared_studies(tiny_cache)]
+    assert domain["max_spacing_zyx"] == pytest.approx(np.max(spacings, axis=0).tolist())
+    oof_network = np.array([[float(r[f"network_{v}"]) for v in CERVICAL] for r in rows])
+    assert [domain["neutral_logit"][v] for v in CERVICAL] == pytest.approx(oof_network.mean(0).tolist())
+    assert pred.network_not_applied is None
+    # a scan with pixels 1.5 x coarser than any it learned from: the statistics alone, plus the network's mean
+    pixel = 1.5 * max(max(s[1], s[2]) for s in spacings)
+    coarse = replace(st.volume, spacing=(st.volume.spacing[0], pixel, pixel))
+    got = clf.predict(coarse, st.mask)
+    assert got.network_not_applied is not None and "pixel spacing" in got.network_not_applied
+    stats = clf.logit_parts(coarse, st.mask)["statistics"]
+    neutral = np.array([domain["neutral_logit"][v] for v in CERVICAL])
+    assert [got.uncalibrated[v] for v in CERVICAL] == pytest.approx(1.0 / (1.0 + np.exp(-(stats + neutral))), abs=1e-6)
+    assert all(s["score"] == 0.0 for s in got.slice_scores["C2"])
+
 
 def test_init_starts_every_fold_from_another_classifier_and_0_epochs_keep_it(tiny_cache: Path, tmp_path: Path) -> None:
     import torch
@@ -845,6 +863,7 @@ def test_init_starts_every_fold_from_another_classifier_and_0_epochs_keep_it(tin
     src = tmp_path / "src"
     train_cls(resolve_train_config("sequence", tiny_cache, src, {**base, "epochs": 1, "fold": 0}))
     start = load_weights(src / "fold0.pt")[0]
+    NetworkDomain((9.0, 8.0, 8.0), None, 300).save(src)  # what its weights learned from: 300 studies elsewhere
     out = tmp_path / "init"
     cfg = resolve_train_config("sequence", tiny_cache, out, {"folds": 2, "epochs": 0, "init": str(src)})
     source = load_config(src)  # the network and crop settings are the source's
@@ -855,6 +874,9 @@ def test_init_starts_every_fold_from_another_classifier_and_0_epochs_keep_it(tin
         assert weights.keys() == start.keys() and all(torch.equal(weights[n], start[n]) for n in start)
         assert (out / f"fold{k}.features.json").exists()
     assert summary["studies"] == 8 and set(summary["paths"]) == {"network", "statistics", "both"}
+    domain = NetworkDomain.load(out)  # the network learned nothing from these 8 studies: its domain is the source's
+    assert domain is not None and domain.max_spacing_zyx == (9.0, 8.0, 8.0) and domain.studies == 300
+    assert domain.neutral_logit is not None and len(domain.neutral_logit) == 7
     other = {**base, "epochs": 0, "init": str(src), "model": {**TINY_MODEL, "hidden": 8}}
     with pytest.raises(ConfigError, match=r"model\.hidden"):
         train_cls(resolve_train_config("sequence", tiny_cache, tmp_path / "other", other))
@@ -1126,3 +1148,18 @@ def test_encoder_running_statistics_follow_the_data_within_a_short_fine_tune(enc
     data_mean = torch.stack(seen).mean(0)
     err = float((bn.running_mean - data_mean).norm() / data_mean.norm())
     assert err < 0.05, f"the running mean is {err:.2f} (relative) away from the data's after 40 steps"
+
+
+def test_the_network_domain_refuses_scans_coarser_than_its_training_studies_by_more_than_the_tolerance() -> None:
+    from cspine.cls.domain import TOLERANCE
+
+    domain = spacing_domain([(2.0, 1.5, 1.5), (1.0, 1.8, 1.7)])
+    assert domain is not None and domain.max_spacing_zyx == (2.0, 1.8, 1.7) and domain.studies == 2
+    assert domain.refusal((0.6, 0.3, 0.3)) is None  # finer than anything it saw: applied (crops are resampled)
+    assert domain.refusal((2.0, 1.8 * TOLERANCE, 1.0)) is None
+    assert "pixel spacing 4.60 mm" in (domain.refusal((3.0, 4.6, 4.6)) or "")
+    assert "slice spacing 3.00 mm" in (domain.refusal((3.0, 1.0, 1.0)) or "")
+    # an --init network's own domain widens it; its studies are counted
+    wider = spacing_domain([(1.0, 1.0, 1.0)], NetworkDomain((5.0, 1.2, 1.2), None, 10))
+    assert wider is not None and wider.max_spacing_zyx == (5.0, 1.2, 1.2) and wider.studies == 11
+    assert spacing_domain([]) is None

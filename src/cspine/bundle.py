@@ -54,6 +54,7 @@ class Prediction:
     warnings: list[str] = field(default_factory=list)
     cleanup: list[str] = field(default_factory=list)
     cervical_spine: str = "present"
+    network_not_applied: str | None = None  # why the fracture network was left out (cspine.cls.domain)
 
 
 def component_formats() -> dict[str, Any]:
@@ -186,7 +187,13 @@ class Bundle:
             k: float(cls.probabilities[k]) if k == PATIENT or seg.vertebrae[k]["present"] else None
             for k in PREDICTION_TYPES
         }
-        return Prediction(probs, slice_scores=scores, warnings=list(seg.warnings), **common)
+        warnings = list(seg.warnings)
+        if cls.network_not_applied:
+            warnings.append(f"fracture network not applied ({cls.network_not_applied}): the probabilities come from "
+                            "the lucency statistics alone")  # fmt: skip
+        return Prediction(
+            probs, slice_scores=scores, warnings=warnings, network_not_applied=cls.network_not_applied, **common
+        )
 
     def predict_probabilities(self, vol: Any) -> dict[str, float | None]:
         """Only the numbers (for submissions); None where a vertebra (or the whole cervical spine) is not in view."""

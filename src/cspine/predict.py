@@ -123,6 +123,10 @@ def predict_study(cfg: PredictConfig, bundle: Any = None) -> dict[str, Any]:
         # null where the vertebra (or, for every target, the cervical spine) is not in the field of view
         **{k: None if (v := out.probabilities[k]) is None else round(float(v), 6) for k in PREDICTION_TYPES},
         "cervical_spine": out.cervical_spine,
+        # whether the fracture network's part is in the probabilities (not on a scan coarser than it learned from)
+        "fracture_network": None
+        if out.cervical_spine == "absent"
+        else ("not applied" if out.network_not_applied else "applied"),
         "threshold": cfg.threshold,
         "vertebrae": out.vertebrae,
         "warnings": list(vol.meta.get("warnings", [])) + list(out.warnings),

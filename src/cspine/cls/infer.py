@@ -29,6 +29,7 @@ from cspine.cls.calibrate import Calibration
 from cspine.cls.config import TrainConfig
 from cspine.cls.crops import vertebra_crops
 from cspine.cls.dataset import StudyArrays, stack_study
+from cspine.cls.domain import NetworkDomain
 from cspine.cls.model_dir import fold_checkpoints, load_config
 from cspine.cls.recipes import get_recipe
 from cspine.io.volume import Volume
@@ -47,13 +48,16 @@ class StudyPrediction:
         uncalibrated: the same before temperature scaling.
         present: whether the mask contained each vertebra (absent ones fall back to the prevalence).
         slice_scores: per vertebra, per sampled slice: z index, InstanceNumber and the slice score in [0, 1]
-            (the sequence model's box head, the seed baseline's per-image probability).
+            (the sequence model's box head, the seed baseline's per-image probability; 0 without the network).
+        network_not_applied: why the fracture network was left out of this study (a scan outside the resolution it
+            learned from: cspine.cls.domain), None when it was applied.
     """
 
     probabilities: dict[str, float]
     uncalibrated: dict[str, float]
     present: dict[str, bool]
     slice_scores: dict[str, list[dict[str, Any]]]
+    network_not_applied: str | None = None
 
 
 class Classifier:
@@ -70,14 +74,26 @@ class Classifier:
         self.recipe_ = get_recipe(self.config.recipe, replace(self.config.model, pretrained=None), self.config.crop)
         self.folds = [self.recipe_.load_fold(p, self.device) for p in paths]
         self.calibration = Calibration.load(self.model_dir)
+        self.domain = NetworkDomain.load(self.model_dir)
 
     @property
     def recipe(self) -> str:
         return self.config.recipe
 
-    def predict_arrays(self, st: StudyArrays) -> tuple[np.ndarray, np.ndarray]:
-        """Uncalibrated (8,) probabilities (PREDICTION_TYPES order) and (7, K) slice scores of one study's crops."""
-        return self.recipe_.predict_study(self.folds, st, self.device)
+    def network_refusal(self, volume: Volume) -> str | None:
+        """Why the network is not applied to this scan (cspine.cls.domain); None when it is."""
+        if self.domain is None or self.domain.neutral_logit is None:
+            return None
+        return self.domain.refusal(volume.spacing)
+
+    def predict_arrays(self, st: StudyArrays, without_network: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Uncalibrated (8,) probabilities (PREDICTION_TYPES order) and (7, K) slice scores of one study's crops;
+        ``without_network``: the network's part replaced by its out-of-fold mean (cspine.cls.domain)."""
+        neutral = None
+        if without_network:
+            assert self.domain is not None and self.domain.neutral_logit is not None
+            neutral = np.array(self.domain.neutral_logit)
+        return self.recipe_.predict_study(self.folds, st, self.device, neutral)
 
     def study_arrays(self, volume: Volume, mask: np.ndarray) -> StudyArrays:
         """The crops and statistics of the vertebrae of ``mask``, as this model reads them."""
@@ -95,7 +111,8 @@ class Classifier:
         t0 = time.perf_counter()
         st = self.study_arrays(volume, mask)
         t1 = time.perf_counter()
-        raw, slices = self.predict_arrays(st)
+        refusal = self.network_refusal(volume)
+        raw, slices = self.predict_arrays(st, without_network=refusal is not None)
         cal = self.calibration.apply(raw[None])[0]
         if timings is not None:
             timings["crop"] = timings.get("crop", 0.0) + t1 - t0
@@ -112,6 +129,7 @@ class Classifier:
                 for i, v in enumerate(CERVICAL)
                 if st.present[i]
             },
+            network_not_applied=refusal,
         )
 
 

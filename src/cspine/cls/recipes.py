@@ -87,8 +87,12 @@ class Recipe:
     def step(self, net: nn.Module, batch: dict[str, torch.Tensor]) -> StepResult:
         raise NotImplementedError
 
-    def predict_study(self, folds: Sequence[Fold], st: StudyArrays, device: torch.device) -> tuple[Any, Any]:
-        """Uncalibrated (8,) probabilities (PREDICTION_TYPES order) and (7, K) slice scores of one study."""
+    def predict_study(
+        self, folds: Sequence[Fold], st: StudyArrays, device: torch.device, neutral: np.ndarray | None = None
+    ) -> tuple[Any, Any]:
+        """Uncalibrated (8,) probabilities (PREDICTION_TYPES order) and (7, K) slice scores of one study.
+        ``neutral`` (7,): replaces the network's part of the vertebra logits (a scan outside its domain,
+        cspine.cls.domain); the recipe has to have such parts."""
         raise NotImplementedError
 
     def logit_parts(self, folds: Sequence[Fold], st: StudyArrays, device: torch.device) -> dict[str, np.ndarray] | None:
@@ -234,10 +238,18 @@ class SequenceRecipe(Recipe):
             fold.lucency = LucencyModel.load(lucency_path)
         return fold
 
-    def predict_study(self, folds: Sequence[Fold], st: StudyArrays, device: torch.device):
+    def predict_study(
+        self, folds: Sequence[Fold], st: StudyArrays, device: torch.device, neutral: np.ndarray | None = None
+    ):
         out = self.forward(folds, _study_batch(st), device)
-        probs = self.aggregate({**out, "present": st.present[None]})
-        return probs[0], sigmoid(out["slices"][0])
+        if neutral is None:
+            probs = self.aggregate({**out, "present": st.present[None]})
+            return probs[0], sigmoid(out["slices"][0])
+        # without the network: the statistics' share plus the network's mean, the patient from the vertebrae, and
+        # no slice scores (the network's box head is what points at a slice)
+        vertebra = out["features"] + neutral[None]
+        probs = sequence_probs(out["patient"], vertebra, st.present[None], "noisy-or")
+        return probs[0], np.zeros_like(out["slices"][0])
 
     def logit_parts(self, folds: Sequence[Fold], st: StudyArrays, device: torch.device) -> dict[str, np.ndarray]:
         out = self.forward(folds, _study_batch(st), device)
@@ -297,7 +309,11 @@ class SeedBaselineRecipe(Recipe):
                 pv[i] = float(np.mean(p))
         return np.concatenate([noisy_or(pv[None]), pv])
 
-    def predict_study(self, folds: Sequence[Fold], st: StudyArrays, device: torch.device):
+    def predict_study(
+        self, folds: Sequence[Fold], st: StudyArrays, device: torch.device, neutral: np.ndarray | None = None
+    ):
+        if neutral is not None:
+            raise ValueError("the seed-baseline recipe has no statistics to predict without its networks")
         images = torch.from_numpy(st.images)
         slices = np.zeros(st.slice_labels.shape, np.float64)
         per: list[np.ndarray | None] = [None] * len(CERVICAL)

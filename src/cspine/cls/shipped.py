@@ -38,12 +38,19 @@ def _half(path: Path) -> None:
     save_weights(path, half, info["epoch"], info["score"], info["run"], {})
 
 
-def install(model: Path, record: dict[str, Any], dest: Path = SHIPPED_CLS_DIR) -> Path:
-    """Copy fold 0 of a trained classifier directory and its build ``record`` (recipe.json) into ``dest``.
+def install(model: Path, record: dict[str, Any], cache: Path, dest: Path = SHIPPED_CLS_DIR) -> Path:
+    """Copy fold 0 of a trained classifier directory and its build ``record`` (recipe.json) into ``dest``, with
+    the network's domain (cspine.cls.domain: the coarsest spacing of the studies of ``cache`` it trained and was
+    selected on, listed in the run's folds.json).
 
     The weights are stored in float16 (half the bytes in git; loading casts them back). The pretrained file's path
     in config.json is a path on the machine that trained it; only its name is kept.
     """
+    from cspine.cls.domain import spacing_domain
+    from cspine.data.cache import META_FILE
+
+    uids = json.loads((model / "folds.json").read_text())
+    domain = spacing_domain(json.loads((cache / "train" / u / META_FILE).read_text())["spacing_zyx"] for u in uids)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -57,6 +64,8 @@ def install(model: Path, record: dict[str, Any], dest: Path = SHIPPED_CLS_DIR) -
             net["pretrained"] = Path(net["pretrained"]).name
     write_json(tmp / "config.json", config)
     write_json(tmp / "recipe.json", record)
+    if domain is not None:
+        domain.save(tmp)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,6 @@ log = logging.getLogger(__name__)
 
 def initial_weights(cfg: TrainConfig) -> dict[str, Any]:
     """The first fold's weights of ``cfg.init``, checked to be a network of this run's model and crop settings."""
-    from dataclasses import replace
-
     from cspine.cls.model_dir import fold_checkpoints, load_config
     from cspine.engine.config import to_dict
     from cspine.engine.model_dir import differences, load_weights
@@ -114,7 +113,32 @@ def train_folds(
     done = [k for k in range(cfg.folds) if (out / f"oof_fold{k}.csv").exists()]
     if len(done) < cfg.folds:
         return {"status": "partial", "folds_done": done}
-    return finish(cfg, store, [out / f"oof_fold{k}.csv" for k in range(cfg.folds)], timings) if rt.is_main else {}
+    if not rt.is_main:
+        return {}
+    oof = [out / f"oof_fold{k}.csv" for k in range(cfg.folds)]
+    summary = finish(cfg, store, oof, timings)
+    record_domain(cfg, store.uids, oof)
+    return summary
+
+
+def record_domain(cfg: TrainConfig, uids: list[str], oof: list[Path]) -> None:
+    """Write the network's domain (cspine.cls.domain) beside the folds: the coarsest spacing among the studies its
+    weights learned from (the --init network's own, plus these studies unless it kept its weights with 0 epochs)
+    and the network part's out-of-fold mean per vertebra."""
+    import json
+
+    from cspine.cls.domain import NetworkDomain, neutral_logits, spacing_domain
+    from cspine.cls.oof import path_logits, read_wide
+    from cspine.data.cache import META_FILE
+
+    start = NetworkDomain.load(Path(cfg.init)) if cfg.init is not None else None
+    metas = [cfg.data / "train" / u / META_FILE for u in uids] if cfg.epochs > 0 or cfg.init is None else []
+    domain = spacing_domain((json.loads(m.read_text())["spacing_zyx"] for m in metas if m.exists()), start)
+    if domain is None:
+        log.warning("%s: no study spacing known; the network will be applied at every resolution", cfg.out)
+        return
+    network = path_logits(read_wide(oof)[2])["network"]
+    replace(domain, neutral_logit=neutral_logits(network)).save(cfg.out)
 
 
 __all__ = ["train_folds"]
