@@ -855,7 +855,9 @@ def test_init_starts_every_fold_from_another_classifier_and_0_epochs_keep_it(tin
     import torch
 
     from cspine.cls.model_dir import load_config
+    from cspine.cls.shipped import install
     from cspine.cls.train import train_cls
+    from cspine.data.cache import prepared_studies
     from cspine.engine.model_dir import load_weights
     from cspine.errors import ConfigError
 
@@ -863,6 +865,11 @@ def test_init_starts_every_fold_from_another_classifier_and_0_epochs_keep_it(tin
     src = tmp_path / "src"
     train_cls(resolve_train_config("sequence", tiny_cache, src, {**base, "epochs": 1, "fold": 0}))
     start = load_weights(src / "fold0.pt")[0]
+    shipped = install(src, {"command": "test"}, tiny_cache, dest=tmp_path / "shipped")  # as the package ships one
+    spacings = [json.loads((d / "meta.json").read_text())["spacing_zyx"] for d in prepared_studies(tiny_cache)]
+    installed = NetworkDomain.load(shipped)
+    assert installed is not None and installed.max_spacing_zyx == pytest.approx(np.max(spacings, axis=0).tolist())
+    assert installed.studies == 8 and installed.neutral_logit is None
     NetworkDomain((9.0, 8.0, 8.0), None, 300).save(src)  # what its weights learned from: 300 studies elsewhere
     out = tmp_path / "init"
     cfg = resolve_train_config("sequence", tiny_cache, out, {"folds": 2, "epochs": 0, "init": str(src)})

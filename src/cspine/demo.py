@@ -2,7 +2,8 @@
 
 Generate a small RSNA-layout dataset -> prepare -> segment every training study with the shipped segmenter
 (:mod:`cspine.seg.shipped`; it trained on generated studies of other seeds, so no study's mask comes from a
-segmenter that trained on it) -> train the `sequence` classifier on those masks -> bundle -> submit on the generated
+segmenter that trained on it) -> train the `sequence` classifier on those masks (its network the shipped one,
+:mod:`cspine.cls.shipped`, which trained on other seeds too) -> bundle -> submit on the generated
 test studies -> evaluate against their hidden labels -> predict one study with a report. Every stage is the same
 library call the CLI makes, so the demo is also the end-to-end check of the tool. The bundle it leaves in
 OUT/model works with predict, submit and segment.
@@ -42,13 +43,12 @@ class DemoConfig:
     workers: int = 2  # generation and decoding in parallel processes
     # the segmenter: None = the shipped one (cspine build-segmenter); any segmentation model directory otherwise
     seg_model: Path | None = None
-    # the fracture network: False = a small ResNet trained from scratch for cls_epochs (default 2; at these sizes on
-    # a CPU it ranks at chance and the fitted statistics carry the result); True = every fold starts from the
-    # shipped one (cspine.cls.shipped: lite0 fine-tuned on 160 generated studies of other seeds, in the shipped
-    # segmenter's crops), kept as it is (cls_epochs default 0), the statistics and calibration fitted here. It ranks
-    # generated studies better but calls fractures on the coarse real necks of shared (benchmarks/cls_results.md,
-    # session 14), so it is not the default
-    shipped_network: bool = False
+    # the fracture network: True = every fold starts from the shipped one (cspine.cls.shipped: lite0 fine-tuned on
+    # 160 generated studies of other seeds, in the shipped segmenter's crops), kept as it is (cls_epochs default
+    # 0), the statistics and calibration fitted here; on a scan coarser than its training studies it is left out
+    # (cspine.cls.domain). False = a small ResNet trained from scratch for cls_epochs (default 2; at these sizes
+    # on a CPU it ranks at chance and the fitted statistics carry the result). benchmarks/cls_results.md, session 15
+    shipped_network: bool = True
     cls_epochs: int | None = None
     cls_folds: int = 3
     # where the lucency statistics are counted: in the shipped segmenter's masks themselves ("bone", the bone the

@@ -91,9 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="cspine-demo", help="where data, models and outputs go")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--shipped-network", action="store_true",
-                   help="start the classifier from the fracture network in the package instead of a ResNet from "
-                        "scratch (ranks generated studies better; not validated on real CT)")
+    p.add_argument("--shipped-network", action=argparse.BooleanOptionalAction, default=True,
+                   help="the classifier's network is the fracture network in the package (default); "
+                        "--no-shipped-network trains a small ResNet from scratch instead (it ranks at chance)")
     _add_progress(p)
     p.set_defaults(func=cmd_demo)
 
