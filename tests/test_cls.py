@@ -6,6 +6,7 @@ minutes on two busy cores; the 60-study benchmark lives in benchmarks/bench_cls.
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 from dataclasses import replace
@@ -821,6 +822,7 @@ def test_train_sequence_resumes_after_a_kill_and_predicts(tiny_cache: Path, tmp_
     assert seen == []
 
     clf = load_classifier(out, device="cpu")
+    assert clf.folds[0].net is not clf.folds[1].net  # trained apart: two networks
     st = load_prepared(prepared_studies(tiny_cache)[0])
     pred = clf.predict(st.volume, st.mask)
     assert set(pred.probabilities) == set(PREDICTION_TYPES)
@@ -854,10 +856,12 @@ def test_train_sequence_resumes_after_a_kill_and_predicts(tiny_cache: Path, tmp_
 def test_init_starts_every_fold_from_another_classifier_and_0_epochs_keep_it(tiny_cache: Path, tmp_path: Path) -> None:
     import torch
 
+    from cspine.cls.infer import load_classifier
     from cspine.cls.model_dir import load_config
+    from cspine.cls.recipes import Fold
     from cspine.cls.shipped import install
     from cspine.cls.train import train_cls
-    from cspine.data.cache import prepared_studies
+    from cspine.data.cache import load_prepared, prepared_studies
     from cspine.engine.model_dir import load_weights
     from cspine.errors import ConfigError
 
@@ -884,6 +888,13 @@ def test_init_starts_every_fold_from_another_classifier_and_0_epochs_keep_it(tin
     domain = NetworkDomain.load(out)  # the network learned nothing from these 8 studies: its domain is the source's
     assert domain is not None and domain.max_spacing_zyx == (9.0, 8.0, 8.0) and domain.studies == 300
     assert domain.neutral_logit is not None and len(domain.neutral_logit) == 7
+    # identical fold networks are loaded as one and encode a study once; the answer is the same as with copies
+    clf = load_classifier(out, device="cpu")
+    assert clf.folds[0].net is clf.folds[1].net and clf.folds[0].lucency is not clf.folds[1].lucency
+    st = load_prepared(prepared_studies(tiny_cache)[0])
+    shared = clf.predict(st.volume, st.mask)
+    clf.folds = [Fold(copy.deepcopy(f.net), f.lucency) for f in clf.folds]
+    assert clf.predict(st.volume, st.mask).uncalibrated == pytest.approx(shared.uncalibrated, abs=1e-6)
     other = {**base, "epochs": 0, "init": str(src), "model": {**TINY_MODEL, "hidden": 8}}
     with pytest.raises(ConfigError, match=r"model\.hidden"):
         train_cls(resolve_train_config("sequence", tiny_cache, tmp_path / "other", other))

@@ -31,7 +31,7 @@ from cspine.cls.crops import vertebra_crops
 from cspine.cls.dataset import StudyArrays, stack_study
 from cspine.cls.domain import NetworkDomain
 from cspine.cls.model_dir import fold_checkpoints, load_config
-from cspine.cls.recipes import get_recipe
+from cspine.cls.recipes import get_recipe, share_networks
 from cspine.io.volume import Volume
 from cspine.labels import CERVICAL, PREDICTION_TYPES, PREVALENCE
 from cspine.runtime import resolve_device
@@ -72,7 +72,7 @@ class Classifier:
             raise FileNotFoundError(f"{self.model_dir}: no fold*.pt weights (training not finished?)")
         # weights come from the checkpoints: never ask for the pretrained file again
         self.recipe_ = get_recipe(self.config.recipe, replace(self.config.model, pretrained=None), self.config.crop)
-        self.folds = [self.recipe_.load_fold(p, self.device) for p in paths]
+        self.folds = share_networks([self.recipe_.load_fold(p, self.device) for p in paths])
         self.calibration = Calibration.load(self.model_dir)
         self.domain = NetworkDomain.load(self.model_dir)
 

@@ -293,20 +293,28 @@ class SequenceNet(nn.Module):
         )
         self.feat_dim = d
 
+    def encode(self, images: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """(B * 7, K, feat_dim) encoder features of every slice of the present vertebrae (zeros for the others):
+        the costly part of :meth:`forward`, which folds sharing one network compute once (``encoded``)."""
+        b, nv, k, c, s, _ = images.shape
+        pres = present.reshape(b * nv).bool()
+        feats = images.new_zeros(b * nv, k, self.feat_dim, dtype=torch.float32)
+        if bool(pres.any()):  # a study whose mask holds no cervical vertebra still gets its (prior-like) answer
+            sel = images.reshape(b * nv, k, c, s, s)[pres]
+            feats[pres] = self.encoder(_scale(sel.reshape(-1, c, s, s))).float().reshape(-1, k, self.feat_dim)
+        return feats
+
     def forward(
         self,
         images: torch.Tensor,
         present: torch.Tensor,
         features: torch.Tensor | None = None,
         offset: torch.Tensor | None = None,
+        encoded: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         b, nv, k, c, s, _ = images.shape
-        pres = present.reshape(b * nv).bool()
         flat = images.reshape(b * nv, k, c, s, s)
-        feats = images.new_zeros(b * nv, k, self.feat_dim, dtype=torch.float32)
-        if bool(pres.any()):  # a study whose mask holds no cervical vertebra still gets its (prior-like) answer
-            sel = flat[pres]
-            feats[pres] = self.encoder(_scale(sel.reshape(-1, c, s, s))).float().reshape(-1, k, self.feat_dim)
+        feats = self.encode(images, present) if encoded is None else encoded
         ids = torch.arange(nv, device=images.device).repeat(b)
         emb = self.embed(ids)[:, None, :].expand(-1, k, -1)
         parts = [feats, emb]

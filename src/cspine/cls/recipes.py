@@ -60,6 +60,24 @@ class Fold:
     lucency: LucencyModel | None = None
 
 
+def share_networks(folds: Sequence[Fold]) -> list[Fold]:
+    """The folds with one network object for folds whose weights are identical (folds that kept an ``--init``
+    network with 0 epochs, as the demo's do): loaded once, and the sequence recipe encodes a batch once for them."""
+    shared: list[nn.Module] = []
+    out = []
+    for f in folds:
+        state = f.net.state_dict()
+        same = next((n for n in shared if _equal_states(n.state_dict(), state)), None)
+        if same is None:
+            shared.append(f.net)
+        out.append(Fold(same or f.net, f.lucency))
+    return out
+
+
+def _equal_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 class Recipe:
     """A recipe's shared parts; subclasses set ``name`` and implement step / forward / aggregate / predict_study."""
 
@@ -202,10 +220,14 @@ class SequenceRecipe(Recipe):
         and ``features`` (B, 7): the statistics path's share of the vertebra logits."""
         images, present, stats = (batch[k].to(device) for k in ("images", "present", "stats"))
         outs = []
+        encoded: dict[int, torch.Tensor] = {}  # folds that share one network (share_networks) encode the batch once
         for f in folds:
             extra = self.feature_inputs(f.lucency, stats, present)
             with _autocast(device):
-                outs.append({k: v.float() for k, v in f.net(images, present, **extra).items()})
+                if id(f.net) not in encoded:
+                    encoded[id(f.net)] = f.net.encode(images, present)
+                out = f.net(images, present, encoded=encoded[id(f.net)], **extra)
+            outs.append({k: v.float() for k, v in out.items()})
         keys = ("patient", "vertebra", "slices", "features")
         return {k: torch.stack([o[k] for o in outs]).mean(0).cpu().numpy() for k in keys}
 
