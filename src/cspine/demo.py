@@ -100,7 +100,8 @@ def _cls_overrides(cfg: DemoConfig, work: Path) -> dict[str, Any]:
                              "benchmarks/bench_classifier.py --install (see its recipe.json)")
         # network and crop settings come from init (resolve_train_config); a low rate if it fine-tunes
         epochs = 0 if cfg.cls_epochs is None else cfg.cls_epochs
-        return {**common, "init": str(init), "epochs": epochs, "lr": 1e-4}
+        # workers: the crops in parallel processes (also the DataLoader's, idle unless it fine-tunes)
+        return {**common, "init": str(init), "epochs": epochs, "lr": 1e-4, "workers": cfg.workers}
     # CPU-sized: small crops, a quarter-width ResNet10 with a stride-2 stem and a small GRU, patient from noisy-or:
     # at tens of studies smaller nets memorise less (60-study CV: AUC 0.78 vs 0.73 at width 0.5); a higher rate
     # gives the optimiser enough steps to move
