@@ -851,6 +851,11 @@ def test_train_sequence_resumes_after_a_kill_and_predicts(tiny_cache: Path, tmp_
     neutral = np.array([domain["neutral_logit"][v] for v in CERVICAL])
     assert [got.uncalibrated[v] for v in CERVICAL] == pytest.approx(1.0 / (1.0 + np.exp(-(stats + neutral))), abs=1e-6)
     assert all(s["score"] == 0.0 for s in got.slice_scores["C2"])
+    # calibrated by the temperatures fitted on the out-of-fold predictions made the same way (all 8 studies)
+    own = NetworkDomain.load(out)
+    assert own is not None and own.calibration is not None and own.calibration.n_studies == 8
+    raw = np.array([[got.uncalibrated[t] for t in PREDICTION_TYPES]])
+    assert [got.probabilities[t] for t in PREDICTION_TYPES] == pytest.approx(own.calibration.apply(raw)[0].tolist())
 
 
 def test_init_starts_every_fold_from_another_classifier_and_0_epochs_keep_it(tiny_cache: Path, tmp_path: Path) -> None:

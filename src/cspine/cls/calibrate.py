@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -78,8 +79,12 @@ class Calibration:
         path = Path(model_dir) / CALIBRATION_JSON
         if not path.exists():
             return Calibration()
+        return Calibration.from_dict(json.loads(path.read_text()), str(path))
+
+    @staticmethod
+    def from_dict(d: Any, where: str) -> Calibration:
+        """A calibration as :meth:`save` writes it; ``where`` names the file in the error of a broken one."""
         try:
-            d = json.loads(path.read_text())
             cal = Calibration(
                 temperatures={k: float(v) for k, v in d["temperatures"].items()},
                 centres={k: float(v) for k, v in d.get("centres", {}).items()},
@@ -89,10 +94,10 @@ class Calibration:
                 after=d.get("after", {}),
             )
         except (ValueError, TypeError, KeyError, AttributeError) as exc:  # null, text, missing or misshapen
-            raise ConfigError(f"{path}: broken calibration file ({type(exc).__name__}: {exc})") from None
+            raise ConfigError(f"{where}: broken calibration file ({type(exc).__name__}: {exc})") from None
         bad = {k: v for k, v in (cal.temperatures | cal.centres).items() if not np.isfinite(v)}
         if bad or any(v <= 0 for v in cal.temperatures.values()):
-            raise ConfigError(f"{path}: temperatures must be finite and > 0, centres finite; got {d['temperatures']}")
+            raise ConfigError(f"{where}: temperatures must be finite and > 0, centres finite; got {d['temperatures']}")
         return cal
 
 

@@ -4,23 +4,26 @@ A network that learned fracture appearance from crops of 1-2 mm voxels has never
 on the coarse real necks of shared (3.2 and 4.6 mm pixels) the shipped network called fractures in both
 (benchmarks/cls_results.md, session 14). Its training studies' coarsest spacing is recorded beside the weights;
 a scan coarser than that (by more than ``TOLERANCE``) gets the network's part of every vertebra logit replaced by
-its mean over the out-of-fold predictions, so the lucency statistics alone rank it, and the prediction says so.
+its mean over the out-of-fold predictions, so the lucency statistics alone rank it, calibrated by their own
+temperatures (fitted on the same out-of-fold predictions without the network), and the prediction says so.
 
 ``MODEL_DIR/network_domain.json``::
 
-    {"max_spacing_zyx": [slice, row, column] mm, "neutral_logit": {"C1": ..., ...} | null, "studies": N}
+    {"max_spacing_zyx": [slice, row, column] mm, "neutral_logit": {"C1": ..., ...} | null, "studies": N,
+     "calibration": {...} | null}
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cspine.cls.calibrate import Calibration
 from cspine.labels import CERVICAL
 from cspine.runtime import write_json
 
@@ -36,11 +39,13 @@ class NetworkDomain:
     neutral_logit: per vertebra, the network part's mean over the out-of-fold predictions (what replaces it out
         of domain); None for a network that was never cross-validated (the shipped one, used as --init).
     studies: how many studies the spacing was taken from.
+    calibration: the temperatures of the statistics-only predictions (None: the model's own are used).
     """
 
     max_spacing_zyx: tuple[float, float, float]
     neutral_logit: tuple[float, ...] | None = None
     studies: int = 0
+    calibration: Calibration | None = None
 
     def refusal(self, spacing_zyx: Sequence[float]) -> str | None:
         """Why the network is not applied to a scan of this spacing; None when it is."""
@@ -54,7 +59,9 @@ class NetworkDomain:
 
     def to_json(self) -> dict[str, Any]:
         neutral = None if self.neutral_logit is None else dict(zip(CERVICAL, self.neutral_logit, strict=True))
-        return {"max_spacing_zyx": list(self.max_spacing_zyx), "neutral_logit": neutral, "studies": self.studies}
+        cal = None if self.calibration is None else asdict(self.calibration)
+        return {"max_spacing_zyx": list(self.max_spacing_zyx), "neutral_logit": neutral, "studies": self.studies,
+                "calibration": cal}  # fmt: skip
 
     def save(self, model_dir: Path) -> None:
         write_json(Path(model_dir) / DOMAIN_FILE, self.to_json())
@@ -66,11 +73,12 @@ class NetworkDomain:
         if not path.exists():
             return None
         d = json.loads(path.read_text())
-        neutral = d.get("neutral_logit")
+        neutral, cal = d.get("neutral_logit"), d.get("calibration")
         return cls(
             tuple(float(s) for s in d["max_spacing_zyx"]),  # type: ignore[arg-type]
             None if neutral is None else tuple(float(neutral[v]) for v in CERVICAL),
             int(d.get("studies", 0)),
+            None if cal is None else Calibration.from_dict(cal, str(path)),
         )
 
 

@@ -113,7 +113,10 @@ class Classifier:
         t1 = time.perf_counter()
         refusal = self.network_refusal(volume)
         raw, slices = self.predict_arrays(st, without_network=refusal is not None)
-        cal = self.calibration.apply(raw[None])[0]
+        calibration = self.calibration
+        if refusal is not None and self.domain is not None and self.domain.calibration is not None:
+            calibration = self.domain.calibration  # fitted on the same out-of-fold predictions without the network
+        cal = calibration.apply(raw[None])[0]
         if timings is not None:
             timings["crop"] = timings.get("crop", 0.0) + t1 - t0
             timings["classify"] = timings.get("classify", 0.0) + time.perf_counter() - t1

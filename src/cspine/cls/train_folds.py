@@ -117,28 +117,39 @@ def train_folds(
         return {}
     oof = [out / f"oof_fold{k}.csv" for k in range(cfg.folds)]
     summary = finish(cfg, store, oof, timings)
-    record_domain(cfg, store.uids, oof)
+    record_domain(cfg, store, oof)
     return summary
 
 
-def record_domain(cfg: TrainConfig, uids: list[str], oof: list[Path]) -> None:
+def record_domain(cfg: TrainConfig, store: StudyStore, oof: list[Path]) -> None:
     """Write the network's domain (cspine.cls.domain) beside the folds: the coarsest spacing among the studies its
-    weights learned from (the --init network's own, plus these studies unless it kept its weights with 0 epochs)
-    and the network part's out-of-fold mean per vertebra."""
+    weights learned from (the --init network's own, plus these studies unless it kept its weights with 0 epochs),
+    the network part's out-of-fold mean per vertebra, and the temperatures of the out-of-fold predictions made
+    with that mean in the network's place."""
     import json
 
+    from cspine.cls.calibrate import fit_temperature
     from cspine.cls.domain import NetworkDomain, neutral_logits, spacing_domain
     from cspine.cls.oof import path_logits, read_wide
+    from cspine.cls.recipes import sequence_probs
     from cspine.data.cache import META_FILE
 
     start = NetworkDomain.load(Path(cfg.init)) if cfg.init is not None else None
-    metas = [cfg.data / "train" / u / META_FILE for u in uids] if cfg.epochs > 0 or cfg.init is None else []
+    uids = store.uids if cfg.epochs > 0 or cfg.init is None else []
+    metas = [cfg.data / "train" / u / META_FILE for u in uids]
     domain = spacing_domain((json.loads(m.read_text())["spacing_zyx"] for m in metas if m.exists()), start)
     if domain is None:
         log.warning("%s: no study spacing known; the network will be applied at every resolution", cfg.out)
         return
-    network = path_logits(read_wide(oof)[2])["network"]
-    replace(domain, neutral_logit=neutral_logits(network)).save(cfg.out)
+    oof_uids, _, columns = read_wide(oof)
+    parts = path_logits(columns)
+    neutral = neutral_logits(parts["network"])
+    present = ~np.isnan(parts["statistics"])
+    vertebra = np.where(present, parts["statistics"], 0.0) + np.array(neutral)[None]
+    probs = sequence_probs(np.zeros(len(oof_uids)), vertebra, present, "noisy-or")
+    row_of = {u: i for i, u in enumerate(store.uids)}
+    y = store.labels()[[row_of[u] for u in oof_uids]]
+    replace(domain, neutral_logit=neutral, calibration=fit_temperature(y, probs)).save(cfg.out)
 
 
 __all__ = ["train_folds"]
