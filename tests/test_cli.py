@@ -56,6 +56,14 @@ def test_bad_input_exits_2_with_one_line(args: list[str], message: str) -> None:
     assert len(err_lines) == 1 and message in err_lines[0]
 
 
+def test_demo_uses_the_shipped_network_unless_told_not_to() -> None:
+    from cspine.cli.parser import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["demo"]).shipped_network is True
+    assert parser.parse_args(["demo", "--no-shipped-network"]).shipped_network is False
+
+
 def test_no_dicom_folder_exits_2(tmp_path: Path) -> None:
     (tmp_path / "readme.txt").write_text("no images here")
     out = _run("info", str(tmp_path))
