@@ -705,7 +705,7 @@ def test_predict_output_folder_is_replaced_as_a_whole(tmp_path: Path, monkeypatc
             self.probabilities = {k: p for k in ("patient_overall", "C1", "C2", "C3", "C4", "C5", "C6", "C7")}
             self.mask = np.zeros(vol.shape, np.uint8)
             self.vertebrae, self.slice_scores, self.warnings, self.cleanup = {}, {}, [], []
-            self.cervical_spine = "present"
+            self.cervical_spine, self.network_not_applied = "present", None
 
     class Bundle:
         def __init__(self, p: float) -> None:

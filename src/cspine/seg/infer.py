@@ -205,7 +205,7 @@ def load_stage(model_dir: Path, device: str, checkpoint: str) -> SegModel:
         raise ValueError(f"{ckpt_path}: weights do not fit model {train['arch']!r} ({exc})") from exc
     net.to(dev).eval()
     if dev.type == "cpu":
-        # oneDNN's 3D convolutions run faster on channels-last tensors (same results): benchmarks/bench_seg.py
+        # oneDNN's 3D convolutions are faster on channels-last tensors (same results; cls_results.md, session 15)
         net.to(memory_format=torch.channels_last_3d)
     info = {"epoch": ckpt.get("epoch"), "score": ckpt.get("score"), "checkpoint": str(ckpt_path)}
     window = tuple(train["patch"]) if stage == "refine" else None
