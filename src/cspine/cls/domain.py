@@ -85,14 +85,22 @@ class NetworkDomain:
 def spacing_domain(spacings: Iterable[Sequence[float]], start: NetworkDomain | None = None) -> NetworkDomain | None:
     """The coarsest spacing of these training studies (and of ``start``, the domain of an --init network that
     learned from other studies first); None when there are neither."""
-    rows = [tuple(float(s) for s in sp) for sp in spacings]
-    if start is not None:
-        rows.append(start.max_spacing_zyx)
+    own = [tuple(float(s) for s in sp) for sp in spacings]
+    rows = own if start is None else [*own, start.max_spacing_zyx]
     if not rows:
         return None
     top = np.max(np.array(rows), axis=0)
-    n = len(rows) - (start is not None) + (start.studies if start is not None else 0)
+    n = len(own) + (start.studies if start is not None else 0)
     return NetworkDomain((float(top[0]), float(top[1]), float(top[2])), None, n)
+
+
+def cache_spacings(cache: Path, uids: Iterable[str]) -> list[list[float]]:
+    """The (slice, row, column) spacing of these prepared training studies, from their meta.json (no volume read);
+    studies missing from the cache are left out."""
+    from cspine.data.cache import META_FILE
+
+    metas = [Path(cache) / "train" / u / META_FILE for u in uids]
+    return [json.loads(m.read_text())["spacing_zyx"] for m in metas if m.exists()]
 
 
 def neutral_logits(network_parts: np.ndarray) -> tuple[float, ...]:
@@ -102,4 +110,4 @@ def neutral_logits(network_parts: np.ndarray) -> tuple[float, ...]:
     return tuple(means)
 
 
-__all__ = ["DOMAIN_FILE", "TOLERANCE", "NetworkDomain", "neutral_logits", "spacing_domain"]
+__all__ = ["DOMAIN_FILE", "TOLERANCE", "NetworkDomain", "cache_spacings", "neutral_logits", "spacing_domain"]

@@ -167,6 +167,14 @@ def sequence_probs(patient: np.ndarray, vertebra: np.ndarray, present: np.ndarra
     return np.concatenate([pp[:, None], pv], axis=1)
 
 
+def statistics_only_probs(statistics: np.ndarray, neutral: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """(n, 8) probabilities without the network (a scan outside its domain, cspine.cls.domain): each vertebra from
+    the statistics' share of its logit (n, 7) plus the network's out-of-fold mean ``neutral`` (7,), the patient from
+    the vertebrae (the patient head is the network's)."""
+    vertebra = np.where(present, statistics, 0.0) + neutral[None]
+    return sequence_probs(np.zeros(len(vertebra)), vertebra, present, "noisy-or")
+
+
 def _study_batch(st: StudyArrays) -> dict[str, torch.Tensor]:
     """One study's arrays as a batch of one."""
     return {k: torch.from_numpy(getattr(st, k))[None] for k in ("images", "present", "stats")}
@@ -267,10 +275,8 @@ class SequenceRecipe(Recipe):
         if neutral is None:
             probs = self.aggregate({**out, "present": st.present[None]})
             return probs[0], sigmoid(out["slices"][0])
-        # without the network: the statistics' share plus the network's mean, the patient from the vertebrae, and
-        # no slice scores (the network's box head is what points at a slice)
-        vertebra = out["features"] + neutral[None]
-        probs = sequence_probs(out["patient"], vertebra, st.present[None], "noisy-or")
+        # no slice scores without the network: its box head is what points at a slice
+        probs = statistics_only_probs(out["features"], neutral, st.present[None])
         return probs[0], np.zeros_like(out["slices"][0])
 
     def logit_parts(self, folds: Sequence[Fold], st: StudyArrays, device: torch.device) -> dict[str, np.ndarray]:

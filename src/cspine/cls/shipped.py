@@ -48,11 +48,9 @@ def install(model: Path, record: dict[str, Any], cache: Path, dest: Path = SHIPP
     The weights are stored in float16 (half the bytes in git; loading casts them back). The pretrained file's path
     in config.json is a path on the machine that trained it; only its name is kept.
     """
-    from cspine.cls.domain import spacing_domain
-    from cspine.data.cache import META_FILE
+    from cspine.cls.domain import cache_spacings, spacing_domain
 
-    uids = json.loads((model / "folds.json").read_text())
-    domain = spacing_domain(json.loads((cache / "train" / u / META_FILE).read_text())["spacing_zyx"] for u in uids)
+    domain = spacing_domain(cache_spacings(cache, json.loads((model / "folds.json").read_text())))
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

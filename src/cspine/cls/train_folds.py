@@ -126,27 +126,21 @@ def record_domain(cfg: TrainConfig, store: StudyStore, oof: list[Path]) -> None:
     weights learned from (the --init network's own, plus these studies unless it kept its weights with 0 epochs),
     the network part's out-of-fold mean per vertebra, and the temperatures of the out-of-fold predictions made
     with that mean in the network's place."""
-    import json
-
     from cspine.cls.calibrate import fit_temperature
-    from cspine.cls.domain import NetworkDomain, neutral_logits, spacing_domain
+    from cspine.cls.domain import NetworkDomain, cache_spacings, neutral_logits, spacing_domain
     from cspine.cls.oof import path_logits, read_wide
-    from cspine.cls.recipes import sequence_probs
-    from cspine.data.cache import META_FILE
+    from cspine.cls.recipes import statistics_only_probs
 
     start = NetworkDomain.load(Path(cfg.init)) if cfg.init is not None else None
-    uids = store.uids if cfg.epochs > 0 or cfg.init is None else []
-    metas = [cfg.data / "train" / u / META_FILE for u in uids]
-    domain = spacing_domain((json.loads(m.read_text())["spacing_zyx"] for m in metas if m.exists()), start)
+    learned_from = store.uids if cfg.epochs > 0 or cfg.init is None else []
+    domain = spacing_domain(cache_spacings(cfg.data, learned_from), start)
     if domain is None:
         log.warning("%s: no study spacing known; the network will be applied at every resolution", cfg.out)
         return
     oof_uids, _, columns = read_wide(oof)
     parts = path_logits(columns)
     neutral = neutral_logits(parts["network"])
-    present = ~np.isnan(parts["statistics"])
-    vertebra = np.where(present, parts["statistics"], 0.0) + np.array(neutral)[None]
-    probs = sequence_probs(np.zeros(len(oof_uids)), vertebra, present, "noisy-or")
+    probs = statistics_only_probs(parts["statistics"], np.array(neutral), ~np.isnan(parts["statistics"]))
     row_of = {u: i for i, u in enumerate(store.uids)}
     y = store.labels()[[row_of[u] for u in oof_uids]]
     replace(domain, neutral_logit=neutral, calibration=fit_temperature(y, probs)).save(cfg.out)
