@@ -68,10 +68,10 @@ def _generate(out: Path, name: str, studies: int, seed: int, workers: int) -> Pa
     return cache
 
 
-def _segment(cache: Path, seg_model: Path, out: Path, device: str) -> Path:
+def _segment(cache: Path, seg_model: Path, out: Path, device: str, workers: int) -> Path:
     """``cspine pseudo-label --all``: the segmenter's mask of every study of a set (resumable); the masks folder."""
     _cspine("pseudo-label", "--data", str(cache), "--model", str(seg_model), "--out", str(out), "--all",
-            "--device", device, "--no-progress")  # fmt: skip
+            "--device", device, "--workers", str(workers), "--no-progress")  # fmt: skip
     return out
 
 
@@ -161,7 +161,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--workers", type=int, default=2, help="synth / prepare processes")
+    ap.add_argument("--workers", type=int, default=2, help="synth / prepare / pseudo-label processes")
     ap.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS), help="none: the two sets only")
     ap.add_argument("--cls-args", default="", help="extra train-cls flags for every run (one quoted string)")
     ap.add_argument("--tag", default="", help="model folders are OUT/models/RUN-TAG (default: OUT/models/RUN)")
@@ -184,7 +184,7 @@ def main() -> None:
 
         seg_model = args.seg_model or shipped_model()
         t = time.perf_counter()
-        masks = {name: _segment(out / "cache" / name, seg_model, out / "segmasks" / name, args.device)
+        masks = {name: _segment(out / "cache" / name, seg_model, out / "segmasks" / name, args.device, args.workers)
                  for name in ("train", "test")}  # fmt: skip
         mask_args = ["--masks", str(masks["train"]), "--masks-first"]
         seconds["segment"] = round(time.perf_counter() - t, 1)

@@ -220,6 +220,34 @@ def test_users_mask_without_cervical_levels_on_a_real_ct(demo: dict, real: Path,
     assert not np.asarray(nib.load(out / "mask.nii.gz").dataobj).any()
 
 
+def test_heldout_reuses_a_segmentation_only_from_the_same_segmenter(demo: dict, tmp_path: Path) -> None:
+    """bench_heldout's --seg-cache: a second run reads the stored segmentations and gives the same figures and
+    per-study arrays; a bundle whose segmenter differs by one byte gets a folder of its own."""
+    import shutil
+
+    from benchmarks.bench_heldout import heldout, segmenter_digest
+
+    model, cache = Path(demo["model"]), tmp_path / "seg"
+    first = heldout(model, studies=3, seed=31, seg_cache=cache, save=tmp_path / "a.npz")
+    stored = sorted(cache.rglob("*.npz"))
+    assert [p.name for p in stored] == [f"test-31-{i}.npz" for i in range(3)]
+    assert stored[0].parent.name == segmenter_digest(model)
+    stamps = [p.stat().st_mtime_ns for p in stored]
+    again = heldout(model, studies=3, seed=31, seg_cache=cache, save=tmp_path / "b.npz")
+    assert [p.stat().st_mtime_ns for p in stored] == stamps  # read, not rewritten
+    for k in ("competition_loss", "mean_vertebra_auc_by_path", "rows_not_in_view"):
+        assert again[k] == first[k]
+    with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
+        assert set(a.files) == {"labels", "probabilities", "network", "statistics"}
+        for k in a.files:
+            np.testing.assert_array_equal(a[k], b[k])
+    other = tmp_path / "other"
+    shutil.copytree(model, other)
+    config = other / "seg" / "config.json"
+    config.write_text(config.read_text() + " ")
+    assert segmenter_digest(other) != segmenter_digest(model)
+
+
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="issue 14: session 15's demo (the shipped network) on fresh 200-study sets "
                    "(seeds 11-13): loss 0.77 x the set's own prevalence on seed 11 (met), mean vertebra AUC 0.80 "

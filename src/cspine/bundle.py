@@ -20,7 +20,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,6 +29,9 @@ from cspine.engine.formats import check_format
 from cspine.errors import CspineInputError
 from cspine.labels import PATIENT, PREDICTION_TYPES
 from cspine.runtime import versions, write_json
+
+if TYPE_CHECKING:
+    from cspine.seg.infer import SegResult
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +155,25 @@ class Bundle:
         assume_cervical: bool = False,
         labels: np.ndarray | None = None,
     ) -> Prediction:
-        """Segment, then classify one Volume; the returned mask holds C1..C7 only.
+        """Segment, then classify one Volume (:meth:`segment`, :meth:`classify`); the mask holds C1..C7 only."""
+        timings = {} if timings is None else timings
+        return self.classify(vol, self.segment(vol, timings, assume_cervical, labels), timings)
+
+    def segment(
+        self,
+        vol: Any,
+        timings: dict[str, float] | None = None,
+        assume_cervical: bool = False,
+        labels: np.ndarray | None = None,
+    ) -> SegResult:
+        """The vertebra labels of one Volume: the segmenter's, or the user's own.
 
         A vertebra the segmentation does not find (or whose label failed the anatomical checks of
-        :mod:`cspine.seg.presence`) gets no probability (None); without any cervical level in view nothing is
-        classified and every target is None. ``assume_cervical``: the caller knows the study is a cervical spine
-        CT, so the anatomical checks are skipped and whatever the segmenter labels is classified. ``labels``: the
-        user's own vertebra mask (project values on ``vol``'s grid) used instead of the segmenter; it is cleaned
-        but not second-guessed by the anatomical checks.
+        :mod:`cspine.seg.presence`) is not present; with no cervical level in view ``cervical_spine`` is "absent".
+        ``assume_cervical``: the caller knows the study is a cervical spine CT, so the anatomical checks are
+        skipped and whatever the segmenter labels is kept. ``labels``: the user's own vertebra mask (project
+        values on ``vol``'s grid) used instead of the segmenter; it is cleaned but not second-guessed by the
+        anatomical checks.
         """
         from cspine.seg.infer import InferConfig, finish_labels, segment_volume
         from cspine.seg.presence import SPINE_ABSENT
@@ -174,6 +188,13 @@ class Bundle:
         else:
             seg = segment_volume(vol, self.segmenter, cfg)
         timings["segment"] = timings.get("segment", 0.0) + time.perf_counter() - t
+        return seg
+
+    def classify(self, vol: Any, seg: SegResult, timings: dict[str, float] | None = None) -> Prediction:
+        """The probabilities of one Volume given its segmentation (:meth:`segment`): None for a vertebra that is
+        not present, and for every target when no cervical spine is in view (nothing is classified then)."""
+        from cspine.seg.presence import SPINE_ABSENT
+
         mask = np.where(seg.mask <= 7, seg.mask, 0).astype(np.uint8)
         common = {"mask": mask, "vertebrae": seg.vertebrae, "cleanup": list(seg.cleanup)}
         if seg.cervical_spine == SPINE_ABSENT:
