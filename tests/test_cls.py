@@ -905,6 +905,16 @@ def test_init_starts_every_fold_from_another_classifier_and_0_epochs_keep_it(tin
         train_cls(resolve_train_config("sequence", tiny_cache, tmp_path / "other", other))
     with pytest.raises(ConfigError, match="epochs"):
         resolve_train_config("sequence", tiny_cache, tmp_path / "none", {**base, "epochs": 0})
+    # --init-statistics: every fold keeps the source's regression too (what the demo does with the shipped one)
+    source_stats = json.loads((src / "fold0.features.json").read_text())
+    assert json.loads((out / "fold1.features.json").read_text()) != source_stats  # fitted on its own studies
+    kept = tmp_path / "kept"
+    train_cls(resolve_train_config("sequence", tiny_cache, kept, {"folds": 2, "epochs": 0, "init": str(src),
+                                                                   "init_statistics": True}))  # fmt: skip
+    for k in (0, 1):
+        assert json.loads((kept / f"fold{k}.features.json").read_text()) == source_stats
+    with pytest.raises(ConfigError, match="init_statistics"):
+        resolve_train_config("sequence", tiny_cache, tmp_path / "x", {**base, "init_statistics": True})
 
 
 def test_train_cls_under_torchrun_two_gloo_processes(tiny_cache: Path, tmp_path: Path, torchrun) -> None:

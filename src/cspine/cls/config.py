@@ -197,6 +197,11 @@ class TrainConfig:
             cspine.cls.shipped) whose first fold's network every fold starts from instead of a new one; its network
             and crop settings must be this run's. With ``epochs`` 0 that network is used as it is, and only the
             lucency statistics' regression and the calibration are fitted (on the masks of this run).
+        init_statistics: keep the ``init`` classifier's lucency regression too (its first fold's, fitted on its
+            own training studies) instead of fitting one per fold on this run's studies: its network was trained
+            on top of that regression, and one fitted on more studies ranks new studies better
+            (benchmarks/cls_results.md, session 16). Only the calibration (and the network, with epochs) is
+            fitted here then.
         epochs: training epochs per model.
         batch_size: studies (sequence) or images (seed-baseline) per step.
         lr: peak learning rate.
@@ -228,6 +233,7 @@ class TrainConfig:
     holdout: float = 0.33
     val_fraction: float = 0.15
     init: Path | None = None
+    init_statistics: bool = False
     epochs: int = 12
     batch_size: int = 4
     lr: float = 1e-3
@@ -261,6 +267,9 @@ class TrainConfig:
             raise ConfigError("epochs (>= 0 with init), batch_size and patience must be >= 1 and lr > 0")
         if self.init is not None and (self.recipe != "sequence" or self.split != "folds"):
             raise ConfigError("init needs the sequence recipe with split 'folds'")
+        fitted = self.model.lucency and self.model.feature_fit == "logistic"
+        if self.init_statistics and (self.init is None or not fitted):
+            raise ConfigError("init_statistics needs init and the lucency statistics' fitted regression")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:

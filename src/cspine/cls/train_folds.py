@@ -28,14 +28,16 @@ from cspine.cls.recipes import Fold, SequenceRecipe
 from cspine.data.splits import fold_members
 from cspine.engine.loop import barrier, finished, fit
 from cspine.engine.model_dir import RunFiles, load_weights, read_history
+from cspine.features.linear import LucencyModel
 from cspine.metrics import competition_loss
 from cspine.runtime import Runtime, timed, write_json
 
 log = logging.getLogger(__name__)
 
 
-def initial_weights(cfg: TrainConfig) -> dict[str, Any]:
-    """The first fold's weights of ``cfg.init``, checked to be a network of this run's model and crop settings."""
+def initial_weights(cfg: TrainConfig) -> tuple[dict[str, Any], LucencyModel | None]:
+    """The first fold's weights of ``cfg.init``, checked to be a network of this run's model and crop settings,
+    and, with ``cfg.init_statistics``, its lucency regression."""
     from cspine.cls.model_dir import fold_checkpoints, load_config
     from cspine.engine.config import to_dict
     from cspine.engine.model_dir import differences, load_weights
@@ -53,7 +55,14 @@ def initial_weights(cfg: TrainConfig) -> dict[str, Any]:
     paths = fold_checkpoints(src)
     if not paths:
         raise ConfigError(f"--init {src}: no fold*.pt weights (training not finished?)")
-    return load_weights(paths[0])[0]
+    lucency = None
+    if cfg.init_statistics:
+        features = paths[0].with_suffix(".features.json")
+        if not features.exists():
+            raise ConfigError(f"--init-statistics: {features} does not exist (the --init classifier has no fitted "
+                              "lucency regression)")  # fmt: skip
+        lucency = LucencyModel.load(features)
+    return load_weights(paths[0])[0], lucency
 
 
 def train_folds(
@@ -70,7 +79,8 @@ def train_folds(
         write_json(out / "folds.json", {u: int(f) for u, f in zip(store.uids, folds, strict=True)})
     todo = [cfg.fold] if cfg.fold is not None else list(range(cfg.folds))
     batch = cfg.batch_size * 2
-    start = initial_weights(cfg) if cfg.init is not None else None  # read once, every fold starts from it
+    # read once, every fold starts from it
+    start, init_lucency = initial_weights(cfg) if cfg.init is not None else (None, None)
     for k in todo:
         run = RunFiles.standard(out, f"fold{k}")
         oof_path = out / f"oof_fold{k}.csv"
@@ -83,7 +93,10 @@ def train_folds(
             model.load_state_dict(start)
         tr_rows = np.flatnonzero(folds != k)
         va_rows = np.flatnonzero(folds == k)
-        lucency = recipe.fit_lucency(*store.study_stats(tr_rows), y[tr_rows, 1:])
+        if init_lucency is not None:
+            lucency = init_lucency
+        else:
+            lucency = recipe.fit_lucency(*store.study_stats(tr_rows), y[tr_rows, 1:])
         if lucency is not None and rt.is_main:
             lucency.save(run.weights.with_suffix(".features.json"))
         train_ds = StudyDataset(store, tr_rows, augment=cfg.augment, seed=cfg.seed * 100 + k)
