@@ -2,13 +2,13 @@
 
 It is one fold of the classifier benchmark (``benchmarks/bench_classifier.py --seg-masks ... --install``; the exact
 command is in its ``recipe.json``): the ImageNet EfficientNet-lite0 fine-tuned as the ``sequence`` recipe's
-network on the crops of 160 generated studies (seed 2101), cut by the shipped segmenter's masks, beside the fitted
-lucency statistics. A classifier that starts from it (``train-cls --init shipped``; ``cspine demo`` by
-default) has a network that has already learned what a generated fracture looks like in a segmenter's
-crops, which a few dozen studies on a CPU cannot teach. Its seeds are disjoint from the demo's (0) and from the
-held-out sets of the README (11-13), and ``recipe.json`` lists the studies it trained on. ``network_domain.json``
-holds the coarsest spacing of those studies: a classifier built on it leaves it out of coarser scans
-(:mod:`cspine.cls.domain`).
+network on the crops of generated studies (seed 2101), cut by the shipped segmenter's masks, on top of its fitted
+regression on the lucency statistics. A classifier that starts from it (``train-cls --init shipped``; ``cspine
+demo`` by default, which keeps the regression too: ``--init-statistics``) has a network that has already learned
+what a generated fracture looks like in a segmenter's crops, which a few dozen studies on a CPU cannot teach. Its
+seeds are disjoint from the demo's (0) and from the held-out sets of the README (11-13), and ``recipe.json`` lists
+the studies it trained on. ``network_domain.json`` holds the coarsest spacing of those studies: a classifier built
+on it leaves it out of coarser scans (:mod:`cspine.cls.domain`).
 """
 
 from __future__ import annotations
