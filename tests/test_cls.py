@@ -915,6 +915,10 @@ def test_init_starts_every_fold_from_another_classifier_and_0_epochs_keep_it(tin
         assert json.loads((kept / f"fold{k}.features.json").read_text()) == source_stats
     with pytest.raises(ConfigError, match="init_statistics"):
         resolve_train_config("sequence", tiny_cache, tmp_path / "x", {**base, "init_statistics": True})
+    region = "bone" if source.crop.stats_region != "bone" else "mask"
+    with pytest.raises(ConfigError, match="stats_region"):
+        train_cls(resolve_train_config("sequence", tiny_cache, tmp_path / "y", {
+            "folds": 2, "epochs": 0, "init": str(src), "init_statistics": True, "crop": {"stats_region": region}}))
 
 
 def test_train_cls_under_torchrun_two_gloo_processes(tiny_cache: Path, tmp_path: Path, torchrun) -> None:

@@ -57,6 +57,9 @@ def initial_weights(cfg: TrainConfig) -> tuple[dict[str, Any], LucencyModel | No
         raise ConfigError(f"--init {src}: no fold*.pt weights (training not finished?)")
     lucency = None
     if cfg.init_statistics:
+        if init.crop.stats_region != cfg.crop.stats_region:  # the regression read statistics of another region
+            raise ConfigError(f"--init-statistics: {src} counts the statistics in stats_region "
+                              f"{init.crop.stats_region!r}, this run in {cfg.crop.stats_region!r}")  # fmt: skip
         features = paths[0].with_suffix(".features.json")
         if not features.exists():
             raise ConfigError(f"--init-statistics: {features} does not exist (the --init classifier has no fitted "
