@@ -249,6 +249,7 @@ def test_heldout_reuses_a_segmentation_only_from_the_same_segmenter(demo: dict, 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # the demo (~5 min) and 200 studies segmented and classified (~10 min)
 def test_demo_meets_the_issue_targets_on_a_fresh_set(tmp_path: Path) -> None:
     """Issue 14's target for the demo as a user runs it (default sizes): on 200 fresh generated studies of a seed it
     never saw, competition loss <= 0.85 x that set's own per-column prevalence and mean vertebra AUC >= 0.85
