@@ -61,6 +61,11 @@ def test_no_oof_mask_comes_from_a_segmenter_that_trained_on_its_study(demo: dict
     # the fracture network the folds start from trained on other studies too: none of the demo's, test included
     config = json.loads((out / "work" / "cls" / "config.json").read_text())["train"]
     assert Path(config["init"]).resolve() == SHIPPED_CLS_DIR.resolve()
+    # and every fold keeps the shipped statistics' regression (--init-statistics): only the calibration is fitted
+    shipped_stats = json.loads((SHIPPED_CLS_DIR / "fold0.features.json").read_text())
+    assert config["init_statistics"]
+    for k in range(2):
+        assert json.loads((out / "work" / "cls" / f"fold{k}.features.json").read_text()) == shipped_stats
     net_trained_on = set(json.loads((SHIPPED_CLS_DIR / "recipe.json").read_text())["train_uids"])
     assert len(net_trained_on) >= 160
     demo_uids = {d.name for split in ("train", "test") for d in prepared_studies(out / "cache", split)}
