@@ -20,7 +20,7 @@ from cspine.cls.crops import assign_boxes, vertebra_crops
 from cspine.cls.domain import DOMAIN_FILE, NetworkDomain, spacing_domain
 from cspine.cls.folds import holdout_split, leaky_image_split, make_folds
 from cspine.io.volume import Volume, affine_from_dicom, window
-from cspine.labels import CERVICAL, LABEL_VALUES, PREDICTION_TYPES
+from cspine.labels import CERVICAL, LABEL_VALUES, PREDICTION_TYPES, PREVALENCE
 
 TINY_CROP = {"slices": 4, "size": 32}
 TINY_MODEL = {"encoder": "resnet10", "width": 0.25, "hidden": 16, "embed": 4, "dense": 16, "stem_stride": 2}
@@ -190,6 +190,40 @@ def test_every_registered_model_trains_one_step(recipe: str) -> None:
     loss.backward()
     opt.step()
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_flip_tta_averages_the_network_over_the_crops_and_their_mirror_images() -> None:
+    """``tta="flip"``: every logit is the mean of the network on the crops and on their left-right mirror (not
+    the crops twice, not a flip along the slices); the statistics' share is left as it is."""
+    import torch
+
+    from cspine.cls.recipes import Fold, SequenceRecipe
+    from cspine.features.linear import LucencyModel
+    from cspine.features.lucency import N_LUCENCY
+
+    torch.manual_seed(0)
+    crop = CropConfig(**TINY_CROP)
+    plain = SequenceRecipe(ModelConfig(**TINY_MODEL), crop)
+    flip = SequenceRecipe(ModelConfig(**{**TINY_MODEL, "tta": "flip"}), crop)
+    net = plain.build().eval()
+    images = torch.randint(0, 255, (2, 7, 4, crop.channels, 32, 32), dtype=torch.uint8)
+    stats = torch.rand(2, 7, N_LUCENCY)
+    present = torch.ones(2, 7, dtype=torch.bool)
+    labels = np.array([[1, 0, 1, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0, 1]])
+    lucency = LucencyModel.fit(stats, present, labels if plain.fitted else None, 0.3)
+    folds = [Fold(net, lucency)]
+    batch = {"images": images, "present": present, "stats": stats}
+    a = plain.forward(folds, batch, torch.device("cpu"))
+    b = plain.forward(folds, {**batch, "images": images.flip(-1)}, torch.device("cpu"))
+    both = flip.forward(folds, batch, torch.device("cpu"))
+    for k in ("patient", "vertebra", "slices"):
+        np.testing.assert_allclose(both[k], (a[k] + b[k]) / 2, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(a["vertebra"], b["vertebra"])  # the mirror is another view, so the test can fail
+    np.testing.assert_allclose(both["features"], a["features"], rtol=1e-6)
+    from cspine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="tta"):
+        ModelConfig(tta="rotate")
 
 
 def test_feature_l2_adds_the_feature_path_weights_sum_of_squares_to_the_loss() -> None:
@@ -835,27 +869,22 @@ def test_train_sequence_resumes_after_a_kill_and_predicts(tiny_cache: Path, tmp_
     assert 1.0 / (1.0 + np.exp(-both)) == pytest.approx([pred.uncalibrated[v] for v in CERVICAL], abs=1e-6)
     assert np.isnan(clf.logit_parts(st.volume, no_c7)["network"][6])
 
-    # the network's domain: the coarsest spacing of its training studies and its out-of-fold mean per vertebra
+    # the classifier's domain: the coarsest spacing of its training studies
     domain = json.loads((out / DOMAIN_FILE).read_text())
     spacings = [json.loads((d / "meta.json").read_text())["spacing_zyx"] for d in prepared_studies(tiny_cache)]
-    assert domain["max_spacing_zyx"] == pytest.approx(np.max(spacings, axis=0).tolist())
-    oof_network = np.array([[float(r[f"network_{v}"]) for v in CERVICAL] for r in rows])
-    assert [domain["neutral_logit"][v] for v in CERVICAL] == pytest.approx(oof_network.mean(0).tolist())
-    assert pred.network_not_applied is None
-    # a scan with pixels 1.5 x coarser than any it learned from: the statistics alone, plus the network's mean
+    assert domain == {"max_spacing_zyx": pytest.approx(np.max(spacings, axis=0).tolist()), "studies": 8}
+    assert pred.not_assessed is None
+    # a scan with pixels 1.5 x coarser than any it learned from: not assessed (the prevalence), and why
     pixel = 1.5 * max(max(s[1], s[2]) for s in spacings)
     coarse = replace(st.volume, spacing=(st.volume.spacing[0], pixel, pixel))
     got = clf.predict(coarse, st.mask)
-    assert got.network_not_applied is not None and "pixel spacing" in got.network_not_applied
-    stats = clf.logit_parts(coarse, st.mask)["statistics"]
-    neutral = np.array([domain["neutral_logit"][v] for v in CERVICAL])
-    assert [got.uncalibrated[v] for v in CERVICAL] == pytest.approx(1.0 / (1.0 + np.exp(-(stats + neutral))), abs=1e-6)
-    assert all(s["score"] == 0.0 for s in got.slice_scores["C2"])
-    # calibrated by the temperatures fitted on the out-of-fold predictions made the same way (all 8 studies)
-    own = NetworkDomain.load(out)
-    assert own is not None and own.calibration is not None and own.calibration.n_studies == 8
-    raw = np.array([[got.uncalibrated[t] for t in PREDICTION_TYPES]])
-    assert [got.probabilities[t] for t in PREDICTION_TYPES] == pytest.approx(own.calibration.apply(raw)[0].tolist())
+    assert got.not_assessed is not None and "pixel spacing" in got.not_assessed
+    assert got.probabilities == PREVALENCE and got.slice_scores == {} and got.present == pred.present
+    slices = 1.3 * max(s[0] for s in spacings)
+    thick = clf.predict(replace(st.volume, spacing=(slices, *st.volume.spacing[1:])), st.mask)
+    assert thick.not_assessed is not None and "slice spacing" in thick.not_assessed
+    near = 1.2 * pixel / 1.5  # within the tolerance
+    assert clf.predict(replace(st.volume, spacing=(st.volume.spacing[0], near, near)), st.mask).not_assessed is None
 
 
 def test_init_starts_every_fold_from_another_classifier_and_0_epochs_keep_it(tiny_cache: Path, tmp_path: Path) -> None:
@@ -878,8 +907,8 @@ def test_init_starts_every_fold_from_another_classifier_and_0_epochs_keep_it(tin
     spacings = [json.loads((d / "meta.json").read_text())["spacing_zyx"] for d in prepared_studies(tiny_cache)]
     installed = NetworkDomain.load(shipped)
     assert installed is not None and installed.max_spacing_zyx == pytest.approx(np.max(spacings, axis=0).tolist())
-    assert installed.studies == 8 and installed.neutral_logit is None
-    NetworkDomain((9.0, 8.0, 8.0), None, 300).save(src)  # what its weights learned from: 300 studies elsewhere
+    assert installed.studies == 8
+    NetworkDomain((9.0, 8.0, 8.0), 300).save(src)  # what its weights learned from: 300 studies elsewhere
     out = tmp_path / "init"
     cfg = resolve_train_config("sequence", tiny_cache, out, {"folds": 2, "epochs": 0, "init": str(src)})
     source = load_config(src)  # the network and crop settings are the source's
@@ -892,7 +921,6 @@ def test_init_starts_every_fold_from_another_classifier_and_0_epochs_keep_it(tin
     assert summary["studies"] == 8 and set(summary["paths"]) == {"network", "statistics", "both"}
     domain = NetworkDomain.load(out)  # the network learned nothing from these 8 studies: its domain is the source's
     assert domain is not None and domain.max_spacing_zyx == (9.0, 8.0, 8.0) and domain.studies == 300
-    assert domain.neutral_logit is not None and len(domain.neutral_logit) == 7
     # identical fold networks are loaded as one and encode a study once; the answer is the same as with copies
     clf = load_classifier(out, device="cpu")
     assert clf.folds[0].net is clf.folds[1].net and clf.folds[0].lucency is not clf.folds[1].lucency
@@ -1197,6 +1225,6 @@ def test_the_network_domain_refuses_scans_coarser_than_its_training_studies_by_m
     assert "pixel spacing 4.60 mm" in (domain.refusal((3.0, 4.6, 4.6)) or "")
     assert "slice spacing 3.00 mm" in (domain.refusal((3.0, 1.0, 1.0)) or "")
     # an --init network's own domain widens it; its studies are counted
-    wider = spacing_domain([(1.0, 1.0, 1.0)], NetworkDomain((5.0, 1.2, 1.2), None, 10))
+    wider = spacing_domain([(1.0, 1.0, 1.0)], NetworkDomain((5.0, 1.2, 1.2), 10))
     assert wider is not None and wider.max_spacing_zyx == (5.0, 1.2, 1.2) and wider.studies == 11
     assert spacing_domain([]) is None

@@ -184,6 +184,37 @@ def test_no_cervical_spine_in_view_gives_nulls_a_line_and_prevalence_rows(
     assert all(float(r["fractured"]) == pytest.approx(PREVALENCE[split_row_id(r["row_id"])[1]]) for r in rows)
 
 
+def test_a_scan_coarser_than_the_classifier_learned_from_is_not_assessed(demo: dict, tmp_path: Path) -> None:
+    """Outside the classifier's domain (cspine.cls.domain; here a bundle whose classifier says it learned from
+    0.3 mm studies): predict exits 0 with null probabilities, the masks and a warning that says why; the report
+    says "not assessed"; submit writes the prevalence for every row and counts the study as not assessed."""
+    import shutil
+
+    from cspine.cli import main
+    from cspine.cls.domain import NetworkDomain
+    from cspine.labels import PREVALENCE, split_row_id
+    from cspine.submit import SubmitConfig, submit
+
+    model = tmp_path / "model"
+    shutil.copytree(demo["model"], model)
+    NetworkDomain((0.3, 0.3, 0.3), 1).save(model / "cls")
+    study = next((Path(demo["out"]) / "data" / "test_images").iterdir())
+    assert main(["predict", str(study), "--model", str(model), "--out", str(tmp_path / "p")]) == 0
+    result = json.loads((tmp_path / "p" / "result.json").read_text())
+    assert result["cervical_spine"] == "present" and result["fractures"] == "not assessed"
+    assert all(result[k] is None for k in PREDICTION_TYPES)
+    assert any("fractures not assessed (pixel spacing" in w for w in result["warnings"]), result["warnings"]
+    assert sum(v["present"] for v in result["vertebrae"].values()) >= 5  # the masks are still there
+    assert np.asarray(nib.load(tmp_path / "p" / "mask.nii.gz").dataobj).any()
+    assert "n/a (fractures not assessed)" in (tmp_path / "p" / "report.html").read_text()
+    summary = submit(SubmitConfig(data=Path(demo["out"]) / "data", model=model, out=tmp_path / "s.csv", device="cpu"))
+    assert summary["studies_not_assessed"] == summary["studies"] == 3 and summary["rows_not_in_view"] == 0
+    with open(tmp_path / "s.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 * len(PREDICTION_TYPES)
+    assert all(float(r["fractured"]) == pytest.approx(PREVALENCE[split_row_id(r["row_id"])[1]]) for r in rows)
+
+
 def test_predict_with_the_users_own_mask_in_any_convention(demo: dict, tmp_path: Path) -> None:
     """--mask replaces the segmenter: the RSNA mask of a training study and the same mask in TotalSegmentator's
     values give the same answer, and the levels reported present are the mask's."""

@@ -20,6 +20,7 @@ import warnings
 import zipfile
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -621,12 +622,12 @@ class StubBundle:
         self.offset = offset
         self.seen: list[int] = []
 
-    def predict_probabilities(self, vol) -> dict[str, float]:
+    def predict(self, vol) -> SimpleNamespace:
         from cspine.labels import PREDICTION_TYPES
 
         self.seen.append(vol.shape[0])
         base = float(np.clip((vol.array.mean() + 1000) / 3000 + self.offset, 0.01, 0.99))
-        return {k: base for k in PREDICTION_TYPES}
+        return SimpleNamespace(probabilities=dict.fromkeys(PREDICTION_TYPES, base), not_assessed=None)
 
 
 def test_submit_survives_a_panic_a_bomb_and_reruns_honestly(tmp_path: Path, monkeypatch) -> None:
@@ -705,7 +706,7 @@ def test_predict_output_folder_is_replaced_as_a_whole(tmp_path: Path, monkeypatc
             self.probabilities = {k: p for k in ("patient_overall", "C1", "C2", "C3", "C4", "C5", "C6", "C7")}
             self.mask = np.zeros(vol.shape, np.uint8)
             self.vertebrae, self.slice_scores, self.warnings, self.cleanup = {}, {}, [], []
-            self.cervical_spine, self.network_not_applied = "present", None
+            self.cervical_spine, self.not_assessed = "present", None
 
     class Bundle:
         def __init__(self, p: float) -> None:

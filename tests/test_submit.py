@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,12 +26,13 @@ class StubBundle:
         self.calls = 0
         self.fail_on_call = fail_on_call
 
-    def predict_probabilities(self, vol) -> dict[str, float]:
+    def predict(self, vol) -> SimpleNamespace:
         self.calls += 1
         if self.fail_on_call is not None and self.calls == self.fail_on_call:
             raise KeyboardInterrupt  # the run is killed here
         base = float(np.clip((vol.array.mean() + 1000) / 3000, 0.01, 0.99))
-        return {k: round(base / (i + 1), 6) for i, k in enumerate(PREDICTION_TYPES)}
+        probs = {k: round(base / (i + 1), 6) for i, k in enumerate(PREDICTION_TYPES)}
+        return SimpleNamespace(probabilities=probs, not_assessed=None)
 
 
 @pytest.fixture

@@ -50,14 +50,15 @@ class BundleError(CspineInputError):
 class Prediction:
     """What the bundle returns for one study (all on the study's own grid)."""
 
-    probabilities: dict[str, float | None]  # None: the vertebra (or, for every target, the cervical spine) not in view
+    # None: the vertebra (or, for every target, the cervical spine) not in view, or fractures not assessed
+    probabilities: dict[str, float | None]
     mask: np.ndarray
     vertebrae: dict[str, dict[str, Any]]
     slice_scores: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     cleanup: list[str] = field(default_factory=list)
     cervical_spine: str = "present"
-    network_not_applied: str | None = None  # why the fracture network was left out (cspine.cls.domain)
+    not_assessed: str | None = None  # why fractures were not assessed (cspine.cls.domain)
 
 
 def component_formats() -> dict[str, Any]:
@@ -204,21 +205,16 @@ class Bundle:
         scores = {
             name: [(int(s["z"]), float(s["score"])) for s in items] for name, items in cls.slice_scores.items()
         }
+        warnings = list(seg.warnings)
+        if cls.not_assessed:
+            warnings.append(f"fractures not assessed ({cls.not_assessed}): no fracture probabilities")
+            probs = dict.fromkeys(PREDICTION_TYPES)
+            return Prediction(probs, warnings=warnings, not_assessed=cls.not_assessed, **common)
         probs = {
             k: float(cls.probabilities[k]) if k == PATIENT or seg.vertebrae[k]["present"] else None
             for k in PREDICTION_TYPES
         }
-        warnings = list(seg.warnings)
-        if cls.network_not_applied:
-            warnings.append(f"fracture network not applied ({cls.network_not_applied}): the probabilities come from "
-                            "the lucency statistics alone")  # fmt: skip
-        return Prediction(
-            probs, slice_scores=scores, warnings=warnings, network_not_applied=cls.network_not_applied, **common
-        )
-
-    def predict_probabilities(self, vol: Any) -> dict[str, float | None]:
-        """Only the numbers (for submissions); None where a vertebra (or the whole cervical spine) is not in view."""
-        return self.predict(vol).probabilities
+        return Prediction(probs, slice_scores=scores, warnings=warnings, **common)
 
 
 def load_bundle(root: str | Path, device: str = "auto") -> Bundle:

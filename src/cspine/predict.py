@@ -123,10 +123,8 @@ def predict_study(cfg: PredictConfig, bundle: Any = None) -> dict[str, Any]:
         # null where the vertebra (or, for every target, the cervical spine) is not in the field of view
         **{k: None if (v := out.probabilities[k]) is None else round(float(v), 6) for k in PREDICTION_TYPES},
         "cervical_spine": out.cervical_spine,
-        # whether the fracture network's part is in the probabilities (not on a scan coarser than it learned from)
-        "fracture_network": None
-        if out.cervical_spine == "absent"
-        else ("not applied" if out.network_not_applied else "applied"),
+        # null probabilities on a scan coarser than the classifier learned from (cspine.cls.domain)
+        "fractures": None if out.cervical_spine == "absent" else ("not assessed" if out.not_assessed else "assessed"),
         "threshold": cfg.threshold,
         "vertebrae": out.vertebrae,
         "warnings": list(vol.meta.get("warnings", [])) + list(out.warnings),
@@ -149,6 +147,8 @@ def predict_study(cfg: PredictConfig, bundle: Any = None) -> dict[str, Any]:
             timings["report"] = time.perf_counter() - t
         if cfg.dicom and out.cervical_spine == "absent":
             result["warnings"].append("no DICOM outputs: no cervical spine in the field of view")
+        elif cfg.dicom and out.not_assessed:
+            result["warnings"].append("no DICOM outputs: fractures not assessed")
         elif cfg.dicom:
             from cspine.dicom_out import write_dicom_outputs
 

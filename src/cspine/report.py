@@ -156,7 +156,9 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     probs = {k: float(result[k]) for k in CERVICAL if result.get(k) is not None}
     patient = result.get(PATIENT)
-    patient_text = "n/a (no cervical spine in the field of view)" if patient is None else f"{float(patient):.3f}"
+    assessed = result.get("fractures") != "not assessed"
+    why = "no cervical spine in the field of view" if assessed else "fractures not assessed"
+    patient_text = f"n/a ({why})" if patient is None else f"{float(patient):.3f}"
     overview = overview_png(vol, mask, probs, title=f"patient fracture probability {patient_text}")
     png_path = out_dir / "report.png"
     tmp = png_path.with_name(f".{png_path.name}.tmp{os.getpid()}")

@@ -163,10 +163,13 @@ def submit(cfg: SubmitConfig, progress: bool = False) -> dict[str, Any]:
             rec: dict[str, Any] = {"uid": uid, "model": model_id, "input": input_ids[uid]}
             try:
                 vol = fut.result()
-                probs = bundle.predict_probabilities(vol)
+                out = bundle.predict(vol)
+                probs = out.probabilities
                 rec["pred"] = {k: None if probs[k] is None else float(probs[k]) for k in PREDICTION_TYPES}
                 absent = [k for k in PREDICTION_TYPES if probs[k] is None]
-                if absent:  # not in the field of view: the row gets the prevalence, recorded as such
+                if out.not_assessed:  # a scan outside the classifier's domain: every row the prevalence, and why
+                    rec["not_assessed"] = out.not_assessed
+                elif absent:  # not in the field of view: the row gets the prevalence, recorded as such
                     rec["not_in_view"] = absent
             except (KeyboardInterrupt, SystemExit):
                 raise
@@ -210,6 +213,8 @@ def submit(cfg: SubmitConfig, progress: bool = False) -> dict[str, Any]:
         "studies_without_cervical_spine": sum(
             len(done.get(u, {}).get("not_in_view", [])) == len(PREDICTION_TYPES) for u in uids
         ),
+        # studies coarser than the classifier learned from (cspine.cls.domain): every row the prevalence
+        "studies_not_assessed": sum("not_assessed" in done.get(u, {}) for u in uids),
         "model_id": model_id,
         "seconds": round(seconds, 2),
         "studies_per_min": round(60 * n_new / seconds, 2) if seconds > 0 and n_new else None,

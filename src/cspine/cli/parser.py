@@ -202,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         RECIPES,
         SCHEDULES,
         SPLITS,
+        TTA_MODES,
         ModelConfig,
         TrainConfig,
     )
@@ -234,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model (cspine.cls.config.ModelConfig)")
     add_config_flags(g, ModelConfig, "model", defaults_note=note,
                      choices={"encoder": ENCODERS, "patient_from": PATIENT_SOURCES, "pool": POOLS,
-                              "feature_fit": FEATURE_FITS, "stem_stride": (1, 2)})
+                              "feature_fit": FEATURE_FITS, "stem_stride": (1, 2), "tta": TTA_MODES})
     p.set_defaults(func=cmd_train_cls)
 
     p = sub.add_parser("evaluate", help="score predictions against labels: metrics.json, report.md, PNGs")

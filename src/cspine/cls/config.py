@@ -128,6 +128,9 @@ class ModelConfig:
         feature_weight: "joint" only: weight of the feature path's own metric-weighted loss (deep supervision),
             which keeps it fitted after the CNN has memorised the training positives.
         feature_l2: "joint" only: L2 penalty on the feature path's weights (sum of squares times this).
+        tta: test-time augmentation of the network path wherever it predicts (out of fold and at inference):
+            "flip" averages its logits over the crops and their left-right mirror images (training flips crops
+            too, so both are views it learned; twice the network's inference time), "none" reads the crops once.
     """
 
     encoder: str = "resnet18"
@@ -148,6 +151,7 @@ class ModelConfig:
     feature_c: float = 0.3
     feature_weight: float = 3.0
     feature_l2: float = 0.0
+    tta: str = "none"
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
@@ -162,12 +166,15 @@ class ModelConfig:
             raise ConfigError(f"feature_fit must be one of {', '.join(FEATURE_FITS)} and feature_c > 0")
         if self.width <= 0 or self.stem_stride not in (1, 2):
             raise ConfigError("width must be > 0 and stem_stride 1 or 2")
+        if self.tta not in TTA_MODES:
+            raise ConfigError(f"tta must be one of {', '.join(TTA_MODES)}, got {self.tta!r}")
 
 
 PATIENT_SOURCES: tuple[str, ...] = ("head", "noisy-or")
 POOLS: tuple[str, ...] = ("avg", "max", "avgmax")
 FEATURE_FITS: tuple[str, ...] = ("logistic", "joint")
 STATS_REGIONS: tuple[str, ...] = ("mask", "bone")
+TTA_MODES: tuple[str, ...] = ("none", "flip")
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw")
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 

@@ -33,7 +33,7 @@ from cspine.cls.domain import NetworkDomain
 from cspine.cls.model_dir import fold_checkpoints, load_config
 from cspine.cls.recipes import get_recipe, share_networks
 from cspine.io.volume import Volume
-from cspine.labels import CERVICAL, PREDICTION_TYPES, PREVALENCE
+from cspine.labels import CERVICAL, LABEL_VALUES, PREDICTION_TYPES, PREVALENCE
 from cspine.runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -49,15 +49,15 @@ class StudyPrediction:
         present: whether the mask contained each vertebra (absent ones fall back to the prevalence).
         slice_scores: per vertebra, per sampled slice: z index, InstanceNumber and the slice score in [0, 1]
             (the sequence model's box head, the seed baseline's per-image probability; 0 without the network).
-        network_not_applied: why the fracture network was left out of this study (a scan outside the resolution it
-            learned from: cspine.cls.domain), None when it was applied.
+        not_assessed: why fractures were not assessed on this study (a scan coarser than the classifier learned
+            from: cspine.cls.domain), None when they were; the probabilities are then the RSNA prevalence.
     """
 
     probabilities: dict[str, float]
     uncalibrated: dict[str, float]
     present: dict[str, bool]
     slice_scores: dict[str, list[dict[str, Any]]]
-    network_not_applied: str | None = None
+    not_assessed: str | None = None
 
 
 class Classifier:
@@ -80,20 +80,13 @@ class Classifier:
     def recipe(self) -> str:
         return self.config.recipe
 
-    def network_refusal(self, volume: Volume) -> str | None:
-        """Why the network is not applied to this scan (cspine.cls.domain); None when it is."""
-        if self.domain is None or self.domain.neutral_logit is None:
-            return None
-        return self.domain.refusal(volume.spacing)
+    def refusal(self, volume: Volume) -> str | None:
+        """Why fractures are not assessed on this scan (cspine.cls.domain); None when they are."""
+        return None if self.domain is None else self.domain.refusal(volume.spacing)
 
-    def predict_arrays(self, st: StudyArrays, without_network: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Uncalibrated (8,) probabilities (PREDICTION_TYPES order) and (7, K) slice scores of one study's crops;
-        ``without_network``: the network's part replaced by its out-of-fold mean (cspine.cls.domain)."""
-        neutral = None
-        if without_network:
-            assert self.domain is not None and self.domain.neutral_logit is not None
-            neutral = np.array(self.domain.neutral_logit)
-        return self.recipe_.predict_study(self.folds, st, self.device, neutral)
+    def predict_arrays(self, st: StudyArrays) -> tuple[np.ndarray, np.ndarray]:
+        """Uncalibrated (8,) probabilities (PREDICTION_TYPES order) and (7, K) slice scores of one study's crops."""
+        return self.recipe_.predict_study(self.folds, st, self.device)
 
     def study_arrays(self, volume: Volume, mask: np.ndarray) -> StudyArrays:
         """The crops and statistics of the vertebrae of ``mask``, as this model reads them."""
@@ -107,16 +100,16 @@ class Classifier:
 
     def predict(self, volume: Volume, mask: np.ndarray, timings: dict[str, float] | None = None) -> StudyPrediction:
         """Crop the vertebrae of ``mask`` from ``volume`` and predict (calibrated); adds crop/classify seconds to
-        ``timings`` when given."""
+        ``timings`` when given. A scan outside the classifier's domain is not read: the RSNA prevalence, and why."""
+        present = {v: bool(np.any(mask == LABEL_VALUES[v])) for v in CERVICAL}
+        refusal = self.refusal(volume)
+        if refusal is not None:
+            return StudyPrediction(dict(PREVALENCE), dict(PREVALENCE), present, {}, not_assessed=refusal)
         t0 = time.perf_counter()
         st = self.study_arrays(volume, mask)
         t1 = time.perf_counter()
-        refusal = self.network_refusal(volume)
-        raw, slices = self.predict_arrays(st, without_network=refusal is not None)
-        calibration = self.calibration
-        if refusal is not None and self.domain is not None and self.domain.calibration is not None:
-            calibration = self.domain.calibration  # fitted on the same out-of-fold predictions without the network
-        cal = calibration.apply(raw[None])[0]
+        raw, slices = self.predict_arrays(st)
+        cal = self.calibration.apply(raw[None])[0]
         if timings is not None:
             timings["crop"] = timings.get("crop", 0.0) + t1 - t0
             timings["classify"] = timings.get("classify", 0.0) + time.perf_counter() - t1
@@ -132,7 +125,6 @@ class Classifier:
                 for i, v in enumerate(CERVICAL)
                 if st.present[i]
             },
-            network_not_applied=refusal,
         )
 
 

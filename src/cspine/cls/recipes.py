@@ -105,12 +105,8 @@ class Recipe:
     def step(self, net: nn.Module, batch: dict[str, torch.Tensor]) -> StepResult:
         raise NotImplementedError
 
-    def predict_study(
-        self, folds: Sequence[Fold], st: StudyArrays, device: torch.device, neutral: np.ndarray | None = None
-    ) -> tuple[Any, Any]:
-        """Uncalibrated (8,) probabilities (PREDICTION_TYPES order) and (7, K) slice scores of one study.
-        ``neutral`` (7,): replaces the network's part of the vertebra logits (a scan outside its domain,
-        cspine.cls.domain); the recipe has to have such parts."""
+    def predict_study(self, folds: Sequence[Fold], st: StudyArrays, device: torch.device) -> tuple[Any, Any]:
+        """Uncalibrated (8,) probabilities (PREDICTION_TYPES order) and (7, K) slice scores of one study."""
         raise NotImplementedError
 
     def logit_parts(self, folds: Sequence[Fold], st: StudyArrays, device: torch.device) -> dict[str, np.ndarray] | None:
@@ -167,14 +163,6 @@ def sequence_probs(patient: np.ndarray, vertebra: np.ndarray, present: np.ndarra
     return np.concatenate([pp[:, None], pv], axis=1)
 
 
-def statistics_only_probs(statistics: np.ndarray, neutral: np.ndarray, present: np.ndarray) -> np.ndarray:
-    """(n, 8) probabilities without the network (a scan outside its domain, cspine.cls.domain): each vertebra from
-    the statistics' share of its logit (n, 7) plus the network's out-of-fold mean ``neutral`` (7,), the patient from
-    the vertebrae (the patient head is the network's)."""
-    vertebra = np.where(present, statistics, 0.0) + neutral[None]
-    return sequence_probs(np.zeros(len(vertebra)), vertebra, present, "noisy-or")
-
-
 def _study_batch(st: StudyArrays) -> dict[str, torch.Tensor]:
     """One study's arrays as a batch of one."""
     return {k: torch.from_numpy(getattr(st, k))[None] for k in ("images", "present", "stats")}
@@ -224,18 +212,21 @@ class SequenceRecipe(Recipe):
 
     @torch.no_grad()
     def forward(self, folds: Sequence[Fold], batch: dict[str, torch.Tensor], device: torch.device):
-        """The fold ensemble on one batch: patient (B,), vertebra (B, 7) and slices (B, 7, K) logits, averaged,
-        and ``features`` (B, 7): the statistics path's share of the vertebra logits."""
+        """The fold ensemble on one batch: patient (B,), vertebra (B, 7) and slices (B, 7, K) logits, averaged over
+        folds and the views of ``tta`` (ModelConfig), and ``features`` (B, 7): the statistics path's share of the
+        vertebra logits."""
         images, present, stats = (batch[k].to(device) for k in ("images", "present", "stats"))
+        views = [images, images.flip(-1)] if self.model.tta == "flip" else [images]
         outs = []
-        encoded: dict[int, torch.Tensor] = {}  # folds that share one network (share_networks) encode the batch once
+        encoded: dict[tuple[int, int], torch.Tensor] = {}  # folds sharing one network (share_networks) encode once
         for f in folds:
             extra = self.feature_inputs(f.lucency, stats, present)
-            with _autocast(device):
-                if id(f.net) not in encoded:
-                    encoded[id(f.net)] = f.net.encode(images, present)
-                out = f.net(images, present, encoded=encoded[id(f.net)], **extra)
-            outs.append({k: v.float() for k, v in out.items()})
+            for i, view in enumerate(views):
+                with _autocast(device):
+                    if (id(f.net), i) not in encoded:
+                        encoded[id(f.net), i] = f.net.encode(view, present)
+                    out = f.net(view, present, encoded=encoded[id(f.net), i], **extra)
+                outs.append({k: v.float() for k, v in out.items()})
         keys = ("patient", "vertebra", "slices", "features")
         return {k: torch.stack([o[k] for o in outs]).mean(0).cpu().numpy() for k in keys}
 
@@ -268,16 +259,10 @@ class SequenceRecipe(Recipe):
             fold.lucency = LucencyModel.load(lucency_path)
         return fold
 
-    def predict_study(
-        self, folds: Sequence[Fold], st: StudyArrays, device: torch.device, neutral: np.ndarray | None = None
-    ):
+    def predict_study(self, folds: Sequence[Fold], st: StudyArrays, device: torch.device):
         out = self.forward(folds, _study_batch(st), device)
-        if neutral is None:
-            probs = self.aggregate({**out, "present": st.present[None]})
-            return probs[0], sigmoid(out["slices"][0])
-        # no slice scores without the network: its box head is what points at a slice
-        probs = statistics_only_probs(out["features"], neutral, st.present[None])
-        return probs[0], np.zeros_like(out["slices"][0])
+        probs = self.aggregate({**out, "present": st.present[None]})
+        return probs[0], sigmoid(out["slices"][0])
 
     def logit_parts(self, folds: Sequence[Fold], st: StudyArrays, device: torch.device) -> dict[str, np.ndarray]:
         out = self.forward(folds, _study_batch(st), device)
@@ -337,11 +322,7 @@ class SeedBaselineRecipe(Recipe):
                 pv[i] = float(np.mean(p))
         return np.concatenate([noisy_or(pv[None]), pv])
 
-    def predict_study(
-        self, folds: Sequence[Fold], st: StudyArrays, device: torch.device, neutral: np.ndarray | None = None
-    ):
-        if neutral is not None:
-            raise ValueError("the seed-baseline recipe has no statistics to predict without its networks")
+    def predict_study(self, folds: Sequence[Fold], st: StudyArrays, device: torch.device):
         images = torch.from_numpy(st.images)
         slices = np.zeros(st.slice_labels.shape, np.float64)
         per: list[np.ndarray | None] = [None] * len(CERVICAL)

@@ -133,33 +133,23 @@ def train_folds(
         return {}
     oof = [out / f"oof_fold{k}.csv" for k in range(cfg.folds)]
     summary = finish(cfg, store, oof, timings)
-    record_domain(cfg, store, oof)
+    record_domain(cfg, store)
     return summary
 
 
-def record_domain(cfg: TrainConfig, store: StudyStore, oof: list[Path]) -> None:
-    """Write the network's domain (cspine.cls.domain) beside the folds: the coarsest spacing among the studies its
-    weights learned from (the --init network's own, plus these studies unless it kept its weights with 0 epochs),
-    the network part's out-of-fold mean per vertebra, and the temperatures of the out-of-fold predictions made
-    with that mean in the network's place."""
-    from cspine.cls.calibrate import fit_temperature
-    from cspine.cls.domain import NetworkDomain, cache_spacings, neutral_logits, spacing_domain
-    from cspine.cls.oof import path_logits, read_wide
-    from cspine.cls.recipes import statistics_only_probs
+def record_domain(cfg: TrainConfig, store: StudyStore) -> None:
+    """Write the classifier's domain (cspine.cls.domain) beside the folds: the coarsest spacing among the studies
+    its network learned from (the --init network's own, plus these studies unless it kept its weights with 0
+    epochs)."""
+    from cspine.cls.domain import NetworkDomain, cache_spacings, spacing_domain
 
     start = NetworkDomain.load(Path(cfg.init)) if cfg.init is not None else None
     learned_from = store.uids if cfg.epochs > 0 or cfg.init is None else []
     domain = spacing_domain(cache_spacings(cfg.data, learned_from), start)
     if domain is None:
-        log.warning("%s: no study spacing known; the network will be applied at every resolution", cfg.out)
+        log.warning("%s: no study spacing known; fractures will be assessed at every resolution", cfg.out)
         return
-    oof_uids, _, columns = read_wide(oof)
-    parts = path_logits(columns)
-    neutral = neutral_logits(parts["network"])
-    probs = statistics_only_probs(parts["statistics"], np.array(neutral), ~np.isnan(parts["statistics"]))
-    row_of = {u: i for i, u in enumerate(store.uids)}
-    y = store.labels()[[row_of[u] for u in oof_uids]]
-    replace(domain, neutral_logit=neutral, calibration=fit_temperature(y, probs)).save(cfg.out)
+    domain.save(cfg.out)
 
 
 __all__ = ["train_folds"]
