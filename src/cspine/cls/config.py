@@ -128,9 +128,10 @@ class ModelConfig:
         feature_weight: "joint" only: weight of the feature path's own metric-weighted loss (deep supervision),
             which keeps it fitted after the CNN has memorised the training positives.
         feature_l2: "joint" only: L2 penalty on the feature path's weights (sum of squares times this).
-        tta: test-time augmentation of the network path wherever it predicts (out of fold and at inference):
-            "flip" averages its logits over the crops and their left-right mirror images (training flips crops
-            too, so both are views it learned; twice the network's inference time), "none" reads the crops once.
+        tta: test-time augmentation of the network path where a trained fold predicts (out of fold and at
+            inference; not the validation that picks its epoch, so it never changes the weights): "flip" averages
+            its logits over the crops and their left-right mirror images (training flips crops too, so both are
+            views it learned; twice the network's inference time), "none" reads the crops once.
     """
 
     encoder: str = "resnet18"

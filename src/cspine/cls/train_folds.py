@@ -84,6 +84,9 @@ def train_folds(
     batch = cfg.batch_size * 2
     # read once, every fold starts from it
     start, init_lucency = initial_weights(cfg) if cfg.init is not None else (None, None)
+    # epochs are chosen on the crops as they are: test-time augmentation changes how the fold predicts (out of
+    # fold, below, and at inference), never what it learns
+    plain = type(recipe)(replace(recipe.model, tta="none"), recipe.crop)
     for k in todo:
         run = RunFiles.standard(out, f"fold{k}")
         oof_path = out / f"oof_fold{k}.csv"
@@ -108,7 +111,7 @@ def train_folds(
         def validate(
             m: nn.Module, val_ds: StudyDataset = val_ds, va_rows: np.ndarray = va_rows, lm: Any = lucency
         ) -> dict[str, float]:
-            p = recipe.aggregate(recipe.predict([Fold(m, lm)], val_ds, rt.device, batch))
+            p = plain.aggregate(plain.predict([Fold(m, lm)], val_ds, rt.device, batch))
             yt = y[va_rows]
             score = competition_loss(yt, p)
             return {"score": score, "val_loss": score, "val_acc": float(((p >= 0.5) == (yt > 0.5)).mean())}
