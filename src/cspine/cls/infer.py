@@ -84,10 +84,6 @@ class Classifier:
         """Why fractures are not assessed on this scan (cspine.cls.domain); None when they are."""
         return None if self.domain is None else self.domain.refusal(volume.spacing)
 
-    def predict_arrays(self, st: StudyArrays) -> tuple[np.ndarray, np.ndarray]:
-        """Uncalibrated (8,) probabilities (PREDICTION_TYPES order) and (7, K) slice scores of one study's crops."""
-        return self.recipe_.predict_study(self.folds, st, self.device)
-
     def study_arrays(self, volume: Volume, mask: np.ndarray) -> StudyArrays:
         """The crops and statistics of the vertebrae of ``mask``, as this model reads them."""
         crops = vertebra_crops(volume, mask, self.config.crop)
@@ -101,14 +97,15 @@ class Classifier:
     def predict(self, volume: Volume, mask: np.ndarray, timings: dict[str, float] | None = None) -> StudyPrediction:
         """Crop the vertebrae of ``mask`` from ``volume`` and predict (calibrated); adds crop/classify seconds to
         ``timings`` when given. A scan outside the classifier's domain is not read: the RSNA prevalence, and why."""
-        present = {v: bool(np.any(mask == LABEL_VALUES[v])) for v in CERVICAL}
         refusal = self.refusal(volume)
         if refusal is not None:
+            labels = set(np.unique(mask).tolist())
+            present = {v: LABEL_VALUES[v] in labels for v in CERVICAL}
             return StudyPrediction(dict(PREVALENCE), dict(PREVALENCE), present, {}, not_assessed=refusal)
         t0 = time.perf_counter()
         st = self.study_arrays(volume, mask)
         t1 = time.perf_counter()
-        raw, slices = self.predict_arrays(st)
+        raw, slices = self.recipe_.predict_study(self.folds, st, self.device)
         cal = self.calibration.apply(raw[None])[0]
         if timings is not None:
             timings["crop"] = timings.get("crop", 0.0) + t1 - t0
