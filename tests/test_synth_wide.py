@@ -100,6 +100,19 @@ def test_c1_sits_below_the_foramen_magnum_and_the_spine_spans_real_lengths(cspin
         assert 70.0 <= span <= 140.0, (st.index, span)  # real necks: C1-C7 centroid span 70-140 mm
 
 
+def test_the_skull_base_above_the_atlas_is_as_heavy_as_on_real_ct() -> None:
+    """Dense bone (>= 700 HU) in the 25 mm above the foramen magnum: 60 ml on the real OpenKBP pt2, 20-25 ml in some
+    generated heads before session 18 (docs/real_ct.md)."""
+    heads = [i for i in range(60) if _fov(i) in ("head_neck", "head_upper_neck")][:4]
+    for i in heads:
+        st = generate_study(SEED, "small", i, profile="wide")
+        z = st.volume.affine[2, 0] * np.arange(st.volume.shape[0]) + st.volume.affine[2, 3]
+        fm = st.params["landmarks"]["foramen_magnum"]
+        slab = st.volume.array[(z >= fm) & (z < fm + 25.0)] >= 700
+        ml = slab.sum() * float(np.prod(st.volume.spacing)) / 1000.0
+        assert ml >= 35.0, (i, ml)
+
+
 def _height_above(anat, name: str, ref: str) -> float:  # type: ignore[no-untyped-def]
     """How far part ``name``'s frame sits above part ``ref``'s centre, along ref's axis (mm)."""
     frames = {p.name: p.frame for p in anat.parts}
