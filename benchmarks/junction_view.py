@@ -28,13 +28,14 @@ HALF = 35  # half size of each panel in model voxels (2 mm)
 
 
 def _row(vol: Volume, point_lps: np.ndarray, pre: object) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """The model-grid image and the (z, y, x) model voxel of ``point_lps``."""
-    image, _ = to_model_grid(vol, pre)  # type: ignore[arg-type]
-    marker = np.full(vol.shape, -1000, dtype=np.int16)
-    k = np.clip(np.round(vol.patient_to_index(point_lps[None])[0]).astype(int), 0, np.array(vol.shape) - 1)
-    marker[tuple(k)] = 3000
-    spot, _ = to_model_grid(vol.with_array(marker), pre)  # type: ignore[arg-type]
-    return image, tuple(int(i) for i in np.unravel_index(int(np.argmax(spot)), spot.shape))  # type: ignore[return-value]
+    """The model-grid image and the (z, y, x) model voxel of ``point_lps`` (through the grid map: the study index
+    permuted and flipped to canonical order, then divided by the model step)."""
+    image, gm = to_model_grid(vol, pre)  # type: ignore[arg-type]
+    index = vol.patient_to_index(point_lps[None])[0]
+    canonical = np.array([index[p] for p in gm.perm])
+    canonical = np.where(gm.flip, np.array(gm.shape) - 1 - canonical, canonical)
+    model = np.clip(np.round(canonical / gm.scale).astype(int), 0, np.array(gm.model_shape) - 1)
+    return image, tuple(int(i) for i in model)  # type: ignore[return-value]
 
 
 def _crop(a: np.ndarray, centre: tuple[int, int], half: int) -> np.ndarray:

@@ -113,6 +113,29 @@ def test_the_skull_base_above_the_atlas_is_as_heavy_as_on_real_ct() -> None:
         assert ml >= 35.0, (i, ml)
 
 
+def test_skull_base_clutter_stays_off_the_atlas_and_the_foramen_magnum() -> None:
+    """The random blobs are skull (mask 0): over the atlas they would put skull under a C1 label, in the foramen
+    magnum they would close the canal. Points inside every blob of 300 draws, turned by the skull's tilt against C1
+    (-10..8 degrees about the left-right axis), stay outside C1 and 15 mm or more from the canal's axis."""
+    import math
+
+    from cspine.synth.shapes import Frame, rot_x
+    from cspine.synth.vertebrae import atlas_c1
+    from cspine.synth.wide import skull_base_clutter
+
+    atlas, _ = atlas_c1(1.0)
+    box = np.mgrid[-1:1:9j, -1:1:9j, -1:1:9j].reshape(3, -1).T
+    for seed in range(300):
+        for part in skull_base_clutter(np.random.default_rng(seed), Frame(np.zeros(3), np.eye(3)), 1.0, 15.0, 1e3, 1.0):
+            for blob in part.prims:
+                pts = np.asarray(blob.c) + box * np.asarray(blob.r)
+                pts = pts[blob.sdf(*pts.T.astype(np.float32)) < 0]
+                assert np.hypot(pts[:, 0], pts[:, 1] - 14.5).min() >= 15.0, (seed, blob)
+                for tilt in (-10.0, 0.0, 8.0):
+                    q = (rot_x(math.radians(tilt)) @ pts.T).astype(np.float32)
+                    assert min(float(p.sdf(*q).min()) for p in atlas) > 0.0, (seed, blob, tilt)
+
+
 def _height_above(anat, name: str, ref: str) -> float:  # type: ignore[no-untyped-def]
     """How far part ``name``'s frame sits above part ``ref``'s centre, along ref's axis (mm)."""
     frames = {p.name: p.frame for p in anat.parts}

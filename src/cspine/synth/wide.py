@@ -97,7 +97,7 @@ def head_parts(
     # two bars was the largest difference from the real necks at the top of the column (docs/real_ct.md, session
     # 18), so its bulk is drawn large and varied (``base``: 0.85-1.3).
     base = float(rng.uniform(0.85, 1.3))
-    petrous: list[Primitive] = [  # dense wedges from the mastoids to the clivus, beside the foramen magnum
+    base_bones: list[Primitive] = [  # petrous pyramids: dense wedges from the mastoids to the clivus
         Bar(
             (side * 48.0 * s, 16.0 * s, fm_w + 8.0 * s),
             (side * 11.0 * s, -16.0 * s, fm_w + 22.0 * s),
@@ -109,7 +109,7 @@ def head_parts(
         )
         for side in (-1.0, 1.0)
     ]
-    petrous += [  # jugular processes: condyle to mastoid, just above the atlas's lateral masses
+    base_bones += [  # jugular processes: condyle to mastoid, just above the atlas's lateral masses
         Bar(
             (side * 14.0 * s, 6.0 * s, fm_w + 1.0 * s),
             (side * 42.0 * s, 14.0 * s, fm_w + 3.0 * s),
@@ -119,12 +119,12 @@ def head_parts(
         )
         for side in (-1.0, 1.0)
     ]
-    petrous.append(  # the basi-occiput and clivus, from the front of the foramen magnum up to the dorsum sellae
+    base_bones.append(  # the basi-occiput and clivus, from the front of the foramen magnum up to the dorsum sellae
         Bar((0.0, -1.0 * s, fm_w + 3.0 * s), (0.0, -25.0 * s, fm_w + 32.0 * s), 12.0 * s * base, 7.0 * s, r2=9.0 * s)
     )
     density = float(rng.uniform(1.15, 1.6))
     parts.append(
-        Part("petrous bones", skull, petrous, [], 0, cortical * density, cancellous * 3.0, cortical_mm * 2.5)
+        Part("skull base", skull, base_bones, [], 0, cortical * density, cancellous * 3.0, cortical_mm * 2.5)
     )
     # Mastoid processes: wide, with their tips beside C1's transverse processes, a cortical shell around air cells
     # (pneumatised to a random degree, which at a few mm reads anywhere from air to mottled bone).
@@ -194,7 +194,7 @@ def skull_base_clutter(
         if math.hypot(u, v - 14.5) < 17.0 + max(r[0], r[1]):
             continue  # the foramen magnum stays open
         floor = -8.0 if abs(u) - r[0] > 42.0 else 11.0  # above the atlas, lower only beside its transverse processes
-        w = float(rng.uniform(floor + r[2], max(floor + r[2], fm_w / s + 35.0)))
+        w = float(rng.uniform(floor + r[2], fm_w / s + 35.0))
         blobs.append(Ellipsoid((u * s, v * s, w * s), (r[0] * s, r[1] * s, r[2] * s)))
     dense, inner = float(rng.uniform(0.7, 1.5)), float(rng.uniform(150.0, 1000.0))
     if not blobs:
