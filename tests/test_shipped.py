@@ -166,8 +166,8 @@ def _near_cord(found: dict, cord: np.ndarray) -> list[str]:
 
 
 def test_openkbp_neck_upper_levels_in_order_on_the_cord(openkbp: tuple[dict, dict[str, np.ndarray]]) -> None:
-    """What holds today: six levels in a column, in order, each within 30 mm of the spinal cord, the top one at the
-    foramen magnum (its label is one level off: see the test below)."""
+    """What holds today: six or seven levels in a column, in order, each within 30 mm of the spinal cord, the top one
+    within 25 mm of the foramen magnum (the names are one level off: see the test below)."""
     found, contours = openkbp
     assert len(found) >= 6, f"found {list(found)}"
     z = [found[lv][2] for lv in LEVELS if lv in found]
@@ -176,8 +176,8 @@ def test_openkbp_neck_upper_levels_in_order_on_the_cord(openkbp: tuple[dict, dic
     assert abs(contours["Brainstem"][:, 2].min() - z[0]) <= 25
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13: on OpenKBP pt2 the vertebra at the foramen magnum is labelled C2 "
-                   "and every level below one too low, so C1 is not found")
+@pytest.mark.xfail(strict=True, reason="issue 13: on OpenKBP pt2 the atlas is labelled C2 and every level below one "
+                   "too low; the label C1 lies on the skull base, 20 mm above the foramen magnum")
 def test_openkbp_neck_meets_the_issue_targets(openkbp: tuple[dict, dict[str, np.ndarray]]) -> None:
     found, contours = openkbp
     assert list(found) == LEVELS, f"found {list(found)}"
@@ -188,14 +188,12 @@ def test_openkbp_neck_meets_the_issue_targets(openkbp: tuple[dict, dict[str, np.
     assert not _near_cord(found, contours["SpinalCord"])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13: the shipped segmenter never saw a head CT stopping in the neck "
-                   "and names the levels from the lowest slice (C4..C7 on a cut that ends in C4)")
 def test_a_head_ct_that_stops_in_the_neck_keeps_the_level_names(
     real: Path, openkbp: tuple[dict, dict[str, np.ndarray]], tmp_path: Path
 ) -> None:
     """OpenKBP pt2 cut as a head CT ending 68 mm below the foramen magnum (in its fourth vertebra): the levels still
-    in view keep the names and places they have on the whole scan (within half a vertebra). A coarse stage trained
-    on the session-18 generator (head CTs stopping anywhere from C3 to C7) holds this (docs/real_ct.md)."""
+    in view keep the names and places they have on the whole scan (within half a vertebra). The segmenter shipped
+    before session 19, which never saw a head CT stopping in the neck, named them from the lowest slice (C4..C7)."""
     whole, contours = openkbp
     img = nib.as_closest_canonical(nib.load(str(real / "nifti" / "openkbp_hn_pt2" / "ct.nii.gz")))
     z = img.affine[2, 2] * np.arange(img.shape[2]) + img.affine[2, 3]
@@ -222,17 +220,15 @@ def slicer_heights(real: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     return {lv: float(c[2]) - z0 for lv, c in found.items()}
 
 
-def test_slicer_neck_upper_levels_match_the_reading(slicer_heights: dict[str, float]) -> None:
-    """What holds today: C1..C4 within half a vertebra of the reading, every level found in order."""
+def test_slicer_neck_levels_are_found_in_order(slicer_heights: dict[str, float]) -> None:
     heights = slicer_heights
-    assert all(abs(heights[lv] - SLICER_READING[lv]) <= HALF_VERTEBRA_MM for lv in LEVELS[:4]), heights
     z = [heights[lv] for lv in LEVELS if lv in heights]
-    assert len(z) >= 5 and all(a > b for a, b in itertools.pairwise(z)), heights
+    assert len(z) >= 6 and all(a > b for a, b in itertools.pairwise(z)), heights
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13: on the Slicer neck C5 and C6 sit 9 and 6 mm below the reading "
-                   "and C7 (mostly cut off by the lowest slice) is not found")
 def test_slicer_neck_levels_match_the_reading(slicer_heights: dict[str, float]) -> None:
+    """C1..C6 within half a vertebra of the reading (C7, mostly below the lowest slice, is not asked for here; the
+    segmenter shipped before session 19 put C5 and C6 9 and 6 mm low)."""
     heights = slicer_heights
     assert set(SLICER_READING) <= set(heights), f"found {sorted(heights)}"
     off = {lv: round(heights[lv] - mm) for lv, mm in SLICER_READING.items() if abs(heights[lv] - mm) > HALF_VERTEBRA_MM}

@@ -113,27 +113,67 @@ def test_the_skull_base_above_the_atlas_is_as_heavy_as_on_real_ct() -> None:
         assert ml >= 35.0, (i, ml)
 
 
+def _inside(prim, n: int = 11) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Points of a grid over an Ellipsoid's or a Bar's bounding box that lie inside it, (N, 3) mm."""
+    from cspine.synth.shapes import Bar
+
+    if isinstance(prim, Bar):
+        reach = max(prim.r, prim.r2 or 0.0, prim.hh, prim.hh2 or 0.0)
+        lo, hi = np.minimum(prim.a, prim.b) - reach, np.maximum(prim.a, prim.b) + reach
+    else:
+        lo, hi = np.asarray(prim.c) - prim.r, np.asarray(prim.c) + prim.r
+    t = np.mgrid[0 : 1 : n * 1j, 0 : 1 : n * 1j, 0 : 1 : n * 1j].reshape(3, -1).T
+    pts = lo + t * (hi - lo)
+    return pts[prim.sdf(*pts.T.astype(np.float32)) < 0]
+
+
 def test_skull_base_clutter_stays_off_the_atlas_and_the_foramen_magnum() -> None:
     """The random blobs are skull (mask 0): over the atlas they would put skull under a C1 label, in the foramen
-    magnum they would close the canal. Points inside every blob of 300 draws, turned by the skull's tilt against C1
-    (-10..8 degrees about the left-right axis), stay outside C1 and 15 mm or more from the canal's axis."""
+    magnum they would close the canal. Points inside every blob of 300 draws (each with its own drawn atlas), turned
+    by the skull's tilt against C1 (-10..8 degrees about the left-right axis), stay outside C1 and 15 mm or more
+    from the canal's axis."""
     import math
 
     from cspine.synth.shapes import Frame, rot_x
     from cspine.synth.vertebrae import atlas_c1
-    from cspine.synth.wide import skull_base_clutter
+    from cspine.synth.wide import draw_junction, skull_base_clutter
 
-    atlas, _ = atlas_c1(1.0)
-    box = np.mgrid[-1:1:9j, -1:1:9j, -1:1:9j].reshape(3, -1).T
     for seed in range(300):
-        for part in skull_base_clutter(np.random.default_rng(seed), Frame(np.zeros(3), np.eye(3)), 1.0, 15.0, 1e3, 1.0):
+        rng = np.random.default_rng(seed)
+        junction = draw_junction(rng)
+        atlas, _ = atlas_c1(1.0, junction)
+        top = 6.5 * junction.lateral_mass[2]
+        for part in skull_base_clutter(rng, Frame(np.zeros(3), np.eye(3)), 1.0, junction.foramen_mm, 1e3, 1.0, top):
             for blob in part.prims:
-                pts = np.asarray(blob.c) + box * np.asarray(blob.r)
-                pts = pts[blob.sdf(*pts.T.astype(np.float32)) < 0]
+                pts = _inside(blob, 9)
                 assert np.hypot(pts[:, 0], pts[:, 1] - 14.5).min() >= 15.0, (seed, blob)
                 for tilt in (-10.0, 0.0, 8.0):
                     q = (rot_x(math.radians(tilt)) @ pts.T).astype(np.float32)
                     assert min(float(p.sdf(*q).min()) for p in atlas) > 0.0, (seed, blob, tilt)
+
+
+def test_the_drawn_atlas_keeps_its_joints_with_the_axis_open() -> None:
+    """The wide profile draws the atlas and the axis out of proportion (lateral masses up to 1.6 x as tall, arches
+    up to 1.6 x as thick, the dens 2-8 mm above the atlas's centre); each part must grow away from its neighbour, or
+    a C1 label would be painted over C2's facets or dens. Every atlas point of 200 draws, at the atlas's tilt on
+    C2 (-6..6 degrees), stays >= 0.5 mm outside the axis; the drawn heights really vary."""
+    import math
+
+    from cspine.synth.shapes import rot_x
+    from cspine.synth.vertebrae import LEVELS, Junction, atlas_c1, axis_c2
+    from cspine.synth.wide import draw_junction
+
+    junctions = [Junction()] + [draw_junction(np.random.default_rng(seed)) for seed in range(200)]
+    for k, j in enumerate(junctions):
+        atlas, _ = atlas_c1(1.0, j)
+        axis, _, _ = axis_c2(1.0, junction=j)
+        pts = np.concatenate([_inside(p) for p in atlas])
+        for tilt in (-6.0, 0.0, 6.0):
+            q = (rot_x(math.radians(tilt)) @ pts.T).T + np.array([0.0, -1.5, LEVELS["C2"][2] + j.lift_mm])
+            gap = min(float(p.sdf(*q.T.astype(np.float32)).min()) for p in axis)
+            assert gap >= 0.5, (k, j, tilt, gap)
+    heights = [j.lateral_mass[2] for j in junctions]
+    assert max(heights) > 1.5 and min(heights) < 0.9, heights
 
 
 def _height_above(anat, name: str, ref: str) -> float:  # type: ignore[no-untyped-def]

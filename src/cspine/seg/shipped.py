@@ -1,8 +1,9 @@
 """The segmenter that ships with cspine: where it lives in the package, and the one command that rebuilds it.
 
 ``cspine build-segmenter --out DIR`` generates its training data (tight cervical scans and wide fields of view,
-head to abdomen), prepares them, trains the coarse and the refinement stage side by side with domain
-randomisation, scores the result on held-out generated studies of fresh seeds, and writes ``DIR/model`` (a model
+head to abdomen), prepares them, trains the coarse stage (and the refinement stage beside it, unless the recipe
+keeps the installed one) with domain randomisation, scores the result on held-out generated studies of fresh seeds,
+and writes ``DIR/model`` (a model
 directory: the coarse stage with ``refine/``) and ``DIR/model/recipe.json`` (this recipe, seeds, steps, times,
 figures). ``--install`` copies the model into the package (:data:`SHIPPED_DIR`), where ``cspine segment``,
 ``predict`` and the demo find it when no ``--model`` is given. Rerunning the command resumes every stage.
@@ -52,6 +53,7 @@ class ShippedRecipe:
     train_sets: tuple[GeneratedSet, ...] = (
         GeneratedSet("default", 48, 1101),
         GeneratedSet("wide", 48, 1102, profile="wide"),
+        GeneratedSet("wide2", 48, 1104, profile="wide"),
     )
     heldout_sets: tuple[GeneratedSet, ...] = (
         GeneratedSet("heldout-default-small", 10, 1201),
@@ -60,17 +62,21 @@ class ShippedRecipe:
     )
     # train-seg overrides of each stage (the rest: TrainSegConfig's defaults and REFINE_RECIPE)
     coarse: dict[str, Any] = field(
-        default_factory=lambda: {"fold": -1, "epochs": 30, "iters_per_epoch": 100, "randomize": True, "seed": 0}
+        default_factory=lambda: {"fold": -1, "epochs": 70, "iters_per_epoch": 100, "randomize": True, "seed": 0}
     )
     # later runs of the coarse stage, each resumed with more epochs (train-seg stretches its cosine schedule over
     # the new total, so each is a warm restart at the learning rate that schedule has there)
-    coarse_continue_to: tuple[int, ...] = (70,)
+    coarse_continue_to: tuple[int, ...] = ()
     refine: dict[str, Any] = field(
         default_factory=lambda: {
             "fold": -1, "epochs": 60, "iters_per_epoch": 100, "randomize": True, "seed": 0, "cervical_box_mm": 40.0
         }
     )
-    threads_per_stage: int = 1
+    # Keep the refinement stage of the segmenter installed in the package instead of training one. It outlines
+    # vertebra against background and names no level, so a new coarse stage (which names them) can reuse it; its
+    # own config.json and run.json say what it was trained on, and recipe.json records where it came from.
+    keep_refine: bool = True
+    threads: int = 2  # in all: shared by the stages that train at the same time
     workers: int = 2
 
 
@@ -119,10 +125,11 @@ def _union_cache(work: Path, sets: tuple[GeneratedSet, ...]) -> Path:
 
 
 def _train(cache: Path, model: Path, recipe: ShippedRecipe) -> dict[str, float]:
-    """Both stages at once, one process each (they train independently; the refinement stage learns vertebra vs
-    background from the true masks)."""
+    """The stages not yet trained, at once, one process each (they train independently; the refinement stage learns
+    vertebra vs background from the true masks)."""
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    threads = ["--threads", str(recipe.threads_per_stage), "--no-progress"]
+    stages = 1 + (not _finished(model / "refine", int(recipe.refine["epochs"])))
+    threads = ["--threads", str(max(1, recipe.threads // stages)), "--no-progress"]
     coarse = _cspine("train-seg", "--data", str(cache), "--out", str(model), *_flags(recipe.coarse), *threads)
     refine = _cspine("train-seg", "--stage", "refine", "--data", str(cache), "--out", str(model / "refine"),
                      *_flags(recipe.refine), *threads)
@@ -215,6 +222,7 @@ def build(out: Path, recipe: ShippedRecipe | None = None, install_into: Path | N
     _generate(work, recipe.train_sets + recipe.heldout_sets, recipe.workers)
     timings["generate_and_prepare"] = round(time.perf_counter() - t, 1)
     cache = _union_cache(work, recipe.train_sets)
+    kept = {"kept_from": _keep_refine(model)} if recipe.keep_refine else {}
     timings["train"] = _train(cache, model, recipe)
     t = time.perf_counter()
     figures = _evaluate(work, model, recipe.heldout_sets)
@@ -223,7 +231,7 @@ def build(out: Path, recipe: ShippedRecipe | None = None, install_into: Path | N
         "recipe": asdict(recipe),
         "command": f"cspine build-segmenter --out {out}",
         "seconds": timings,
-        "stages": {"coarse": _stage_record(model), "refine": _stage_record(model / "refine")},
+        "stages": {"coarse": _stage_record(model), "refine": _stage_record(model / "refine") | kept},
         "heldout": figures,
         # what it trained on, so that anyone can check a study was not among them (the demo's test does)
         "train_uids": sorted(p.name for p in (cache / "train").iterdir()),
@@ -234,6 +242,28 @@ def build(out: Path, recipe: ShippedRecipe | None = None, install_into: Path | N
     if install_into is not None:
         install(model, install_into)
     return record
+
+
+def _keep_refine(model: Path, source: Path = SHIPPED_DIR) -> dict[str, Any]:
+    """Copy ``source``'s refinement stage into ``model/refine`` and return where it came from (the build that
+    trained it, from ``source``'s recipe.json); a resumed build keeps the copy and the record made with it."""
+    origin = model / "refine" / "kept_from.json"
+    if not origin.exists():
+        record = json.loads((source / "recipe.json").read_text()) if (source / "recipe.json").exists() else {}
+        refine = record.get("stages", {}).get("refine", {})
+        kept = refine.get("kept_from") or {
+            "command": record.get("command"),
+            "recipe": record.get("recipe"),
+            "stage": refine,
+        }
+        tmp = model / "refine.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source / "refine", tmp)
+        write_json(tmp / "kept_from.json", kept)
+        shutil.rmtree(model / "refine", ignore_errors=True)
+        model.mkdir(parents=True, exist_ok=True)
+        tmp.rename(model / "refine")
+    return json.loads(origin.read_text())
 
 
 def heldout_dice(record: dict[str, Any]) -> dict[str, float | None]:

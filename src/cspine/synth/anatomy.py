@@ -19,11 +19,12 @@ from cspine.synth.other_bones import other_bones
 from cspine.synth.parts import TISSUES, Anatomy, Part
 from cspine.synth.shapes import Body, Frame, Primitive, rot_x, rot_y, rot_z
 from cspine.synth.soft_tissue import soft_tissues
-from cspine.synth.vertebrae import LEVELS, atlas_c1, axis_c2, subaxial
+from cspine.synth.vertebrae import LEVELS, Junction, atlas_c1, axis_c2, subaxial
 from cspine.synth.wide import (
     LOWER_DISCS,
     LOWER_ORDER,
     couch_tubes,
+    draw_junction,
     head_parts,
     larynx_parts,
     lower_phis,
@@ -108,8 +109,12 @@ def build_anatomy(
         prev = (name, R)
     c2 = frames["C2"]
     hh2 = LEVELS["C2"][2] * s
+    junction = Junction()
+    if wide:
+        junction = draw_junction(rng)
+        params |= {"atlas_height": junction.lateral_mass[2], "dens_mm": junction.dens_mm}
     R1 = c2.R @ rot_x(rad(rng.uniform(-6, 6))) @ rot_z(rad(rng.normal(0, 2.0)))
-    frames["C1"] = Frame(c2.to_world((0.0, -1.5 * s, hh2 + 11.0 * s)), R1)
+    frames["C1"] = Frame(c2.to_world((0.0, -1.5 * s, hh2 + junction.lift_mm * s)), R1)
     Rs = R1 @ rot_x(rad(rng.uniform(-10, 8)))
     skull = Frame(frames["C1"].centre, Rs)
     # global pose: rotate about C5 and place in the scanner
@@ -177,15 +182,15 @@ def build_anatomy(
         fx = by_level.get(name, [])
         wedge = max((f.wedge for f in fx), default=0.0)
         if name == "C2":
-            prims, holes, _ = axis_c2(s, osteo.get(name, ()), wedge, bifid=wide)
+            prims, holes, _ = axis_c2(s, osteo.get(name, ()), wedge, bifid=wide, junction=junction)
         else:
             prims, holes = subaxial(name, s, osteo.get(name, ()), wedge)
         parts.append(bone(name, frames[name], prims, holes, LABEL_VALUES.get(name, 0)))
-    c1p, c1h = atlas_c1(s)
+    c1p, c1h = atlas_c1(s, junction)
     parts.append(bone("C1", frames["C1"], c1p, c1h, LABEL_VALUES["C1"]))
 
     # ---- other bones (mask 0): skull base, mandible, hyoid, first ribs, clavicles
-    fm_w = 15.0 * s  # foramen magnum height above the atlas centre
+    fm_w = junction.foramen_mm * s  # foramen magnum height above the atlas centre
     jaw = float(rng.uniform(-8, 6)) * s  # mouth opening / head posture moves the mandible
     jaw_frame, hyoid_frame = frames["C2"], frames["C3"]
     if wide:  # the mandible hangs from the skull, not from C2, and the hyoid from the mandible and larynx
@@ -194,7 +199,9 @@ def build_anatomy(
     parts += other_bones(frames, skull, s, fm_w, jaw, cortical, cancellous, cortical_mm, jaw_frame, hyoid_frame)
     metal: list[tuple[float, float, float]] = []
     if wide:
-        head, metal, head_params = head_parts(rng, skull, jaw_frame, s, jaw, fm_w, cortical, cancellous, cortical_mm)
+        head, metal, head_params = head_parts(
+            rng, skull, jaw_frame, s, jaw, fm_w, cortical, cancellous, cortical_mm, 6.5 * junction.lateral_mass[2]
+        )
         params |= head_params
         parts = head[:1] + parts + head[1:]  # the brain first: bone paints over it
         parts += larynx_parts(rng, frames, s) + rib_parts(frames, s, cortical, cancellous, cortical_mm)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from cspine.synth.shapes import Bar, Body, Ellipsoid, Primitive
 
@@ -38,6 +39,25 @@ LEVELS: dict[str, tuple[float, float, float, float, float]] = {
     "L3": (23.0, 17.5, 13.5, 28.0, 36.0),
 }
 CANAL_HALF = (12.0, 7.5)  # canal half-width, half-depth (cervical)
+
+
+@dataclass(frozen=True)
+class Junction:
+    """Proportions of the atlas and the axis, as factors on the adult mean (1.0) unless named in mm.
+
+    The default profile keeps the mean; the wide profile draws them (:func:`cspine.synth.wide.draw_junction`), so
+    that the atlas has to be told by its place on C2 and under the skull, not by one fixed look.
+    """
+
+    lateral_mass: tuple[float, float, float] = (1.0, 1.0, 1.0)  # C1's lateral masses: width, depth, height
+    ring: float = 1.0  # C1's ring about the dens axis
+    anterior_arch: float = 1.0  # thickness of C1's anterior arch and tubercle
+    posterior_arch: float = 1.0  # thickness of C1's posterior arch and tubercle
+    transverse: float = 1.0  # reach of C1's transverse processes
+    lift_mm: float = 11.0  # C1's centre above the top of C2's body
+    dens_mm: float = 16.0  # the dens's height above C2's body
+    dens_width: float = 1.0
+    foramen_mm: float = 15.0  # the foramen magnum above C1's centre
 
 
 def canal_v(name: str, s: float) -> float:
@@ -133,6 +153,7 @@ def axis_c2(
     wedge: float = 0.0,
     dens_shift: tuple[float, float, float] | None = None,
     bifid: bool = False,
+    junction: Junction = Junction(),
 ) -> tuple[list[Primitive], list[Primitive], float]:
     """C2: body, dens rising into the atlas, superior facets, pedicles, laminae, large spinous process (with
     ``bifid``, its two tubercles: the wide profile; the default profile keeps its single knob).
@@ -140,12 +161,12 @@ def axis_c2(
     Returns (prims, holes, dens_top_w)."""
     prims, holes = subaxial("C2", s, osteophytes, wedge)
     _ru, _rv, hh, _, _ = (x * s for x in LEVELS["C2"])
-    dens_h = 16.0 * s
+    dens_h = junction.dens_mm * s
     prims.append(
         Bar(
             (0.0, -1.5 * s, hh + dens_h / 2 - 1.0 * s),
             (0.0, -1.5 * s, hh + dens_h / 2 - 1.0 * s),
-            4.7 * s,
+            4.7 * s * junction.dens_width,
             dens_h / 2 + 1.0 * s,
             round=3.5 * s,
         )
@@ -161,27 +182,35 @@ def axis_c2(
     return prims, holes, hh + dens_h
 
 
-def atlas_c1(s: float) -> tuple[list[Primitive], list[Primitive]]:
+def atlas_c1(s: float, junction: Junction = Junction()) -> tuple[list[Primitive], list[Primitive]]:
     """C1: a ring with two lateral masses and no body; anterior arch in front of the dens, posterior arch
-    around the canal, long transverse processes with foramina. Origin on the dens axis."""
+    around the canal, long transverse processes with foramina. Origin on the dens axis. ``junction`` sizes its
+    parts; each grows outwards, so the gaps to the dens stay as they are."""
+    j = junction
+    lu, lv, lw = j.lateral_mass
+    a, p, r = j.anterior_arch, j.posterior_arch, j.ring
+    front = 2.4 * (a - 1.0)  # a thicker anterior arch grows forwards, off the dens
     prims: list[Primitive] = []
     holes: list[Primitive] = []
-    prims.append(Ellipsoid((0.0, -10.3 * s, 0.0), (4.2 * s, 2.8 * s, 5.2 * s)))  # anterior tubercle
-    prims.append(Ellipsoid((0.0, 31.0 * s, -1.0 * s), (4.0 * s, 3.5 * s, 4.8 * s)))  # posterior tubercle
+    prims.append(Ellipsoid((0.0, (-10.3 * r - front) * s, 0.0), (4.2 * s * a, 2.8 * s * a, 5.2 * s * a)))  # tubercles
+    prims.append(Ellipsoid((0.0, 31.0 * r * s, -1.0 * s), (4.0 * s * p, 3.5 * s * p, 4.8 * s * p)))
     for side in (-1.0, 1.0):
-        prims.append(Ellipsoid((side * 13.0 * s, 3.5 * s, 0.0), (6.5 * s, 9.5 * s, 6.5 * s)))  # lateral mass
-        pts_a = [(side * 11.0, -3.5), (side * 6.5, -8.5), (0.0, -10.0)]
-        for p, q in itertools.pairwise(pts_a):  # anterior arch
-            prims.append(Bar((p[0] * s, p[1] * s, 0.0), (q[0] * s, q[1] * s, 0.0), 2.4 * s, 4.2 * s, round=1.0))
-        pts_p = [(side * 12.0, 10.0), (side * 12.5, 19.0), (side * 8.0, 27.5), (0.0, 30.0)]
-        for p, q in itertools.pairwise(pts_p):  # posterior arch
+        mass_u = side * (6.5 + 6.5 * lu)  # its inner face stays 6.5 mm from the dens axis
+        prims.append(Ellipsoid((mass_u * s, 3.5 * s, 0.0), (6.5 * s * lu, 9.5 * s * lv, 6.5 * s * lw)))  # lateral mass
+        pts_a = [(side * 11.0 * r, -3.5 * r - front), (side * 6.5 * r, -8.5 * r - front), (0.0, -10.0 * r - front)]
+        for p0, q in itertools.pairwise(pts_a):  # anterior arch
             prims.append(
-                Bar((p[0] * s, p[1] * s, -0.5 * s), (q[0] * s, q[1] * s, -1.0 * s), 2.6 * s, 3.4 * s, round=1.0)
+                Bar((p0[0] * s, p0[1] * s, 0.0), (q[0] * s, q[1] * s, 0.0), 2.4 * s * a, 4.2 * s * a, round=1.0)
+            )
+        pts_p = [(side * 12.0 * r, 10.0 * r), (side * 12.5 * r, 19.0 * r), (side * 8.0 * r, 27.5 * r), (0.0, 30.0 * r)]
+        for p0, q in itertools.pairwise(pts_p):  # posterior arch
+            prims.append(
+                Bar((p0[0] * s, p0[1] * s, -0.5 * s), (q[0] * s, q[1] * s, -1.0 * s), 2.6 * s * p, 3.4 * s * p, round=1)
             )
         prims.append(
             Bar(
                 (side * 17.0 * s, 3.5 * s, 0.0),
-                (side * 33.0 * s, 4.5 * s, 0.0),
+                (side * (17.0 + 16.0 * j.transverse) * s, 4.5 * s, 0.0),
                 4.2 * s,
                 3.8 * s,
                 r2=3.4 * s,

@@ -18,7 +18,7 @@ import numpy as np
 
 from cspine.synth.parts import TISSUES, Part, Tube
 from cspine.synth.shapes import Bar, Body, Ellipsoid, Frame, Primitive, Shell
-from cspine.synth.vertebrae import rib_bars
+from cspine.synth.vertebrae import Junction, rib_bars
 
 #: Levels below T2, built bottom-up before the default chain (L1-L3 are drawn but carry mask value 0).
 LOWER_ORDER: tuple[str, ...] = ("L3", "L2", "L1", "T12", "T11", "T10", "T9", "T8", "T7", "T6", "T5", "T4", "T3")
@@ -58,10 +58,12 @@ def head_parts(
     cortical: float,
     cancellous: float,
     cortical_mm: float,
+    atlas_top: float = 6.5,
 ) -> tuple[list[Part], list[tuple[float, float, float]], dict[str, float]]:
     """Brain, calvarium, palate, skull base (petrous bones, jugular processes, clivus, mastoids, sphenoid sinus, the
-    foramen magnum's ring, random bony blobs), upper and lower teeth (some with metal). Returns (parts, metal
-    points, params)."""
+    foramen magnum's ring, random bony blobs), upper and lower teeth (some with metal). ``atlas_top``: the top of
+    C1's lateral masses above its centre (mm, unscaled), where the condyles sit. Returns (parts, metal points,
+    params)."""
     size = float(rng.uniform(0.93, 1.07))
     c = (0.0, 10.0 * s, fm_w + 62.0 * s)
     r = (68.0 * s * size, 88.0 * s * size, 70.0 * s * size)
@@ -123,9 +125,7 @@ def head_parts(
         Bar((0.0, -1.0 * s, fm_w + 3.0 * s), (0.0, -25.0 * s, fm_w + 32.0 * s), 12.0 * s * base, 7.0 * s, r2=9.0 * s)
     )
     density = float(rng.uniform(1.15, 1.6))
-    parts.append(
-        Part("skull base", skull, base_bones, [], 0, cortical * density, cancellous * 3.0, cortical_mm * 2.5)
-    )
+    parts.append(Part("skull base", skull, base_bones, [], 0, cortical * density, cancellous * 3.0, cortical_mm * 2.5))
     # Mastoid processes: wide, with their tips beside C1's transverse processes, a cortical shell around air cells
     # (pneumatised to a random degree, which at a few mm reads anywhere from air to mottled bone).
     air_cells = float(rng.uniform(-700.0, 400.0))
@@ -135,8 +135,17 @@ def head_parts(
     ]
     parts.append(Part("mastoids", skull, mastoid, [], 0, cortical * 1.2, air_cells, 2.0 * s))
     parts.append(  # the sphenoid sinus in front of the clivus
-        Part("sphenoid sinus", skull, [Ellipsoid((0.0, -36.0 * s, fm_w + 34.0 * s), (13.0 * s, 10.0 * s, 10.0 * s))],
-             [], 0, -950.0, -950.0, 0.0, tissue=TISSUES["airway"])
+        Part(
+            "sphenoid sinus",
+            skull,
+            [Ellipsoid((0.0, -36.0 * s, fm_w + 34.0 * s), (13.0 * s, 10.0 * s, 10.0 * s))],
+            [],
+            0,
+            -950.0,
+            -950.0,
+            0.0,
+            tissue=TISSUES["airway"],
+        )
     )
     # The occipital bone closes a ring around the foramen magnum, with the condyles below its front half: on an
     # axial slice a ring over the atlas, as on real CT.
@@ -144,12 +153,13 @@ def head_parts(
     rim: list[Primitive] = [
         Body((0.0, 14.5 * s, fm_w + 4.0 * s), 22.0 * s * ring, 25.0 * s * ring, rim_h * s, round=3.0)
     ]
-    rim += [Ellipsoid((side * 13.0 * s, 4.0 * s, 12.5 * s), (8.0 * s, 12.0 * s, 5.0 * s)) for side in (-1.0, 1.0)]
+    condyle_w = (atlas_top + 6.0) * s
+    rim += [Ellipsoid((side * 13.0 * s, 4.0 * s, condyle_w), (8.0 * s, 12.0 * s, 5.0 * s)) for side in (-1.0, 1.0)]
     fm_hole = Body((0.0, 14.5 * s, fm_w + 4.0 * s), 15.0 * s, 17.5 * s, rim_h * s + 2.0, round=2.0)
     parts.append(
         Part("foramen magnum rim", skull, rim, [fm_hole], 0, cortical * 1.05, cancellous * 1.4, cortical_mm * 1.4)
     )
-    parts += skull_base_clutter(rng, skull, s, fm_w, cortical, cortical_mm)
+    parts += skull_base_clutter(rng, skull, s, fm_w, cortical, cortical_mm, atlas_top)
     enamel = float(rng.uniform(1800, 2600))
     upper = _arch([(25.0, -46.0), (21.0, -60.0), (12.0, -69.0), (0.0, -72.0)], 7)
     lower = _arch([(41.0, -46.0), (26.0, -68.0), (0.0, -76.0)], 7)
@@ -178,7 +188,13 @@ def head_parts(
 
 
 def skull_base_clutter(
-    rng: np.random.Generator, skull: Frame, s: float, fm_w: float, cortical: float, cortical_mm: float
+    rng: np.random.Generator,
+    skull: Frame,
+    s: float,
+    fm_w: float,
+    cortical: float,
+    cortical_mm: float,
+    atlas_top: float = 6.5,
 ) -> list[Part]:
     """3-10 bony blobs of random size, place and density in the skull base, above the atlas and off the foramen
     magnum (and beside C1's transverse processes, where the mastoid tips reach down).
@@ -193,13 +209,37 @@ def skull_base_clutter(
         u, v = float(rng.uniform(-58.0, 58.0)), float(rng.uniform(-32.0, 32.0))
         if math.hypot(u, v - 14.5) < 17.0 + max(r[0], r[1]):
             continue  # the foramen magnum stays open
-        floor = -8.0 if abs(u) - r[0] > 42.0 else 11.0  # above the atlas, lower only beside its transverse processes
+        # above the atlas, lower only beside its transverse processes
+        floor = -8.0 if abs(u) - r[0] > 42.0 else atlas_top + 4.5
         w = float(rng.uniform(floor + r[2], fm_w / s + 35.0))
         blobs.append(Ellipsoid((u * s, v * s, w * s), (r[0] * s, r[1] * s, r[2] * s)))
     dense, inner = float(rng.uniform(0.7, 1.5)), float(rng.uniform(150.0, 1000.0))
     if not blobs:
         return []
     return [Part("skull base clutter", skull, blobs, [], 0, cortical * dense, inner, cortical_mm * 2.0)]
+
+
+def draw_junction(rng: np.random.Generator) -> Junction:
+    """Atlas and axis proportions drawn well beyond the adult mean: lateral masses 0.8-1.6 x as tall (the
+    foramen magnum and the condyles rise with them), arches 0.55-1.6 x as thick, the dens 2-8 mm above the
+    atlas's centre.
+
+    Why: on a real neck at 3-5 mm the generated-data segmenter named the atlas "C2" (docs/real_ct.md); one fixed
+    atlas lets it learn the atlas's look, a varied one only its place (SynthSeg's lesson).
+    """
+    height = float(rng.uniform(0.8, 1.6))
+    lift = 6.5 * height + float(rng.uniform(3.5, 6.0))  # the C1-C2 joint stays 1.5-4 mm open
+    return Junction(
+        lateral_mass=(float(rng.uniform(0.85, 1.35)), float(rng.uniform(0.85, 1.3)), height),
+        ring=float(rng.uniform(0.92, 1.15)),
+        anterior_arch=float(rng.uniform(0.8, 1.6)),
+        posterior_arch=float(rng.uniform(0.55, 1.5)),
+        transverse=float(rng.uniform(0.7, 1.25)),
+        lift_mm=lift,
+        dens_mm=lift + float(rng.uniform(2.0, 8.0)),
+        dens_width=float(rng.uniform(0.85, 1.2)),
+        foramen_mm=6.5 * height + float(rng.uniform(6.0, 11.0)),
+    )
 
 
 def shifted(frame: Frame, up: float, forward: float = 0.0) -> Frame:
