@@ -3,10 +3,10 @@
 ``cspine build-segmenter --out DIR`` generates its training data (tight cervical scans and wide fields of view,
 head to abdomen), prepares them, trains the coarse stage (and the refinement stage beside it, unless the recipe
 keeps the installed one) with domain randomisation, scores the result on held-out generated studies of fresh seeds,
-and writes ``DIR/model`` (a model
-directory: the coarse stage with ``refine/``) and ``DIR/model/recipe.json`` (this recipe, seeds, steps, times,
-figures). ``--install`` copies the model into the package (:data:`SHIPPED_DIR`), where ``cspine segment``,
-``predict`` and the demo find it when no ``--model`` is given. Rerunning the command resumes every stage.
+and writes ``DIR/model`` (a model directory: the coarse stage with ``refine/``) and ``DIR/model/recipe.json`` (this
+recipe, seeds, steps, times, figures). ``--install`` copies the model into the package (:data:`SHIPPED_DIR`),
+where ``cspine segment``, ``predict`` and the demo find it when no ``--model`` is given. Rerunning the command
+resumes every stage.
 
 Seeds of the training and held-out sets are disjoint from the demo's (seed 0) and from the held-out sets the
 README's figures use, so no figure is measured on a study the shipped segmenter trained on.

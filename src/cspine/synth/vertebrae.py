@@ -204,9 +204,8 @@ def atlas_c1(s: float, junction: Junction = Junction()) -> tuple[list[Primitive]
             )
         pts_p = [(side * 12.0 * r, 10.0 * r), (side * 12.5 * r, 19.0 * r), (side * 8.0 * r, 27.5 * r), (0.0, 30.0 * r)]
         for p0, q in itertools.pairwise(pts_p):  # posterior arch
-            prims.append(
-                Bar((p0[0] * s, p0[1] * s, -0.5 * s), (q[0] * s, q[1] * s, -1.0 * s), 2.6 * s * p, 3.4 * s * p, round=1)
-            )
+            w0, w1 = -0.5 * s, -1.0 * s
+            prims.append(Bar((p0[0] * s, p0[1] * s, w0), (q[0] * s, q[1] * s, w1), 2.6 * s * p, 3.4 * s * p, round=1.0))
         prims.append(
             Bar(
                 (side * 17.0 * s, 3.5 * s, 0.0),

@@ -224,8 +224,9 @@ def draw_junction(rng: np.random.Generator) -> Junction:
     foramen magnum and the condyles rise with them), arches 0.55-1.6 x as thick, the dens 2-8 mm above the
     atlas's centre.
 
-    Why: on a real neck at 3-5 mm the generated-data segmenter named the atlas "C2" (docs/real_ct.md); one fixed
-    atlas lets it learn the atlas's look, a varied one only its place (SynthSeg's lesson).
+    Why: on a real neck at 3-5 mm the generated-data segmenter named the atlas "C2"; one fixed atlas lets it learn
+    the atlas's look, a varied one only its place (SynthSeg's lesson). Alone it did not move that real neck's
+    names (docs/real_ct.md, session 19).
     """
     height = float(rng.uniform(0.8, 1.6))
     lift = 6.5 * height + float(rng.uniform(3.5, 6.0))  # the C1-C2 joint stays 1.5-4 mm open
