@@ -43,6 +43,9 @@ def test_record_says_how_to_rebuild_it_and_what_it_scored() -> None:
     assert 0 not in seeds and len(seeds) == len(recipe["train_sets"]) + len(recipe["heldout_sets"])
     assert set(record["heldout"]) == {s["name"] for s in recipe["heldout_sets"]}
     assert record["stages"]["coarse"]["train_seconds"] > 0 and record["stages"]["refine"]["steps"] > 0
+    if recipe.get("keep_refine"):  # a kept refinement stage names the build that trained it
+        kept = record["stages"]["refine"]["kept_from"]
+        assert kept["command"].startswith("cspine build-segmenter") and kept["stage"]["steps"] > 0
     size = sum(p.stat().st_size for p in SHIPPED_DIR.rglob("*") if p.is_file())
     assert size < 40e6, f"the shipped segmenter is {size / 1e6:.0f} MB"
 

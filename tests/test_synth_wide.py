@@ -142,7 +142,7 @@ def test_skull_base_clutter_stays_off_the_atlas_and_the_foramen_magnum() -> None
         rng = np.random.default_rng(seed)
         junction = draw_junction(rng)
         atlas, _ = atlas_c1(1.0, junction)
-        top = 6.5 * junction.lateral_mass[2]
+        top = junction.atlas_top
         for part in skull_base_clutter(rng, Frame(np.zeros(3), np.eye(3)), 1.0, junction.foramen_mm, 1e3, 1.0, top):
             for blob in part.prims:
                 pts = _inside(blob, 9)

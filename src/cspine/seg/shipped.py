@@ -128,18 +128,20 @@ def _train(cache: Path, model: Path, recipe: ShippedRecipe) -> dict[str, float]:
     """The stages not yet trained, at once, one process each (they train independently; the refinement stage learns
     vertebra vs background from the true masks)."""
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    stages = 1 + (not _finished(model / "refine", int(recipe.refine["epochs"])))
-    threads = ["--threads", str(max(1, recipe.threads // stages)), "--no-progress"]
-    coarse = _cspine("train-seg", "--data", str(cache), "--out", str(model), *_flags(recipe.coarse), *threads)
-    refine = _cspine("train-seg", "--stage", "refine", "--data", str(cache), "--out", str(model / "refine"),
-                     *_flags(recipe.refine), *threads)
-    phases = {  # per stage: (directory, epochs it ends at, command), run in order
-        "coarse": [(model, int(recipe.coarse["epochs"]), coarse)]
-        + [(model, n, [*coarse, "--epochs", str(n)]) for n in recipe.coarse_continue_to],
-        "refine": [(model / "refine", int(recipe.refine["epochs"]), refine)],
+    commands = {
+        "coarse": _cspine("train-seg", "--data", str(cache), "--out", str(model), *_flags(recipe.coarse)),
+        "refine": _cspine("train-seg", "--stage", "refine", "--data", str(cache), "--out", str(model / "refine"),
+                          *_flags(recipe.refine)),
+    }
+    phases = {  # per stage: (directory, epochs it ends at, extra arguments), run in order
+        "coarse": [(model, int(recipe.coarse["epochs"]), [])]
+        + [(model, n, ["--epochs", str(n)]) for n in recipe.coarse_continue_to],
+        "refine": [(model / "refine", int(recipe.refine["epochs"]), [])],
     }
     model.mkdir(parents=True, exist_ok=True)
-    todo = {name: [cmd for stage, n, cmd in runs if not _finished(stage, n)] for name, runs in phases.items()}
+    left = {name: [extra for stage, n, extra in runs if not _finished(stage, n)] for name, runs in phases.items()}
+    threads = ["--threads", str(max(1, recipe.threads // max(1, sum(map(bool, left.values()))))), "--no-progress"]
+    todo = {name: [[*commands[name], *threads, *extra] for extra in runs] for name, runs in left.items()}
     t0 = time.perf_counter()
     procs: dict[str, subprocess.Popen[bytes]] = {}
     seconds: dict[str, float] = {}
@@ -261,7 +263,6 @@ def _keep_refine(model: Path, source: Path = SHIPPED_DIR) -> dict[str, Any]:
         shutil.copytree(source / "refine", tmp)
         write_json(tmp / "kept_from.json", kept)
         shutil.rmtree(model / "refine", ignore_errors=True)
-        model.mkdir(parents=True, exist_ok=True)
         tmp.rename(model / "refine")
     return json.loads(origin.read_text())
 

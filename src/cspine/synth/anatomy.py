@@ -200,7 +200,7 @@ def build_anatomy(
     metal: list[tuple[float, float, float]] = []
     if wide:
         head, metal, head_params = head_parts(
-            rng, skull, jaw_frame, s, jaw, fm_w, cortical, cancellous, cortical_mm, 6.5 * junction.lateral_mass[2]
+            rng, skull, jaw_frame, s, jaw, fm_w, cortical, cancellous, cortical_mm, junction.atlas_top
         )
         params |= head_params
         parts = head[:1] + parts + head[1:]  # the brain first: bone paints over it

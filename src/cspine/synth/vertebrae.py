@@ -39,6 +39,7 @@ LEVELS: dict[str, tuple[float, float, float, float, float]] = {
     "L3": (23.0, 17.5, 13.5, 28.0, 36.0),
 }
 CANAL_HALF = (12.0, 7.5)  # canal half-width, half-depth (cervical)
+C1_MASS_HALF_HEIGHT = 6.5  # C1's lateral masses reach this far above and below its centre (mm, adult mean)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,11 @@ class Junction:
     dens_mm: float = 16.0  # the dens's height above C2's body
     dens_width: float = 1.0
     foramen_mm: float = 15.0  # the foramen magnum above C1's centre
+
+    @property
+    def atlas_top(self) -> float:
+        """The top of C1's lateral masses above its centre (mm, unscaled): where the condyles sit."""
+        return C1_MASS_HALF_HEIGHT * self.lateral_mass[2]
 
 
 def canal_v(name: str, s: float) -> float:
@@ -196,7 +202,8 @@ def atlas_c1(s: float, junction: Junction = Junction()) -> tuple[list[Primitive]
     prims.append(Ellipsoid((0.0, 31.0 * r * s, -1.0 * s), (4.0 * s * p, 3.5 * s * p, 4.8 * s * p)))
     for side in (-1.0, 1.0):
         mass_u = side * (6.5 + 6.5 * lu)  # its inner face stays 6.5 mm from the dens axis
-        prims.append(Ellipsoid((mass_u * s, 3.5 * s, 0.0), (6.5 * s * lu, 9.5 * s * lv, 6.5 * s * lw)))  # lateral mass
+        mass_r = (6.5 * s * lu, 9.5 * s * lv, C1_MASS_HALF_HEIGHT * s * lw)
+        prims.append(Ellipsoid((mass_u * s, 3.5 * s, 0.0), mass_r))  # lateral mass
         pts_a = [(side * 11.0 * r, -3.5 * r - front), (side * 6.5 * r, -8.5 * r - front), (0.0, -10.0 * r - front)]
         for p0, q in itertools.pairwise(pts_a):  # anterior arch
             prims.append(

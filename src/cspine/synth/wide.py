@@ -18,7 +18,7 @@ import numpy as np
 
 from cspine.synth.parts import TISSUES, Part, Tube
 from cspine.synth.shapes import Bar, Body, Ellipsoid, Frame, Primitive, Shell
-from cspine.synth.vertebrae import Junction, rib_bars
+from cspine.synth.vertebrae import C1_MASS_HALF_HEIGHT, Junction, rib_bars
 
 #: Levels below T2, built bottom-up before the default chain (L1-L3 are drawn but carry mask value 0).
 LOWER_ORDER: tuple[str, ...] = ("L3", "L2", "L1", "T12", "T11", "T10", "T9", "T8", "T7", "T6", "T5", "T4", "T3")
@@ -58,7 +58,7 @@ def head_parts(
     cortical: float,
     cancellous: float,
     cortical_mm: float,
-    atlas_top: float = 6.5,
+    atlas_top: float = C1_MASS_HALF_HEIGHT,
 ) -> tuple[list[Part], list[tuple[float, float, float]], dict[str, float]]:
     """Brain, calvarium, palate, skull base (petrous bones, jugular processes, clivus, mastoids, sphenoid sinus, the
     foramen magnum's ring, random bony blobs), upper and lower teeth (some with metal). ``atlas_top``: the top of
@@ -194,7 +194,7 @@ def skull_base_clutter(
     fm_w: float,
     cortical: float,
     cortical_mm: float,
-    atlas_top: float = 6.5,
+    atlas_top: float = C1_MASS_HALF_HEIGHT,
 ) -> list[Part]:
     """3-10 bony blobs of random size, place and density in the skull base, above the atlas and off the foramen
     magnum (and beside C1's transverse processes, where the mastoid tips reach down).
@@ -229,7 +229,7 @@ def draw_junction(rng: np.random.Generator) -> Junction:
     names (docs/real_ct.md, session 19).
     """
     height = float(rng.uniform(0.8, 1.6))
-    lift = 6.5 * height + float(rng.uniform(3.5, 6.0))  # the C1-C2 joint stays 1.5-4 mm open
+    lift = C1_MASS_HALF_HEIGHT * height + float(rng.uniform(3.5, 6.0))  # the C1-C2 joint stays 1.5-4 mm open
     return Junction(
         lateral_mass=(float(rng.uniform(0.85, 1.35)), float(rng.uniform(0.85, 1.3)), height),
         ring=float(rng.uniform(0.92, 1.15)),
@@ -239,7 +239,7 @@ def draw_junction(rng: np.random.Generator) -> Junction:
         lift_mm=lift,
         dens_mm=lift + float(rng.uniform(2.0, 8.0)),
         dens_width=float(rng.uniform(0.85, 1.2)),
-        foramen_mm=6.5 * height + float(rng.uniform(6.0, 11.0)),
+        foramen_mm=C1_MASS_HALF_HEIGHT * height + float(rng.uniform(6.0, 11.0)),
     )
 
 
