@@ -179,8 +179,8 @@ def test_openkbp_neck_upper_levels_in_order_on_the_cord(openkbp: tuple[dict, dic
     assert abs(contours["Brainstem"][:, 2].min() - z[0]) <= 25
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13: on OpenKBP pt2 the atlas is labelled C2 and every level below one "
-                   "too low; the label C1 lies on the skull base, 20 mm above the foramen magnum")
+@pytest.mark.xfail(strict=True, reason="issue 13: on OpenKBP pt2 the atlas is labelled C2 and the label C1 lies on "
+                   "the skull base, 20 mm above the foramen magnum (docs/real_ct.md: two readings of the levels below)")
 def test_openkbp_neck_meets_the_issue_targets(openkbp: tuple[dict, dict[str, np.ndarray]]) -> None:
     found, contours = openkbp
     assert list(found) == LEVELS, f"found {list(found)}"

@@ -229,7 +229,8 @@ def draw_junction(rng: np.random.Generator) -> Junction:
     names (docs/real_ct.md, session 19).
     """
     height = float(rng.uniform(0.8, 1.6))
-    lift = C1_MASS_HALF_HEIGHT * height + float(rng.uniform(3.5, 6.0))  # the C1-C2 joint stays 1.5-4 mm open
+    top = C1_MASS_HALF_HEIGHT * height  # the lateral masses' top above C1's centre: Junction.atlas_top
+    lift = top + float(rng.uniform(3.5, 6.0))  # the C1-C2 joint stays 1.5-4 mm open
     return Junction(
         lateral_mass=(float(rng.uniform(0.85, 1.35)), float(rng.uniform(0.85, 1.3)), height),
         ring=float(rng.uniform(0.92, 1.15)),
@@ -239,7 +240,7 @@ def draw_junction(rng: np.random.Generator) -> Junction:
         lift_mm=lift,
         dens_mm=lift + float(rng.uniform(2.0, 8.0)),
         dens_width=float(rng.uniform(0.85, 1.2)),
-        foramen_mm=C1_MASS_HALF_HEIGHT * height + float(rng.uniform(6.0, 11.0)),
+        foramen_mm=top + float(rng.uniform(6.0, 11.0)),
     )
 
 
