@@ -24,6 +24,7 @@ from torch import nn
 
 from cspine.io import load_study
 from cspine.io.volume import Volume
+from cspine.metrics import dice
 from cspine.seg.infer import SegModel, load_model, segment_volume
 from cspine.seg.models import get_spec
 from cspine.synth import generate_study
@@ -68,12 +69,9 @@ def agrees(a: dict[str, tuple[float, float]], b: dict[str, tuple[float, float]])
     return set(a) == set(b) and all(abs(a[n][0] - b[n][0]) <= HALF_VERTEBRA_MM for n in a)
 
 
-def dice(mask: np.ndarray, truth: np.ndarray) -> float:
-    scores = [
-        2.0 * float(((mask == v) & (truth == v)).sum()) / float((mask == v).sum() + (truth == v).sum())
-        for v in range(1, 8)
-        if (mask == v).any() or (truth == v).any()
-    ]
+def mean_dice(mask: np.ndarray, truth: np.ndarray) -> float:
+    """Mean Dice over C1..C7 where the level is in either mask (nan when in neither)."""
+    scores = [d for v in range(1, 8) if (d := dice(mask, truth, v)) is not None]
     return float(np.mean(scores)) if scores else float("nan")
 
 
@@ -86,7 +84,7 @@ def report(name: str, vol: Volume, model: SegModel, phases: list[int], truth: np
         first = found if first is None else first
         same += agrees(found, first)
         text = ", ".join(f"{n} {z:.0f} ({ml:.1f})" for n, (z, ml) in found.items()) or "none"
-        extra = f"  Dice {dice(mask, truth):.3f}" if truth is not None else ""
+        extra = f"  Dice {mean_dice(mask, truth):.3f}" if truth is not None else ""
         print(f"  phase {k:2d}: {text}{extra}", flush=True)
     print(f"  {same}/{len(phases)} phases name the levels as phase {phases[0]} does")
     return {"study": name, "same": same, "phases": len(phases)}
@@ -105,13 +103,14 @@ def main() -> None:
     model = load_model(args.model, "cpu")
     phases = [int(p) for p in args.phases.split(",")]
     rows = [report(str(p), load_study(p, hu_offset=args.hu_offset), model, phases, None) for p in args.studies]
-    index = 0
-    while sum(1 for r in rows if r["study"].startswith("generated")) < args.generated:
+    index, generated = 0, 0
+    while generated < args.generated:
         s = generate_study(1203, "small", index, profile="wide")
-        index += 1
         if s.mask.max():
-            name = f"generated wide 1203/{index - 1} ({s.extra.get('fov')})"
+            name = f"generated wide 1203/{index} ({s.extra.get('fov')})"
             rows.append(report(name, s.volume, model, phases, s.mask))
+            generated += 1
+        index += 1
     print("\n| study | phases naming the levels as phase 0 |\n|---|---|")
     for r in rows:
         print(f"| {r['study']} | {r['same']}/{r['phases']} |")
