@@ -48,6 +48,7 @@ from cspine.seg.data import (
     study_box,
     to_model_grid,
 )
+from cspine.seg.naming import NamingConfig, name_levels
 from cspine.seg.postprocess import clean_box, describe, label_box
 from cspine.seg.presence import SPINE_ABSENT, SPINE_PRESENT, PresenceConfig, check_presence
 
@@ -77,6 +78,8 @@ class InferConfig:
         refine_gate: a voxel the refinement stage calls vertebra stays background where the coarse background
             logit beats the best vertebra logit by more than this (a guard against other bones far from the
             spine; the value chosen: docs/segmentation.md, Measured).
+        naming: name the levels by anatomy (:mod:`cspine.seg.naming`: the first vertebra under the cranial cavity
+            is C1, the one under C6 is C7); None keeps the network's names.
         body_margin_mm: the coarse stage runs on the box of the non-air voxels plus this margin (the rest is air,
             which the network reads as the zeros it pads with); None runs it on the whole grid.
     """
@@ -94,6 +97,7 @@ class InferConfig:
     body_margin_mm: float | None = 16.0
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     presence: PresenceConfig | None = field(default_factory=PresenceConfig)
+    naming: NamingConfig | None = field(default_factory=NamingConfig)
 
 
 @dataclass
@@ -352,8 +356,9 @@ def segment_volume(vol: Volume, model: SegModel | str | Path, cfg: InferConfig |
 def finish_labels(mask: np.ndarray, vol: Volume, cfg: InferConfig | None = None) -> SegResult:
     """Any C1..C7 label map on ``vol``'s grid (a network's, TotalSegmentator's, a user's) -> cleaned and described.
 
-    Post-processing (one piece per vertebra, cranio-caudal order, specks), the anatomical checks of
-    :mod:`cspine.seg.presence` (unless ``cfg.presence`` is None), then the per-vertebra description.
+    Post-processing (one piece per vertebra, cranio-caudal order, specks), the names checked against the anatomy
+    (:mod:`cspine.seg.naming`, unless ``cfg.naming`` is None), the anatomical checks of :mod:`cspine.seg.presence`
+    (unless ``cfg.presence`` is None), then the per-vertebra description.
     """
     cfg = cfg or InferConfig()
     t = time.perf_counter()
@@ -370,6 +375,11 @@ def finish_labels(mask: np.ndarray, vol: Volume, cfg: InferConfig | None = None)
         out[box] = mask[box]
         origin = tuple(s.start for s in box)
         changes, cleanup, objects = clean_box(out[box], vol.affine, origin, cfg.postprocess)
+        if cfg.naming is not None:
+            renamed = name_levels(out, vol, cfg.naming, box)
+            if renamed:
+                changes += renamed
+                objects = None  # labels moved: describe finds the boxes again
         if cfg.presence is not None:
             view = out[box]
             sub, presence, dropped = check_presence(view, _box_volume(vol, box), cfg.presence)
