@@ -89,15 +89,18 @@ def neck() -> SynthStudy:
     return st
 
 
-def test_the_vertebra_under_c6_is_c7(neck: SynthStudy) -> None:
-    """C1..C6 named right, C7 and the thoracic vertebrae "other" (the network at some of its grid phases on
-    OpenKBP pt2): C7 is taken from "other", T1 stays "other"."""
+@pytest.mark.parametrize("c7_on", [0, 9])
+def test_the_vertebra_under_c6_is_c7(neck: SynthStudy, c7_on: int) -> None:
+    """C1..C6 named right, C7 and the thoracic vertebrae "other", and "C7" put on nothing or on T2 (the network at
+    some of its grid phases on OpenKBP pt2): C7 is taken from "other" under C6, T1 and T2 stay "other"."""
     truth = neck.mask
     mask = np.where(truth >= 7, OTHER_VALUE, truth).astype(np.uint8)
+    if c7_on:
+        mask[truth == c7_on] = 7
     changes = name_levels(mask, neck.volume)
-    assert len(changes) == 1 and changes[0].startswith("C7 taken from"), changes
+    assert len(changes) == (2 if c7_on else 1) and changes[-1].startswith("C7 taken from"), changes
     assert dice(mask, truth, 7) > 0.9
-    assert (mask[truth == 8] == OTHER_VALUE).mean() > 0.9
+    assert (mask[(truth == 8) | (truth == 9)] == OTHER_VALUE).mean() > 0.9
     assert np.array_equal(mask[truth < 7], truth[truth < 7])
 
 

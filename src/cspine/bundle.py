@@ -174,16 +174,17 @@ class Bundle:
         ``assume_cervical``: the caller knows the study is a cervical spine CT, so the anatomical checks are
         skipped and whatever the segmenter labels is kept. ``labels``: the user's own vertebra mask (project
         values on ``vol``'s grid) used instead of the segmenter; it is cleaned but not second-guessed by the
-        anatomical checks.
+        anatomical checks nor renamed (:mod:`cspine.seg.naming`).
         """
         from cspine.seg.infer import InferConfig, finish_labels, segment_volume
         from cspine.seg.presence import SPINE_ABSENT
 
         timings = {} if timings is None else timings
         t = time.perf_counter()
-        cfg = InferConfig(presence=None) if assume_cervical or labels is not None else None
+        cfg = InferConfig(presence=None) if assume_cervical else None
         if labels is not None:
-            seg = finish_labels(np.where(labels <= 7, labels, 0).astype(np.uint8), vol, cfg)
+            own = InferConfig(presence=None, naming=None)
+            seg = finish_labels(np.where(labels <= 7, labels, 0).astype(np.uint8), vol, own)
             if not any(v["present"] for v in seg.vertebrae.values()):
                 seg.cervical_spine = SPINE_ABSENT
         else:

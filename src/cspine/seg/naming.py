@@ -11,8 +11,8 @@ cavity. That needs no network, only the skull, so it is checked here on the imag
   axial slice from which on a region of brain density (``cavity_hu``) and of at least ``min_cavity_mm2``, enclosed
   by bone (gaps of up to 2 x ``close_mm`` bridged, as a coarse scan leaves them in a thin skull), comes within
   ``axis_mm`` of the column's axis. The posterior fossa is that region; the canal under it (a vertebra's ring,
-  under 800 mm2) and the neck's soft tissue (not enclosed) are not. It lies within a few mm to a centimetre and a
-  half above the foramen magnum (OpenKBP pt2: 6 mm above its Brainstem contour's lower end).
+  under 800 mm2) and the neck's soft tissue (not enclosed) are not. It lies a few mm to a centimetre above the
+  foramen magnum on the two real necks here (docs/real_ct.md, session 22).
 - **Nothing labelled above that floor is a vertebra**: such a label is skull base and is cleared.
 - **A level right under the floor is the atlas**: when the highest level left lies less than ``atlas_mm`` under the
   floor and is not named C1, the column is renamed from it (that level C1, the next C2, ...). The atlas's centroid
@@ -20,7 +20,8 @@ cavity. That needs no network, only the skull, so it is checked here on the imag
 - **The vertebra under C6 is C7** (with or without a skull): when the column's names stop before C7 while the
   network's "other vertebra" class holds a vertebra right under the last named level (it took it for T1: on
   OpenKBP pt2 once the atlas is C1, and at some of the network's grid phases), the largest piece of "other" a
-  level's step under that level, near the column's axis, takes the next name.
+  level's step under that level, near the column's axis, takes the next name. A lowest level lying much more than
+  a step under the one above it is not the next level but a vertebra further down, and becomes "other".
 
 A CT with no skull in view, or one whose top level already is C1 under the floor, keeps the network's names above.
 """
@@ -53,9 +54,12 @@ class NamingConfig:
         atlas_mm: a highest level whose centroid lies less than this under the floor is the atlas.
         box_mm: half-width of the in-plane box around the axis searched for the cavity (the posterior fossa is
             about 110 mm wide).
-        above_mm: how far above the highest level the floor is searched.
+        above_mm: how far the search for the floor goes up from the second-highest level's centroid.
         grid_mm: in-plane and slice step of the search (bone is max-pooled to it, so thin walls survive).
-        min_next_ml: a piece of "other vertebra" smaller than this does not become the next level (a fragment).
+        min_next_ml: a piece of "other vertebra" smaller than this does not become the next level, and a level
+            smaller than this does not count as named (fragments).
+        max_gap_steps: a lowest level further under the one above it than this many of the step above is a
+            vertebra further down, not the next level (the network put "C7" on T2 at some grid phases).
     """
 
     bone_hu: float = 200.0
@@ -70,28 +74,33 @@ class NamingConfig:
     above_mm: float = 80.0
     grid_mm: float = 2.0
     min_next_ml: float = 1.0
+    max_gap_steps: float = 1.6
 
 
 @dataclass(frozen=True)
 class _Level:
     height: float  # mm along the canonical superior axis
     yx: np.ndarray  # in-plane centroid (mm, canonical posterior / left axes)
+    ml: float
 
 
 def _levels(sub: np.ndarray, origin: tuple[int, ...], gm: GridMap) -> dict[int, _Level]:
     """Centroid of each C1..C7 label of ``sub`` (a box of the mask starting at array index ``origin``), in
     canonical mm."""
-    values = [v for v in range(1, 8) if (sub == v).any()]
+    idx = np.nonzero((sub >= 1) & (sub <= 7))
+    lab = sub[idx]
+    count = np.bincount(lab, minlength=8)
+    sums = [np.bincount(lab, weights=i, minlength=8) for i in idx]
     spacing = np.asarray(gm.spacing, dtype=np.float64)
     out: dict[int, _Level] = {}
-    for v, c in zip(values, ndimage.center_of_mass(sub > 0, sub, values), strict=True):
-        idx = np.asarray(c) + np.asarray(origin)
-        canon = np.array([idx[p] for p in gm.perm])
+    for v in np.flatnonzero(count):
+        centre = np.array([total[v] / count[v] for total in sums]) + np.asarray(origin)
+        canon = np.array([centre[p] for p in gm.perm])
         for a, flip in enumerate(gm.flip):
             if flip:
                 canon[a] = gm.shape[a] - 1 - canon[a]
         mm = canon * spacing
-        out[v] = _Level(float(mm[0]), mm[1:])
+        out[int(v)] = _Level(float(mm[0]), mm[1:], float(count[v] * np.prod(spacing) / 1000.0))
     return out
 
 
@@ -174,8 +183,18 @@ def name_levels(
     if changes:
         sub[...] = lut[sub]
         levels = {int(lut[v]): lv for v, lv in levels.items() if lut[v]}
-    last = max(levels)
-    if last < 7 and last - 1 in levels:
+    named = sorted(v for v, lv in levels.items() if lv.ml >= cfg.min_next_ml)
+    if len(named) >= 3 and named[-1] - named[-3] == 2:
+        a, b, c = (levels[v] for v in named[-3:])
+        if b.height - c.height > cfg.max_gap_steps * (a.height - b.height):
+            sub[sub == named[-1]] = OTHER_VALUE
+            changes.append(
+                f"{label_name(named[-1])} is other vertebra: it lies {b.height - c.height:.0f} mm under "
+                f"{label_name(named[-2])}, over {cfg.max_gap_steps:g} of the column's steps (a vertebra further down)"
+            )
+            named.pop()
+    if named and named[-1] < 7 and named[-1] - 1 in levels:
+        last = named[-1]
         changes += _next_from_other(gm.to_canonical(mask), spacing, levels[last - 1], levels[last], last + 1, cfg)
     return changes
 
