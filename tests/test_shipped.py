@@ -219,8 +219,8 @@ def test_slicer_neck_levels_are_found_in_order(slicer_heights: dict[str, float])
 
 
 def test_slicer_neck_levels_match_the_reading(slicer_heights: dict[str, float]) -> None:
-    """C1..C6 within half a vertebra of the reading (C7, mostly below the lowest slice, is not asked for here; the
-    segmenter shipped before session 19 put C5 and C6 9 and 6 mm low)."""
+    """C1..C6 within half a vertebra of the reading (C7 is not asked for: its body lies below the lowest slice,
+    docs/real_ct.md session 22; the segmenter shipped before session 19 put C5 and C6 9 and 6 mm low)."""
     heights = slicer_heights
     assert set(SLICER_READING) <= set(heights), f"found {sorted(heights)}"
     off = {lv: round(heights[lv] - mm) for lv, mm in SLICER_READING.items() if abs(heights[lv] - mm) > HALF_VERTEBRA_MM}
