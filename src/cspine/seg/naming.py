@@ -135,30 +135,34 @@ def cavity_floor(
     disk = ndimage.iterate_structure(ndimage.generate_binary_structure(2, 1), radius)
     yy, xx = np.mgrid[0 : (hi[0] - lo[0]) // f[0], 0 : (hi[1] - lo[1]) // f[1]]
     near = np.hypot((yy - axis[0]) * px[0], (xx - axis[1]) * px[1]) <= cfg.axis_mm
-    heights, found = [], []
-    for z in range(z0, z1, step):
-        sl = np.asarray(chu[z, lo[0] : hi[0], lo[1] : hi[1]], dtype=np.float32)
-        wall = ndimage.binary_closing(_block(sl > cfg.bone_hu, f, "max"), disk)
-        cavity = ndimage.binary_fill_holes(wall) & ~wall
-        comps, n = ndimage.label(cavity)
-        hit = False
-        if n:
-            hu = _block(sl, f, "mean")
-            for k in np.unique(comps[near & cavity]):
-                part = comps == k
-                area = float(part.sum() * px[0] * px[1])
-                mean = float(hu[part].mean())
-                if area >= cfg.min_cavity_mm2 and cfg.cavity_hu[0] <= mean <= cfg.cavity_hu[1]:
-                    hit = True
-                    break
-        heights.append(z * spacing[0])
-        found.append(hit)
-    hits = np.asarray(found)
-    for i, h in enumerate(heights):
-        run = hits[i : i + max(1, round(cfg.run_mm / (step * spacing[0]))) + 1]
-        if hits[i] and run.mean() >= cfg.run_share:
-            return float(h)
+    zs = range(z0, z1, step)
+    px_mm2 = float(np.prod(px))
+    hits = np.array([_cavity_near(chu[z, lo[0] : hi[0], lo[1] : hi[1]], f, px_mm2, disk, near, cfg) for z in zs])
+    run = max(1, round(cfg.run_mm / (step * spacing[0]))) + 1
+    for i, z in enumerate(zs):
+        if hits[i] and hits[i : i + run].mean() >= cfg.run_share:
+            return float(z * spacing[0])
     return None
+
+
+def _cavity_near(
+    plane: np.ndarray, f: tuple[int, int], px_mm2: float, disk: np.ndarray, near: np.ndarray, cfg: NamingConfig
+) -> bool:
+    """Does a region of brain density enclosed by bone, large enough for the cranial cavity, reach ``near``? (``near``
+    and ``disk`` are on the plane pooled by ``f``, whose pixels are ``px_mm2`` in area.)"""
+    plane = np.asarray(plane, dtype=np.float32)
+    wall = ndimage.binary_closing(_block(plane > cfg.bone_hu, f, "max"), disk)
+    cavity = ndimage.binary_fill_holes(wall) & ~wall
+    parts, _ = ndimage.label(cavity)
+    touching = np.unique(parts[near & cavity])
+    if not len(touching):
+        return False
+    hu = _block(plane, f, "mean")
+    for k in touching:
+        part = parts == k
+        if part.sum() * px_mm2 >= cfg.min_cavity_mm2 and cfg.cavity_hu[0] <= hu[part].mean() <= cfg.cavity_hu[1]:
+            return True
+    return False
 
 
 def name_levels(
