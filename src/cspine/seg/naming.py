@@ -42,7 +42,8 @@ from cspine.seg.postprocess import label_box
 
 @dataclass(frozen=True)
 class NamingConfig:
-    """Limits for finding the cranial cavity's floor and naming the atlas from it (why each: the module doc).
+    """Limits for finding the cranial cavity's floor, naming the atlas from it, and taking the next level from
+    "other vertebra" (why each: the module doc).
 
     Attributes:
         bone_hu: bone, for the cavity's wall (a thin skull at 4-5 mm pixels still reads several hundred HU).
@@ -58,6 +59,8 @@ class NamingConfig:
         grid_mm: in-plane and slice step of the search (bone is max-pooled to it, so thin walls survive).
         min_next_ml: a piece of "other vertebra" smaller than this does not become the next level, and a level
             smaller than this does not count as named (fragments).
+        next_radius_mm: the next level is looked for this close (in-plane) to the column's axis carried on from
+            the last two levels (a lower cervical vertebra reaches about 30 mm out to its transverse processes).
         max_gap_steps: a lowest level further under the one above it than this many of the step above is a
             vertebra further down, not the next level (the network put "C7" on T2 at some grid phases).
     """
@@ -74,6 +77,7 @@ class NamingConfig:
     above_mm: float = 80.0
     grid_mm: float = 2.0
     min_next_ml: float = 1.0
+    next_radius_mm: float = 30.0
     max_gap_steps: float = 1.6
 
 
@@ -241,7 +245,7 @@ def _next_from_other(
     cmask: np.ndarray, spacing: np.ndarray, upper: _Level, last: _Level, value: int, cfg: NamingConfig
 ) -> list[str]:
     """The largest piece of "other vertebra" one level's step under the last named level (``last``, with the level
-    ``upper`` above it giving the step), within 30 mm of the column's axis, becomes level ``value``."""
+    ``upper`` above it giving the step), near the column's axis, becomes level ``value``."""
     step = upper.height - last.height
     if step <= 0:
         return []
@@ -250,7 +254,7 @@ def _next_from_other(
     z_hi = max(0, int(np.ceil((last.height - 0.5 * step) / spacing[0])))
     view = cmask[z_lo:z_hi]
     yy, xx = np.ogrid[0 : view.shape[1], 0 : view.shape[2]]
-    near = np.hypot(yy * spacing[1] - centre[0], xx * spacing[2] - centre[1]) <= 30.0
+    near = np.hypot(yy * spacing[1] - centre[0], xx * spacing[2] - centre[1]) <= cfg.next_radius_mm
     pieces, n = ndimage.label((view == OTHER_VALUE) & near[None])
     if not n:
         return []
