@@ -8,11 +8,11 @@ way: the atlas is by definition the first vertebra under the foramen magnum, whe
 cavity. That needs no network, only the skull, so it is checked here on the image:
 
 - **The cranial cavity's floor over the column** (:func:`cavity_floor`): going up from the column, the lowest
-  axial slice from which on a region of brain density (``cavity_hu``) and of at least ``min_cavity_mm2``, enclosed
-  by bone (gaps of up to 2 x ``close_mm`` bridged, as a coarse scan leaves them in a thin skull), comes within
-  ``axis_mm`` of the column's axis. The posterior fossa is that region; the canal under it (a vertebra's ring,
-  under 800 mm2) and the neck's soft tissue (not enclosed) are not. It lies a few mm to a centimetre above the
-  foramen magnum on the two real necks here (docs/real_ct.md, session 22).
+  axial slice where a region of brain density (``cavity_hu``) and of at least ``min_cavity_mm2``, enclosed by bone
+  (gaps of up to 2 x ``close_mm`` bridged, as a coarse scan leaves them in a thin skull), comes within ``axis_mm``
+  of the column's axis, with another such slice within ``run_mm`` above it. The posterior fossa is that region;
+  the canal under it (a vertebra's ring, under 800 mm2) and the neck's soft tissue (not enclosed) are not. It lies
+  a few mm to a centimetre above the foramen magnum on the two real necks here (docs/real_ct.md, session 22).
 - **Nothing labelled above that floor is a vertebra**: such a label is skull base and is cleared.
 - **A level right under the floor is the atlas**: when the highest level left lies less than ``atlas_mm`` under the
   floor and is not named C1, the column is renamed from it (that level C1, the next C2, ...). The atlas's centroid
@@ -51,7 +51,9 @@ class NamingConfig:
         min_cavity_mm2: smallest enclosed area that counts as cranial cavity (the atlas's canal is under 800 mm2).
         cavity_hu: mean HU range of the enclosed region (brain; excludes air-filled sinuses and lung).
         axis_mm: the cavity must come this close (in-plane) to the column's axis.
-        run_mm, run_share: the floor must be followed by cavity in this share of the slices this far above it.
+        run_mm, run_hits: the floor is a slice with cavity that has this many (itself included) within this far
+            above it: one slice alone may be a chance enclosure, and at 4-5 mm pixels the thin occipital wall
+            closes only in some slices of the posterior fossa.
         atlas_mm: a highest level whose centroid lies less than this under the floor is the atlas.
         box_mm: half-width of the in-plane box around the axis searched for the cavity (the posterior fossa is
             about 110 mm wide).
@@ -71,7 +73,7 @@ class NamingConfig:
     cavity_hu: tuple[float, float] = (-20.0, 100.0)
     axis_mm: float = 20.0
     run_mm: float = 10.0
-    run_share: float = 0.5
+    run_hits: int = 2
     atlas_mm: float = 20.0
     box_mm: float = 100.0
     above_mm: float = 80.0
@@ -144,7 +146,7 @@ def cavity_floor(
     hits = np.array([_cavity_near(chu[z, lo[0] : hi[0], lo[1] : hi[1]], f, px_mm2, disk, near, cfg) for z in zs])
     run = max(1, round(cfg.run_mm / (step * spacing[0]))) + 1
     for i, z in enumerate(zs):
-        if hits[i] and hits[i : i + run].mean() >= cfg.run_share:
+        if hits[i] and hits[i : i + run].sum() >= cfg.run_hits:
             return float(z * spacing[0])
     return None
 
