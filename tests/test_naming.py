@@ -42,7 +42,7 @@ def test_the_floor_lies_above_the_atlas_and_under_the_brain(head: SynthStudy) ->
     vol = head.volume
     gm = make_gridmap(vol.shape, vol.affine, (1.0, 1.0, 1.0))
     spacing = np.asarray(gm.spacing)
-    levels = _levels(head.mask, (0, 0, 0), gm)
+    levels = _levels(gm.to_canonical(head.mask), np.zeros(3), spacing)
     axis = (levels[1].yx + levels[2].yx) / 2
     floor = cavity_floor(gm.to_canonical(vol.array), spacing, axis, levels[2].height, NamingConfig())
     assert floor is not None
@@ -121,3 +121,20 @@ def test_a_study_without_a_skull_keeps_its_names(case: str, neck: SynthStudy) ->
     before = mask.copy()
     assert name_levels(mask, st.volume, NamingConfig(atlas_mm=GENERATED_ATLAS_MM)) == []
     assert np.array_equal(mask, before)
+
+
+def test_a_users_own_mask_is_not_renamed(neck: SynthStudy) -> None:
+    """``predict --mask``: the user's labels are cleaned but keep their names, even a "C7" two levels under C6 that
+    the naming would take for a vertebra further down."""
+    from pathlib import Path
+
+    from cspine.bundle import Bundle
+
+    truth = neck.mask
+    mask = np.where(truth <= 6, truth, 0).astype(np.uint8)
+    mask[truth == 9] = 7
+    assert name_levels(mask.copy(), neck.volume)  # the naming would act here
+    own = Bundle(Path("unused"), {}, segmenter=None, classifier=None).segment(neck.volume, labels=mask)
+    for v in range(1, 8):  # the clean-up keeps each label's largest piece (T2's rib heads go); no label moves
+        kept = own.mask == v
+        assert not (kept & (mask != v)).any() and kept.sum() >= 0.75 * (mask == v).sum(), f"C{v}"

@@ -90,24 +90,24 @@ class _Level:
     ml: float
 
 
-def _levels(sub: np.ndarray, origin: tuple[int, ...], gm: GridMap) -> dict[int, _Level]:
-    """Centroid of each C1..C7 label of ``sub`` (a box of the mask starting at array index ``origin``), in
-    canonical mm."""
-    idx = np.nonzero((sub >= 1) & (sub <= 7))
-    lab = sub[idx]
+def _levels(cbox: np.ndarray, corner: np.ndarray, spacing: np.ndarray) -> dict[int, _Level]:
+    """Centroid and volume of each C1..C7 label of ``cbox`` (a canonical view of the mask's box whose first voxel
+    is canonical index ``corner``), in canonical mm."""
+    idx = np.nonzero((cbox >= 1) & (cbox <= 7))
+    lab = cbox[idx]
     count = np.bincount(lab, minlength=8)
-    sums = [np.bincount(lab, weights=i, minlength=8) for i in idx]
-    spacing = np.asarray(gm.spacing, dtype=np.float64)
+    sums = np.array([np.bincount(lab, weights=i, minlength=8) for i in idx]).T  # (value, axis)
     out: dict[int, _Level] = {}
     for v in np.flatnonzero(count):
-        centre = np.array([total[v] / count[v] for total in sums]) + np.asarray(origin)
-        canon = np.array([centre[p] for p in gm.perm])
-        for a, flip in enumerate(gm.flip):
-            if flip:
-                canon[a] = gm.shape[a] - 1 - canon[a]
-        mm = canon * spacing
+        mm = (sums[v] / count[v] + corner) * spacing
         out[int(v)] = _Level(float(mm[0]), mm[1:], float(count[v] * np.prod(spacing) / 1000.0))
     return out
+
+
+def _canonical_corner(box: tuple[slice, ...], gm: GridMap) -> np.ndarray:
+    """Canonical index of the first voxel of ``gm.to_canonical(mask[box])``."""
+    axes = enumerate(zip(gm.perm, gm.flip, strict=True))
+    return np.array([gm.shape[a] - box[p].stop if flip else box[p].start for a, (p, flip) in axes])
 
 
 def _block(a: np.ndarray, f: tuple[int, int], how: str) -> np.ndarray:
@@ -185,7 +185,7 @@ def name_levels(
     sub = mask[box]
     gm = make_gridmap(vol.shape, vol.affine, (1.0, 1.0, 1.0))
     spacing = np.asarray(gm.spacing, dtype=np.float64)
-    levels = _levels(sub, tuple(s.start for s in box), gm)
+    levels = _levels(gm.to_canonical(sub), _canonical_corner(box, gm), spacing)
     if len(levels) < 2:
         return []
     lut = np.arange(256, dtype=mask.dtype)
