@@ -7,16 +7,22 @@ network gives even depends on where its stride grid falls (docs/real_ct.md). A r
 way: the atlas is by definition the first vertebra under the foramen magnum, where the canal leaves the cranial
 cavity. That needs no network, only the skull, so it is checked here on the image:
 
-- **The cranial cavity's floor over the column** (:func:`cavity_floor`): going up from the column, the lowest
-  axial slice where a region of brain density (``cavity_hu``) and of at least ``min_cavity_mm2``, enclosed by bone
-  (gaps of up to 2 x ``close_mm`` bridged, as a coarse scan leaves them in a thin skull), comes within ``axis_mm``
-  of the column's axis, with another such slice within ``run_mm`` above it. The posterior fossa is that region;
-  the canal under it (a vertebra's ring, under 800 mm2) and the neck's soft tissue (not enclosed) are not. It lies
-  a few mm to a centimetre above the foramen magnum on the two real necks here (docs/real_ct.md, session 22).
-- **Nothing labelled above that floor is a vertebra**: such a label is skull base and is cleared.
+- **The cranial cavity's floor over the canal** (:func:`cavity_floor`): the foramen magnum is where the spinal
+  canal opens into the posterior fossa. The canal is found in the second-highest level's slices (:func:`find_canal`:
+  a small region enclosed by bone behind the level's centroid); going up from there, the floor is the lowest axial
+  slice where a region of brain density (``cavity_hu``) and of at least ``min_cavity_mm2``, enclosed by bone, lies
+  over the canal, with another such slice within ``run_mm`` above it. "Enclosed" is judged by rays: bone within
+  reach in all but one of 16 directions, which sees over the gaps a coarse scan leaves in a thin occipital wall.
+  The canal (a vertebra's ring, under 1000 mm2) and the neck's soft tissue (rays escape) are not cavity; nor is
+  brain-density tissue that an occiput drawn down behind a tilted neck encloses behind C1 and C2 (not over the
+  canal). The floor lies 3-15 mm above the foramen magnum on OpenKBP pt2 turned by up to 20 degrees in the scanner
+  (docs/real_ct.md, session 23).
+- **Nothing labelled above that floor is a vertebra**: such a label is skull base and is cleared, unless it lies
+  only a few mm above it and holds a vertebra's volume (the atlas of a head tilted back: ``atlas_above_mm``).
 - **A level right under the floor is the atlas**: when the highest level left lies less than ``atlas_mm`` under the
   floor and is not named C1, the column is renamed from it (that level C1, the next C2, ...). The atlas's centroid
-  lies 5-15 mm under the foramen magnum and the axis's 25-35 mm, so ``atlas_mm`` tells them apart.
+  lies 9-24 mm under the floor on the real necks here (OpenKBP pt2 turned, the Slicer neck) and the axis's 35-55
+  mm, so ``atlas_mm`` tells them apart.
 - **The vertebra under C6 is C7** (with or without a skull): when the column's names stop before C7 while the
   network's "other vertebra" class holds a vertebra right under the last named level (it took it for T1: on
   OpenKBP pt2 once the atlas is C1, and at some of the network's grid phases), the largest piece of "other" a
@@ -29,6 +35,7 @@ A CT with no skull in view, or one whose top level already is C1 under the floor
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 from scipy import ndimage
@@ -47,16 +54,32 @@ class NamingConfig:
 
     Attributes:
         bone_hu: bone, for the cavity's wall (a thin skull at 4-5 mm pixels still reads several hundred HU).
-        close_mm: gaps in the wall up to twice this are bridged (foramina, partial volume).
+        rays, open_rays, reach_mm: a pixel is enclosed by bone when bone lies within ``reach_mm`` along all but
+            ``open_rays`` of ``rays`` directions in its axial plane. A coarse scan leaves the thin posterior fossa's
+            wall with gaps (foramina, partial volume) that a region fill would leak through; rays see over them.
+        tissue_hu: a pixel of the cavity is neither bone nor air.
         min_cavity_mm2: smallest enclosed area that counts as cranial cavity (the atlas's canal is under 800 mm2).
         cavity_hu: mean HU range of the enclosed region (brain; excludes air-filled sinuses and lung).
-        axis_mm: the cavity must come this close (in-plane) to the column's axis.
+        canal_mm2: area range of the canal, an enclosed region inside a vertebra's ring (20-400 mm2 of it are
+            enclosed at the real necks' 3-5 mm pixels).
+        canal_behind_mm, canal_reach_mm: the canal is the enclosed region whose centroid is nearest the point this
+            far behind the level's centroid, and it lies within this of that point (a body's centroid is in front
+            of the canal, a ring's in front of its centre).
+        canal_slab_mm: the canal is looked for in the slices this close to the level's centroid.
+        floor_mm: the cavity must come this close to the canal's centre carried straight up: where it opens over
+            the canal is the foramen magnum. (The cavity's lowest part behind the canal, the occipital bone's
+            inner table, moves up and down with the head's tilt in the scanner, and an occiput drawn down behind a
+            flexed or extended neck encloses brain-density tissue behind C1 and C2, but not over the canal.)
         run_mm, run_hits: the floor is a slice with cavity that has this many (itself included) within this far
             above it: one slice alone may be a chance enclosure, and at 4-5 mm pixels the thin occipital wall
             closes only in some slices of the posterior fossa.
         atlas_mm: a highest level whose centroid lies less than this under the floor is the atlas.
-        box_mm: half-width of the in-plane box around the axis searched for the cavity (the posterior fossa is
-            about 110 mm wide).
+        atlas_above_mm, atlas_ml: a label whose centroid lies less than ``atlas_above_mm`` above the floor and
+            that holds at least ``atlas_ml`` is not skull base but a vertebra, the atlas: the floor is found a few
+            mm above the foramen magnum, and with the head tilted back in the scanner the network's atlas rides up
+            to it (the skull-base pieces the network labels are fragments of 2-6 ml).
+        box_mm: half-width of the in-plane box around the canal searched for the cavity (the rays reach out of a
+            posterior fossa about 110 mm wide).
         above_mm: how far the search for the floor goes up from the second-highest level's centroid.
         grid_mm: in-plane and slice step of the search (bone is max-pooled to it, so thin walls survive).
         min_next_ml: a piece of "other vertebra" smaller than this does not become the next level, and a level
@@ -68,13 +91,22 @@ class NamingConfig:
     """
 
     bone_hu: float = 200.0
-    close_mm: float = 6.0
+    rays: int = 16
+    open_rays: int = 1
+    reach_mm: float = 80.0
+    tissue_hu: tuple[float, float] = (-100.0, 150.0)
     min_cavity_mm2: float = 1200.0
     cavity_hu: tuple[float, float] = (-20.0, 100.0)
-    axis_mm: float = 20.0
+    canal_mm2: tuple[float, float] = (40.0, 1000.0)
+    canal_behind_mm: float = 12.0
+    canal_reach_mm: float = 15.0
+    canal_slab_mm: float = 6.0
+    floor_mm: float = 6.0
     run_mm: float = 10.0
     run_hits: int = 2
-    atlas_mm: float = 20.0
+    atlas_mm: float = 25.0
+    atlas_above_mm: float = 8.0
+    atlas_ml: float = 10.0
     box_mm: float = 100.0
     above_mm: float = 80.0
     grid_mm: float = 2.0
@@ -117,58 +149,135 @@ def _block(a: np.ndarray, f: tuple[int, int], how: str) -> np.ndarray:
     return b.max(axis=(-3, -1)) if how == "max" else b.mean(axis=(-3, -1))
 
 
+@dataclass(frozen=True)
+class _PlaneBox:
+    f: tuple[int, int]  # pooling factors
+    px: np.ndarray  # pooled pixel size (mm)
+    lo: np.ndarray  # first in-plane index of the box (unpooled)
+    hi: np.ndarray
+    rays: list[np.ndarray]
+
+    def mm(self, pixel: np.ndarray) -> np.ndarray:
+        """Pooled pixel index -> canonical in-plane mm (of the pooled pixel's centre)."""
+        f = np.asarray(self.f)
+        return (np.asarray(pixel) * f + (f - 1) / 2 + self.lo) * self.px / f
+
+    def pixel(self, yx: np.ndarray) -> np.ndarray:
+        """Canonical in-plane mm -> (fractional) pooled pixel index."""
+        f = np.asarray(self.f)
+        return (yx * f / self.px - self.lo - (f - 1) / 2) / f
+
+    def enclosed(self, plane: np.ndarray, cfg: NamingConfig) -> tuple[np.ndarray, np.ndarray]:
+        """Regions of soft tissue enclosed by bone (labelled) and the pooled HU of ``plane``, an unpooled canonical
+        axial slice, in the box."""
+        sub = np.asarray(plane[self.lo[0] : self.hi[0], self.lo[1] : self.hi[1]], dtype=np.float32)
+        bone = _block(sub > cfg.bone_hu, self.f, "max")
+        hu = _block(sub, self.f, "mean")
+        soft = ~bone & (hu > cfg.tissue_hu[0]) & (hu < cfg.tissue_hu[1])
+        parts, _ = ndimage.label(soft & (_enclosing_rays(bone, self.rays) >= cfg.rays - cfg.open_rays))
+        return parts, hu
+
+
+def _plane_box(shape: tuple[int, ...], spacing: np.ndarray, yx: np.ndarray, cfg: NamingConfig) -> _PlaneBox | None:
+    """The in-plane box within ``cfg.box_mm`` of ``yx`` (mm), pooled to about ``cfg.grid_mm`` pixels."""
+    f = (max(1, round(cfg.grid_mm / spacing[1])), max(1, round(cfg.grid_mm / spacing[2])))
+    centre = yx / spacing[1:]
+    half = cfg.box_mm / spacing[1:]
+    lo = np.maximum(np.floor(centre - half), 0).astype(int)
+    hi = np.minimum(np.ceil(centre + half), shape[1:]).astype(int)
+    if np.any(hi - lo < 2 * np.asarray(f)):
+        return None
+    px = spacing[1:] * np.asarray(f)
+    return _PlaneBox(f, px, lo, hi, _ray_steps(px, cfg))
+
+
+def find_canal(chu: np.ndarray, spacing: np.ndarray, level: _Level, cfg: NamingConfig) -> np.ndarray | None:
+    """In-plane centre (canonical mm) of the spinal canal in ``level``'s slices, or None where no enclosed region
+    of a canal's size lies behind its centroid (``chu``: canonical HU, ``spacing`` its voxel size)."""
+    box = _plane_box(chu.shape, spacing, level.yx, cfg)
+    if box is None:
+        return None
+    target = level.yx + np.array([cfg.canal_behind_mm, 0.0])
+    found = []
+    half = round(cfg.canal_slab_mm / spacing[0])
+    centre = round(level.height / spacing[0])
+    for z in range(
+        max(0, centre - half), min(chu.shape[0], centre + half + 1), max(1, round(cfg.grid_mm / spacing[0]))
+    ):
+        parts, _ = box.enclosed(chu[z], cfg)
+        if not parts.any():
+            continue
+        index = np.arange(1, parts.max() + 1)
+        area = ndimage.sum_labels(np.ones(parts.shape), parts, index) * float(np.prod(box.px))
+        yx = box.mm(np.array(ndimage.center_of_mass(np.ones(parts.shape), parts, index)))
+        dist = np.hypot(*(yx - target).T)
+        fits = (area >= cfg.canal_mm2[0]) & (area <= cfg.canal_mm2[1]) & (dist <= cfg.canal_reach_mm)
+        if fits.any():
+            found.append(yx[np.flatnonzero(fits)[np.argmin(dist[fits])]])
+    return np.median(found, axis=0) if found else None
+
+
 def cavity_floor(
-    chu: np.ndarray, spacing: np.ndarray, axis_yx: np.ndarray, from_mm: float, cfg: NamingConfig
+    chu: np.ndarray, spacing: np.ndarray, canal_yx: np.ndarray, from_mm: float, cfg: NamingConfig
 ) -> float | None:
-    """Height (mm, canonical) of the cranial cavity's floor over ``axis_yx``, searched upwards from ``from_mm``.
+    """Height (mm, canonical) of the cranial cavity's floor over the canal at ``canal_yx``, searched upwards from
+    ``from_mm``: the foramen magnum.
 
     ``chu``: HU in canonical orientation (superior, posterior, left axes); ``spacing`` its voxel size (mm). None
     when no cavity is found (no skull in view).
     """
-    f = (max(1, round(cfg.grid_mm / spacing[1])), max(1, round(cfg.grid_mm / spacing[2])))
-    px = spacing[1:] * np.asarray(f)
-    centre = axis_yx / spacing[1:]
-    half = cfg.box_mm / spacing[1:]
-    lo = np.maximum(np.floor(centre - half), 0).astype(int)
-    hi = np.minimum(np.ceil(centre + half), chu.shape[1:]).astype(int)
-    if np.any(hi - lo < 2 * np.asarray(f)):
+    box = _plane_box(chu.shape, spacing, canal_yx, cfg)
+    if box is None:
         return None
-    axis = (axis_yx / spacing[1:] - lo) / np.asarray(f)
+    canal = box.pixel(canal_yx)
+    yy, xx = np.mgrid[0 : (box.hi[0] - box.lo[0]) // box.f[0], 0 : (box.hi[1] - box.lo[1]) // box.f[1]]
+    over = np.hypot((yy - canal[0]) * box.px[0], (xx - canal[1]) * box.px[1]) <= cfg.floor_mm
     step = max(1, round(cfg.grid_mm / spacing[0]))
     z0 = max(0, int(np.floor(from_mm / spacing[0])))
-    z1 = min(chu.shape[0], int(np.ceil((from_mm + cfg.above_mm) / spacing[0])) + 1)
-    radius = max(1, round(cfg.close_mm / float(px.min())))
-    disk = ndimage.iterate_structure(ndimage.generate_binary_structure(2, 1), radius)
-    yy, xx = np.mgrid[0 : (hi[0] - lo[0]) // f[0], 0 : (hi[1] - lo[1]) // f[1]]
-    near = np.hypot((yy - axis[0]) * px[0], (xx - axis[1]) * px[1]) <= cfg.axis_mm
-    zs = range(z0, z1, step)
-    px_mm2 = float(np.prod(px))
-    hits = np.array([_cavity_near(chu[z, lo[0] : hi[0], lo[1] : hi[1]], f, px_mm2, disk, near, cfg) for z in zs])
+    zs = range(z0, min(chu.shape[0], int((from_mm + cfg.above_mm) / spacing[0]) + 1), step)
     run = max(1, round(cfg.run_mm / (step * spacing[0]))) + 1
+
+    @cache
+    def hit(i: int) -> bool:
+        parts, hu = box.enclosed(chu[zs[i]], cfg)
+        found = np.unique(parts[over])
+        for k in found[found > 0]:
+            part = parts == k
+            big = part.sum() * float(np.prod(box.px)) >= cfg.min_cavity_mm2
+            if big and cfg.cavity_hu[0] <= hu[part].mean() <= cfg.cavity_hu[1]:
+                return True
+        return False
+
     for i, z in enumerate(zs):
-        if hits[i] and hits[i : i + run].sum() >= cfg.run_hits:
+        if hit(i) and sum(hit(j) for j in range(i, min(i + run, len(zs)))) >= cfg.run_hits:
             return float(z * spacing[0])
     return None
 
 
-def _cavity_near(
-    plane: np.ndarray, f: tuple[int, int], px_mm2: float, disk: np.ndarray, near: np.ndarray, cfg: NamingConfig
-) -> bool:
-    """Does a region of brain density enclosed by bone, large enough for the cranial cavity, reach ``near``? (``near``
-    and ``disk`` are on the plane pooled by ``f``, whose pixels are ``px_mm2`` in area.)"""
-    plane = np.asarray(plane, dtype=np.float32)
-    wall = ndimage.binary_closing(_block(plane > cfg.bone_hu, f, "max"), disk)
-    cavity = ndimage.binary_fill_holes(wall) & ~wall
-    parts, _ = ndimage.label(cavity)
-    touching = np.unique(parts[near & cavity])
-    if not len(touching):
-        return False
-    hu = _block(plane, f, "mean")
-    for k in touching:
-        part = parts == k
-        if part.sum() * px_mm2 >= cfg.min_cavity_mm2 and cfg.cavity_hu[0] <= hu[part].mean() <= cfg.cavity_hu[1]:
-            return True
-    return False
+def _ray_steps(px: np.ndarray, cfg: NamingConfig) -> list[np.ndarray]:
+    """Per direction (``cfg.rays`` evenly spaced in the plane), the distinct pixel offsets (dy, dx) out to
+    ``cfg.reach_mm`` on a grid of pixel size ``px``."""
+    out = []
+    for angle in np.arange(cfg.rays) * 2 * np.pi / cfg.rays:
+        r = np.arange(1, cfg.reach_mm / float(px.min()) + 1) * float(px.min())
+        steps = np.rint(np.c_[r * np.sin(angle) / px[0], r * np.cos(angle) / px[1]]).astype(int)
+        out.append(np.unique(steps[np.any(steps != 0, axis=1)], axis=0))
+    return out
+
+
+def _enclosing_rays(bone: np.ndarray, rays: list[np.ndarray]) -> np.ndarray:
+    """Per pixel, in how many of the ray directions bone lies within reach."""
+    h, w = bone.shape
+    count = np.zeros(bone.shape, dtype=np.int16)
+    for steps in rays:
+        hit = np.zeros_like(bone)
+        for dy, dx in steps:
+            if abs(dy) < h and abs(dx) < w:
+                hit[max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)] |= bone[
+                    max(0, dy) : h + min(0, dy), max(0, dx) : w + min(0, dx)
+                ]
+        count += hit
+    return count
 
 
 def name_levels(
@@ -213,15 +322,15 @@ def _from_skull(
     chu: np.ndarray, spacing: np.ndarray, levels: dict[int, _Level], lut: np.ndarray, cfg: NamingConfig
 ) -> list[str]:
     """Skull-base labels cleared and the column renamed from the atlas, written into ``lut`` (value -> new value)."""
-    top = sorted(levels, key=lambda v: -levels[v].height)[:2]
-    axis = np.mean([levels[v].yx for v in top], axis=0)
-    floor = cavity_floor(chu, spacing, axis, levels[top[1]].height, cfg)
+    second = levels[sorted(levels, key=lambda v: -levels[v].height)[1]]
+    canal = find_canal(chu, spacing, second, cfg)
+    floor = None if canal is None else cavity_floor(chu, spacing, canal, second.height, cfg)
     if floor is None:
         return []
     changes = []
     below = {}
     for v, lv in levels.items():
-        if lv.height > floor:
+        if lv.height > floor and not (lv.height - floor < cfg.atlas_above_mm and lv.ml >= cfg.atlas_ml):
             lut[v] = 0
             changes.append(
                 f"{label_name(v)} removed: it lies {lv.height - floor:.0f} mm above the floor of the cranial "
