@@ -19,7 +19,7 @@ from cspine.synth.parts import TISSUES
 from cspine.synth.study import SynthStudy, generate_study
 
 #: The generated skull's cavity begins higher over the canal than a real one: the generated atlas's centroid lies
-#: 11-34 mm under the floor found (24 wide studies of seeds 1203 and 1207), a real one 9-24 mm (OpenKBP pt2 tilted
+#: 11-34 mm under the floor found (17 wide studies of seeds 1203 and 1207), a real one 9-24 mm (OpenKBP pt2 tilted
 #: by up to 20 degrees, the Slicer neck). The renaming's mechanics are tested here with the limit moved to fit.
 GENERATED_ATLAS_MM = 35.0
 
@@ -106,7 +106,7 @@ def test_an_occiput_behind_the_neck_is_not_the_floor() -> None:
 
 @pytest.fixture(scope="module")
 def neck() -> SynthStudy:
-    """A generated neck CT whose field of view starts under the skull (C1-C7 and T1-T2 in view)."""
+    """A generated neck CT (C1-C7 and T1-T2 in view; its field of view reaches the occiput)."""
     st = generate_study(1203, "small", 10, profile="wide")
     assert st.extra["fov"] == "neck" and set(range(10)) <= set(np.unique(st.mask))
     return st
