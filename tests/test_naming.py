@@ -81,6 +81,23 @@ def test_a_column_named_one_level_low_under_a_skull_is_renamed_from_it(head: Syn
     assert dice(mask, truth, 6) > 0.8  # C6 from the "other vertebra" label, one step under C5
 
 
+def test_a_level_reaching_into_the_skull_base_is_cut_at_the_floor(head: SynthStudy) -> None:
+    """The network's atlas label reaching up into the skull base (on OpenKBP pt2 tilted back, 27-54 mm over the
+    foramen magnum, which lifts its centroid over it): its voxels above the cavity's floor are cleared."""
+    chu, spacing, levels = _canonical(head)
+    floor = cavity_floor(
+        chu, spacing, find_canal(chu, spacing, levels[2], NamingConfig()), levels[2].height, NamingConfig()
+    )
+    mask = head.mask.copy()
+    gm = make_gridmap(mask.shape, head.volume.affine, (1.0, 1.0, 1.0))
+    y, x = np.argwhere(gm.to_canonical(head.mask) == 1).mean(0)[1:].astype(int)
+    lo, hi = int(floor / spacing[0]) + 2, int((floor + 30) / spacing[0])
+    gm.to_canonical(mask)[lo:hi, y - 4 : y + 5, x - 4 : x + 5] = 1
+    changes = name_levels(mask, head.volume)
+    assert len(changes) == 1 and changes[0].startswith("cleared above the floor") and "C1" in changes[0], changes
+    assert np.array_equal(mask, head.mask)
+
+
 def test_the_axis_is_not_taken_for_the_atlas(head: SynthStudy) -> None:
     """The atlas left unlabelled and C2..C6 named right: C2 lies more than ``atlas_mm`` under the floor, so the
     column keeps its names (renaming it from C2 would put every name one level too high)."""

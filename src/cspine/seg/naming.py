@@ -18,7 +18,9 @@ cavity. That needs no network, only the skull, so it is checked here on the imag
   canal). The floor lies 3-15 mm above the foramen magnum on OpenKBP pt2 turned by up to 20 degrees in the scanner
   (docs/real_ct.md, session 23).
 - **Nothing labelled above that floor is a vertebra**: such a label is skull base and is cleared, unless it lies
-  only a few mm above it and holds a vertebra's volume (the atlas of a head tilted back: ``atlas_above_mm``).
+  only a few mm above it and holds a vertebra's volume (the atlas of a head tilted back: ``atlas_above_mm``); and
+  the voxels of any level above the floor are cleared (the network's atlas reaches up into the skull base, on a
+  head tilted back by 27-54 mm over the foramen magnum, which lifts its centroid over it).
 - **A level right under the floor is the atlas**: when the highest level left lies less than ``atlas_mm`` under the
   floor and is not named C1, the column is renamed from it (that level C1, the next C2, ...). The atlas's centroid
   lies 9-24 mm under the floor on the real necks here (OpenKBP pt2 turned, the Slicer neck) and the axis's 35-55
@@ -294,14 +296,18 @@ def name_levels(
     sub = mask[box]
     gm = make_gridmap(vol.shape, vol.affine, (1.0, 1.0, 1.0))
     spacing = np.asarray(gm.spacing, dtype=np.float64)
-    levels = _levels(gm.to_canonical(sub), _canonical_corner(box, gm), spacing)
+    corner = _canonical_corner(box, gm)
+    levels = _levels(gm.to_canonical(sub), corner, spacing)
     if len(levels) < 2:
         return []
     lut = np.arange(256, dtype=mask.dtype)
-    changes = _from_skull(gm.to_canonical(vol.array), spacing, levels, lut, cfg)
+    changes, floor = _from_skull(gm.to_canonical(vol.array), spacing, levels, lut, cfg)
     if changes:
         sub[...] = lut[sub]
         levels = {int(lut[v]): lv for v, lv in levels.items() if lut[v]}
+    if floor is not None and (cleared := _clear_above(gm.to_canonical(sub), corner, spacing, floor)):
+        changes.append(cleared)
+        levels = _levels(gm.to_canonical(sub), corner, spacing)
     named = sorted(v for v, lv in levels.items() if lv.ml >= cfg.min_next_ml)
     if len(named) >= 3 and named[-1] - named[-3] == 2:
         a, b, c = (levels[v] for v in named[-3:])
@@ -318,15 +324,30 @@ def name_levels(
     return changes
 
 
+def _clear_above(cbox: np.ndarray, corner: np.ndarray, spacing: np.ndarray, floor: float) -> str:
+    """Clear the C1..C7 voxels of ``cbox`` (a canonical view of the mask's box whose first voxel is canonical index
+    ``corner``) that lie above ``floor`` (canonical mm): skull base a level's label reached into. The change in
+    words ("" when none)."""
+    top = cbox[max(0, int(np.floor(floor / spacing[0])) + 1 - int(corner[0])) :]
+    cut = (top >= 1) & (top <= 7)
+    if not cut.any():
+        return ""
+    ml = np.bincount(top[cut], minlength=8) * float(np.prod(spacing)) / 1000.0
+    top[cut] = 0
+    parts = ", ".join(f"{label_name(v)} {ml[v]:.1f} ml" for v in np.flatnonzero(ml))
+    return f"cleared above the floor of the cranial cavity (skull base, not vertebra): {parts}"
+
+
 def _from_skull(
     chu: np.ndarray, spacing: np.ndarray, levels: dict[int, _Level], lut: np.ndarray, cfg: NamingConfig
-) -> list[str]:
-    """Skull-base labels cleared and the column renamed from the atlas, written into ``lut`` (value -> new value)."""
+) -> tuple[list[str], float | None]:
+    """Skull-base labels cleared and the column renamed from the atlas, written into ``lut`` (value -> new value);
+    the changes in words and the cranial cavity's floor (None when not found)."""
     second = levels[sorted(levels, key=lambda v: -levels[v].height)[1]]
     canal = find_canal(chu, spacing, second, cfg)
     floor = None if canal is None else cavity_floor(chu, spacing, canal, second.height, cfg)
     if floor is None:
-        return []
+        return [], None
     changes = []
     below = {}
     for v, lv in levels.items():
@@ -339,7 +360,7 @@ def _from_skull(
         else:
             below[v] = lv
     if not below or min(below) == 1 or floor - below[min(below)].height >= cfg.atlas_mm:
-        return changes
+        return changes, floor
     shift = min(below) - 1
     for v in below:
         lut[v] = v - shift
@@ -349,7 +370,7 @@ def _from_skull(
         f"of the cranial cavity, so it is C1 (the network's {label_name(names[0])}..{label_name(names[-1])} are "
         f"{label_name(names[0] - shift)}..{label_name(names[-1] - shift)})"
     )
-    return changes
+    return changes, floor
 
 
 def _next_from_other(
