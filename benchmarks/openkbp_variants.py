@@ -132,8 +132,7 @@ def main() -> None:
     ct = nib.load(PT2 / "ct.nii.gz")
     structures = nib.load(PT2 / "structures.nii.gz")
     labels = np.asarray(structures.dataobj).astype(np.int16)
-    stem = np.argwhere(labels == BRAINSTEM)
-    fm_z = float((structures.affine @ np.c_[stem, np.ones(len(stem))].T)[2].min())
+    fm_z = float(nib.affines.apply_affine(structures.affine, np.argwhere(labels == BRAINSTEM))[:, 2].min())
     names = [n for n in VARIANTS if not args.only or n in args.only.split(",")]
     right = 0
     with tempfile.TemporaryDirectory() as tmp:
