@@ -83,16 +83,18 @@ def test_a_column_named_one_level_low_under_a_skull_is_renamed_from_it(head: Syn
 
 def test_a_level_reaching_into_the_skull_base_is_cut_at_the_floor(head: SynthStudy) -> None:
     """The network's atlas label reaching up into the skull base (on OpenKBP pt2 tilted back, 27-54 mm over the
-    foramen magnum, which lifts its centroid over it): its voxels above the cavity's floor are cleared."""
+    foramen magnum, which lifts its centroid over it): a vertebra's volume whose centroid lies just above the
+    cavity's floor is kept as the atlas (``atlas_above_mm``), and its voxels above the floor are cleared."""
     chu, spacing, levels = _canonical(head)
-    floor = cavity_floor(
-        chu, spacing, find_canal(chu, spacing, levels[2], NamingConfig()), levels[2].height, NamingConfig()
-    )
+    cfg = NamingConfig()
+    floor = cavity_floor(chu, spacing, find_canal(chu, spacing, levels[2], cfg), levels[2].height, cfg)
     mask = head.mask.copy()
     gm = make_gridmap(mask.shape, head.volume.affine, (1.0, 1.0, 1.0))
     y, x = np.argwhere(gm.to_canonical(head.mask) == 1).mean(0)[1:].astype(int)
-    lo, hi = int(floor / spacing[0]) + 2, int((floor + 30) / spacing[0])
+    lo, hi = int(floor / spacing[0]) + 2, int((floor + 25) / spacing[0])
     gm.to_canonical(mask)[lo:hi, y - 4 : y + 5, x - 4 : x + 5] = 1
+    atlas = _canonical(replace(head, mask=mask))[2][1]
+    assert 0 < atlas.height - floor < cfg.atlas_above_mm and atlas.ml >= cfg.atlas_ml, (atlas, floor)
     changes = name_levels(mask, head.volume)
     assert len(changes) == 1 and changes[0].startswith("cleared above the floor") and "C1" in changes[0], changes
     assert np.array_equal(mask, head.mask)

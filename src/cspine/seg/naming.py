@@ -210,8 +210,8 @@ def find_canal(chu: np.ndarray, spacing: np.ndarray, level: _Level, cfg: NamingC
         if not parts.any():
             continue
         index = np.arange(1, parts.max() + 1)
-        area = ndimage.sum_labels(np.ones(parts.shape), parts, index) * float(np.prod(box.px))
-        yx = box.mm(np.array(ndimage.center_of_mass(np.ones(parts.shape), parts, index)))
+        area = np.bincount(parts.ravel())[1:] * float(np.prod(box.px))
+        yx = box.mm(np.array(ndimage.center_of_mass(parts > 0, parts, index)))
         dist = np.hypot(*(yx - target).T)
         fits = (area >= cfg.canal_mm2[0]) & (area <= cfg.canal_mm2[1]) & (dist <= cfg.canal_reach_mm)
         if fits.any():
