@@ -12,6 +12,9 @@ and ``bottom`` cuts it under C7. Judged as ``real_ct_check.py`` judges the origi
 cranio-caudal order, C1's centroid 0-25 mm under the Brainstem contour's lower end (the foramen magnum), C1-C7
 span 70-140 mm, every level within 30 mm in-plane of the SpinalCord contour and on bone (mean HU >= 100). Printed
 per variant: the failed criteria, and each level's height above the foramen magnum (mm) and volume (ml).
+A variant cut at or under the foramen magnum (``top+0``, ``top-20`` ...) is judged by names instead: each level
+found must be the level of the original (``orig``, run first) whose centroid is nearest, and every level of the
+original whose centroid lies more than 15 mm under the cut must be found.
 """
 
 from __future__ import annotations
@@ -56,9 +59,10 @@ VARIANTS: dict[str, dict] = {
     "z2": {"voxel": (4.625, 4.625, 2.0)},
     "xy3": {"voxel": (3.0, 3.0, 2.0)},
     "iso1.5": {"voxel": (1.5, 1.5, 1.5)},
-    "top+15": {"top_mm": 15.0},
-    "top+40": {"top_mm": 40.0},
+    **{f"top{d:+d}": {"top_mm": float(d)} for d in (40, 15, 10, 5)},
     "bottom": {"bottom_mm": -138.0},
+    # a neck CT that starts at or under the foramen magnum: no skull to count from
+    **{f"top{d:+d}": {"top_mm": float(d)} for d in (0, -20, -45, -70)},
 }
 
 
@@ -121,6 +125,20 @@ def judge(levels: dict[str, dict], fm: float, cord: np.ndarray) -> list[str]:
     return fails
 
 
+def judge_names(levels: dict[str, dict], fm: float, orig: dict[str, float], top_mm: float) -> list[str]:
+    """The failed criteria of a variant cut ``top_mm`` above the foramen magnum (``fm``, RAS z): ``orig`` holds the
+    original's level heights above the foramen magnum."""
+    fails = []
+    for n, lv in levels.items():
+        nearest = min(orig, key=lambda o: abs(orig[o] - (lv["ras"][2] - fm)))
+        if nearest != n:
+            fails.append(f"{n} is {nearest}")
+    missing = [n for n, h in orig.items() if h < top_mm - 15 and (n not in levels or levels[n]["ml"] < 1.0)]
+    if missing:
+        fails.append(f"missing {','.join(missing)}")
+    return fails
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="segmenter directory (default: the shipped one)")
@@ -134,6 +152,10 @@ def main() -> None:
     labels = np.asarray(structures.dataobj).astype(np.int16)
     fm_z = float(nib.affines.apply_affine(structures.affine, np.argwhere(labels == BRAINSTEM))[:, 2].min())
     names = [n for n in VARIANTS if not args.only or n in args.only.split(",")]
+    cut_under_fm = {n for n in names if VARIANTS[n].get("top_mm", 1.0) <= 0}
+    if cut_under_fm and "orig" not in names:
+        names.insert(0, "orig")
+    orig: dict[str, float] = {}
     right = 0
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
@@ -141,7 +163,7 @@ def main() -> None:
             path = Path(tmp) / f"{name}.nii.gz"
             nib.save(nib.Nifti1Image(hu, affine), path)
             ras = {k: nib.affines.apply_affine(affine, np.argwhere(lab == k)) for k in (BRAINSTEM, SPINAL_CORD)}
-            fm = float(ras[BRAINSTEM][:, 2].min())
+            fm = float(ras[BRAINSTEM][:, 2].min()) if len(ras[BRAINSTEM]) else fm_z
             vol = load_study(path)
             res = segment_volume(vol, model)
             to_ras = np.diag([-1.0, -1.0, 1.0])
@@ -154,9 +176,15 @@ def main() -> None:
                         "ml": len(idx) * float(np.prod(vol.spacing)) / 1000,
                         "hu": float(vol.array[res.mask == k].mean()),
                     }
-            fails = judge(levels, fm, ras[SPINAL_CORD])
+            if name == "orig":
+                orig = {n: lv["ras"][2] - fm for n, lv in levels.items()}
+            if name in cut_under_fm:
+                fails = judge_names(levels, fm_z, orig, VARIANTS[name]["top_mm"])
+            else:
+                fails = judge(levels, fm, ras[SPINAL_CORD])
             right += not fails
-            heights = " ".join(f"{n} {lv['ras'][2] - fm:+.0f} ({lv['ml']:.0f})" for n, lv in levels.items())
+            ref = fm_z if name in cut_under_fm else fm  # the cut variants have no Brainstem over the FM to find
+            heights = " ".join(f"{n} {lv['ras'][2] - ref:+.0f} ({lv['ml']:.0f})" for n, lv in levels.items())
             print(f"{name:15s} {'right' if not fails else 'WRONG'}  {'; '.join(fails):45s} {heights}", flush=True)
     print(f"{right}/{len(names)} variants meet every criterion")
 

@@ -11,6 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from cspine.io.volume import crop
 from cspine.metrics import dice
 from cspine.seg.config import OTHER_VALUE
 from cspine.seg.grid import make_gridmap
@@ -100,6 +101,25 @@ def test_a_level_reaching_into_the_skull_base_is_cut_at_the_floor(head: SynthStu
     assert np.array_equal(mask, head.mask)
 
 
+def test_a_piece_split_off_the_top_of_the_atlas_joins_it(head: SynthStudy) -> None:
+    """The network on OpenKBP pt2 cut 10 mm over the foramen magnum: a 2 ml "C1" on top of its atlas, the rest of
+    the atlas "C2" and every level below one too low. The piece is merged into the atlas, and the skull then names
+    the column from it."""
+    truth = head.mask
+    mask = one_level_low(truth, last=6)
+    gm = make_gridmap(truth.shape, head.volume.affine, (1.0, 1.0, 1.0))
+    cm, ct = gm.to_canonical(mask), gm.to_canonical(truth)
+    top = np.nonzero(ct == 1)[0].max()
+    cm[top - 1 :][ct[top - 1 :] == 1] = 1  # the atlas's two highest slices
+    levels = _canonical(replace(head, mask=mask))[2]
+    assert levels[1].ml < NamingConfig().piece_share * levels[2].ml, (levels[1], levels[2])
+    changes = name_levels(mask, head.volume, NamingConfig(atlas_mm=GENERATED_ATLAS_MM))
+    assert changes[0].startswith("C1 (") and "merged into C2" in changes[0], changes
+    assert any(c.startswith("levels renamed from the skull") for c in changes), changes
+    for v in range(1, 6):
+        assert np.array_equal(mask == v, truth == v), f"C{v}"
+
+
 def test_the_axis_is_not_taken_for_the_atlas(head: SynthStudy) -> None:
     """The atlas left unlabelled and C2..C6 named right: C2 lies more than ``atlas_mm`` under the floor, so the
     column keeps its names (renaming it from C2 would put every name one level too high)."""
@@ -119,8 +139,8 @@ def test_an_occiput_behind_the_neck_is_not_the_floor() -> None:
     floor = None if canal is None else cavity_floor(chu, spacing, canal, levels[2].height, cfg)
     assert floor is None or floor > levels[1].height + 5, (floor, levels[1].height)
     mask = st.mask.copy()
-    assert name_levels(mask, st.volume) == []
-    assert np.array_equal(mask, st.mask)
+    notes = name_levels(mask, st.volume)  # no renaming (nor a warning: its field of view ends 13 mm over C1)
+    assert np.array_equal(mask, st.mask) and notes == [], notes
 
 
 @pytest.fixture(scope="module")
@@ -146,29 +166,47 @@ def test_the_vertebra_under_c6_is_c7(neck: SynthStudy, c7_on: int) -> None:
     assert np.array_equal(mask[truth < 7], truth[truth < 7])
 
 
-@pytest.mark.parametrize("case", ["neck", "chest"])
-def test_a_study_without_a_skull_keeps_its_names(case: str, neck: SynthStudy) -> None:
-    """No cranial cavity, no renaming: a neck named one level low, and a chest whose T3..T9 are named C1..C7 (the
-    network named lumbar vertebrae so on a real abdomen before the anatomical checks)."""
+@pytest.mark.parametrize("case", ["neck", "neck cut at C1", "chest", "head"])
+def test_a_study_without_a_skull_keeps_its_names(case: str, neck: SynthStudy, head: SynthStudy) -> None:
+    """No cranial cavity, no renaming: a neck named one level low, a chest whose T3..T9 are named C1..C7 (the
+    network named lumbar vertebrae so on a real abdomen before the anatomical checks), and a head CT whose skull is
+    turned to soft tissue. Where the column reaches within 10 mm of the top of the field of view (the neck cut 5 mm
+    over C1; the chest) a warning says the names were not checked; the neck as scanned (its field of view ends 24 mm
+    over C1, air above the atlas) and the head have none."""
     if case == "chest":
         st = generate_study(1203, "small", 3, profile="wide")
         assert st.extra["fov"] == "chest"
         mask = np.where((st.mask >= 10) & (st.mask <= 16), st.mask - 9, 0).astype(np.uint8)
         assert len(np.unique(mask)) == 8
         vol = st.volume
-    else:  # the neck CT cut 5 mm above C1 (its field of view reaches the occiput)
-        st = neck
+    else:  # the network's names one level low; above C1 air (the neck) or soft tissue (the head)
+        st = head if case == "head" else neck
         mask = np.where(st.mask > 0, OTHER_VALUE, 0).astype(np.uint8)
         for v in range(1, 8):
             mask[st.mask == v] = v + 1 if v < 7 else OTHER_VALUE
         gm = make_gridmap(st.volume.shape, st.volume.affine, (1.0, 1.0, 1.0))
         array = st.volume.array.copy()
         top = np.nonzero(gm.to_canonical(st.mask) == 1)[0].max() + round(5 / gm.spacing[0])
-        gm.to_canonical(array)[top:] = -1000
+        if case == "head":
+            bone = np.isin(gm.to_canonical(st.tissue), [TISSUES["cortical"], TISSUES["cancellous"]])
+            bone[:top] = False
+            gm.to_canonical(array)[bone] = 40
+        else:
+            gm.to_canonical(array)[top:] = -1000
         vol = replace(st.volume, array=array)
+        if case == "neck cut at C1":  # the field of view ends there
+            axis, n = gm.perm[0], st.volume.shape[gm.perm[0]]
+            start, stop = [0, 0, 0], list(st.volume.shape)
+            start[axis], stop[axis] = (n - top, n) if gm.flip[0] else (0, top)
+            vol = crop(vol, (start[0], start[1], start[2]), (stop[0], stop[1], stop[2]))
+            mask = mask[tuple(slice(a, b) for a, b in zip(start, stop, strict=True))].copy()
     before = mask.copy()
-    assert name_levels(mask, vol) == []
+    notes = name_levels(mask, vol)
     assert np.array_equal(mask, before)
+    if case in ("neck", "head"):
+        assert notes == []
+    else:
+        assert len(notes) == 1 and notes[0].startswith("names not checked against the skull"), notes
 
 
 def test_a_users_own_mask_is_not_renamed(neck: SynthStudy) -> None:

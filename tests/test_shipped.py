@@ -241,6 +241,40 @@ def test_a_head_ct_that_stops_in_the_neck_keeps_the_level_names(
     assert set(moved) == set(found) and all(abs(d) <= HALF_VERTEBRA_MM for d in moved.values()), moved
 
 
+def _cut_top(real: Path, contours: dict[str, np.ndarray], over_fm_mm: float, out: Path) -> None:
+    """OpenKBP pt2 with its field of view starting ``over_fm_mm`` over the foramen magnum, written to ``out``."""
+    img = nib.as_closest_canonical(nib.load(str(real / "nifti" / "openkbp_hn_pt2" / "ct.nii.gz")))
+    z = img.affine[2, 2] * np.arange(img.shape[2]) + img.affine[2, 3]
+    stop = int(np.searchsorted(z, contours["Brainstem"][:, 2].min() + over_fm_mm, side="right"))
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, :stop], img.affine), str(out))
+
+
+def test_a_neck_ct_starting_at_the_skull_base_keeps_the_level_names(
+    real: Path, openkbp: tuple[dict, dict[str, np.ndarray]], tmp_path: Path
+) -> None:
+    """OpenKBP pt2 starting 10 mm over the foramen magnum: the network splits the atlas into a 2 ml "C1" 4 mm over its
+    "C2" and names the axis C3 (session 23's code left that); the piece is merged into the atlas and the skull names
+    the column, so every level keeps its name and place on the whole scan (within half a vertebra)."""
+    whole, contours = openkbp
+    _cut_top(real, contours, 10.0, tmp_path / "neck.nii.gz")
+    found = _segment(tmp_path / "neck.nii.gz", tmp_path / "m.nii.gz")
+    assert list(found) == LEVELS, f"found {list(found)}"
+    moved = {lv: round(float(found[lv][2] - whole[lv][2])) for lv in LEVELS}
+    assert all(abs(d) <= HALF_VERTEBRA_MM for d in moved.values()), moved
+
+
+def test_names_without_a_skull_in_view_come_with_a_warning(
+    real: Path, openkbp: tuple[dict, dict[str, np.ndarray]], tmp_path: Path
+) -> None:
+    """OpenKBP pt2 starting 20 mm under the foramen magnum: no cranial cavity to count from, and the network names the
+    axis C3 (a known limit): the report says the names were not checked against a skull."""
+    _, contours = openkbp
+    _cut_top(real, contours, -20.0, tmp_path / "neck.nii.gz")
+    _segment(tmp_path / "neck.nii.gz", tmp_path / "m.nii.gz", "--report", str(tmp_path / "r.json"))
+    warnings = json.loads((tmp_path / "r.json").read_text())["warnings"]
+    assert any(w.startswith("names not checked against the skull") for w in warnings), warnings
+
+
 @pytest.fixture(scope="module")
 def slicer_heights(real: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
     """The shipped segmenter's level centres on the Slicer neck, mm above its lowest slice."""
