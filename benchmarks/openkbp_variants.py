@@ -12,9 +12,10 @@ and ``bottom`` cuts it under C7. Judged as ``real_ct_check.py`` judges the origi
 cranio-caudal order, C1's centroid 0-25 mm under the Brainstem contour's lower end (the foramen magnum), C1-C7
 span 70-140 mm, every level within 30 mm in-plane of the SpinalCord contour and on bone (mean HU >= 100). Printed
 per variant: the failed criteria, and each level's height above the foramen magnum (mm) and volume (ml).
-A variant cut at or under the foramen magnum (``top+0``, ``top-20`` ...) is judged by names instead: each level
-found must be the level of the original (``orig``, run first) whose centroid is nearest, and every level of the
-original whose centroid lies more than 15 mm under the cut must be found.
+A variant cut at or under the foramen magnum (``top+0``, ``top-20`` ...) or ending in the atlas or the axis
+(``head-25`` ...) is judged by names instead, against the original's segmentation (``orig``, run first; its names
+meet the criteria above) as far as it lies in the variant's view: each level found must be nearest to the
+original's level of that name, and each of the original's levels at least half in view must be found.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from scipy import ndimage
 
 from cspine.io import load_study
+from cspine.io.volume import Volume
 from cspine.seg.infer import load_model, segment_volume
 from cspine.seg.shipped import shipped_model
 
@@ -63,6 +65,8 @@ VARIANTS: dict[str, dict] = {
     "bottom": {"bottom_mm": -138.0},
     # a neck CT that starts at or under the foramen magnum: no skull to count from
     **{f"top{d:+d}": {"top_mm": float(d)} for d in (0, -20, -45, -70)},
+    # a head CT that ends in the atlas or the axis (a routine head CT reaches down to C1-C2)
+    **{f"head{d:+d}": {"bottom_mm": float(d)} for d in (-25, -35, -45, -55)},
 }
 
 
@@ -125,15 +129,27 @@ def judge(levels: dict[str, dict], fm: float, cord: np.ndarray) -> list[str]:
     return fails
 
 
-def judge_names(levels: dict[str, dict], fm: float, orig: dict[str, float], top_mm: float) -> list[str]:
-    """The failed criteria of a variant cut ``top_mm`` above the foramen magnum (``fm``, RAS z): ``orig`` holds the
-    original's level heights above the foramen magnum."""
+def judge_names(mask: np.ndarray, vol: Volume, orig_mask: np.ndarray, orig_vol: Volume) -> list[str]:
+    """The failed criteria of a cut variant (``mask`` on ``vol``), by the original's levels (``orig_mask`` on
+    ``orig_vol``, named right by :func:`judge`) as far as they lie in the variant's view: each level found is
+    nearest (centroid) to the original's level of that name, and each original level at least half in view is
+    found (>= 1 ml). A cut level is compared with the original's part in view, whose centroid moves with the cut."""
+    idx = np.argwhere((orig_mask >= 1) & (orig_mask <= 7))
+    at = nib.affines.apply_affine(np.linalg.inv(vol.affine) @ orig_vol.affine, idx)
+    seen = np.all((np.rint(at) >= 0) & (np.rint(at) < mask.shape), axis=1)
+    values = orig_mask[tuple(idx.T)]
+    ml = np.bincount(mask[(mask >= 1) & (mask <= 7)], minlength=8) * float(np.prod(vol.spacing)) / 1000
+    share = np.bincount(values[seen], minlength=8) / np.maximum(np.bincount(values, minlength=8), 1)
+    centre = {k: at[seen & (values == k)].mean(axis=0) for k in range(1, 8) if (seen & (values == k)).any()}
     fails = []
-    for n, lv in levels.items():
-        nearest = min(orig, key=lambda o: abs(orig[o] - (lv["ras"][2] - fm)))
-        if nearest != n:
-            fails.append(f"{n} is {nearest}")
-    missing = [n for n, h in orig.items() if h < top_mm - 15 and (n not in levels or levels[n]["ml"] < 1.0)]
+    for k, n in enumerate(LEVELS, 1):
+        found = np.argwhere(mask == k)
+        if len(found) and centre:
+            c = found.mean(axis=0) * np.asarray(vol.spacing)
+            near = min(centre, key=lambda j: float(np.linalg.norm(centre[j] * np.asarray(vol.spacing) - c)))
+            if near != k:
+                fails.append(f"{n} is {LEVELS[near - 1]}")
+    missing = [LEVELS[k - 1] for k in range(1, 8) if share[k] >= 0.5 and ml[k] < 1.0]
     if missing:
         fails.append(f"missing {','.join(missing)}")
     return fails
@@ -152,10 +168,10 @@ def main() -> None:
     labels = np.asarray(structures.dataobj).astype(np.int16)
     fm_z = float(nib.affines.apply_affine(structures.affine, np.argwhere(labels == BRAINSTEM))[:, 2].min())
     names = [n for n in VARIANTS if not args.only or n in args.only.split(",")]
-    cut_under_fm = {n for n in names if VARIANTS[n].get("top_mm", 1.0) <= 0}
-    if cut_under_fm and "orig" not in names:
+    by_names = {n for n in names if VARIANTS[n].get("top_mm", 1.0) <= 0 or n.startswith("head")}
+    if by_names and "orig" not in names:
         names.insert(0, "orig")
-    orig: dict[str, float] = {}
+    orig: tuple[np.ndarray, Volume] | None = None
     right = 0
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
@@ -177,13 +193,13 @@ def main() -> None:
                         "hu": float(vol.array[res.mask == k].mean()),
                     }
             if name == "orig":
-                orig = {n: lv["ras"][2] - fm for n, lv in levels.items()}
-            if name in cut_under_fm:
-                fails = judge_names(levels, fm_z, orig, VARIANTS[name]["top_mm"])
+                orig = (res.mask, vol)
+            if name in by_names and orig is not None:
+                fails = judge_names(res.mask, vol, *orig)
             else:
                 fails = judge(levels, fm, ras[SPINAL_CORD])
             right += not fails
-            ref = fm_z if name in cut_under_fm else fm  # the cut variants have no Brainstem over the FM to find
+            ref = fm_z if name in by_names else fm  # not turned: the original's foramen magnum
             heights = " ".join(f"{n} {lv['ras'][2] - ref:+.0f} ({lv['ml']:.0f})" for n, lv in levels.items())
             print(f"{name:15s} {'right' if not fails else 'WRONG'}  {'; '.join(fails):45s} {heights}", flush=True)
     print(f"{right}/{len(names)} variants meet every criterion")

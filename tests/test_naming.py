@@ -110,13 +110,36 @@ def test_a_piece_split_off_the_top_of_the_atlas_joins_it(head: SynthStudy) -> No
     gm = make_gridmap(truth.shape, head.volume.affine, (1.0, 1.0, 1.0))
     cm, ct = gm.to_canonical(mask), gm.to_canonical(truth)
     top = np.nonzero(ct == 1)[0].max()
-    cm[top - 1 :][ct[top - 1 :] == 1] = 1  # the atlas's two highest slices
+    cm[top - 2 :][ct[top - 2 :] == 1] = 1  # the atlas's three highest slices
     levels = _canonical(replace(head, mask=mask))[2]
-    assert levels[1].ml < NamingConfig().piece_share * levels[2].ml, (levels[1], levels[2])
+    cfg = NamingConfig()
+    assert cfg.min_next_ml <= levels[1].ml < cfg.piece_share * levels[2].ml, (levels[1], levels[2])
     changes = name_levels(mask, head.volume, NamingConfig(atlas_mm=GENERATED_ATLAS_MM))
     assert changes[0].startswith("C1 (") and "merged into C2" in changes[0], changes
     assert any(c.startswith("levels renamed from the skull") for c in changes), changes
     for v in range(1, 6):
+        assert np.array_equal(mask == v, truth == v), f"C{v}"
+
+
+def test_under_the_atlas_the_levels_follow_in_order(head: SynthStudy) -> None:
+    """The network on a real head CT that ends in C2 (OpenKBP pt2 cut 25 mm under the foramen magnum): the atlas
+    "C3", a 1 ml piece "C5" and the axis "C6". Shifting every name by the atlas's (C6 - 2 = C4) put C4 on the axis;
+    the piece is merged into the axis, and the levels under the atlas are named in order."""
+    truth = head.mask
+    mask = np.where(truth > 0, OTHER_VALUE, 0).astype(np.uint8)
+    for v, network in ((1, 3), (2, 6), (3, 7)):
+        mask[truth == v] = network
+    gm = make_gridmap(truth.shape, head.volume.affine, (1.0, 1.0, 1.0))
+    cm, ct = gm.to_canonical(mask), gm.to_canonical(truth)
+    mid = round(float(np.nonzero(ct == 2)[0].mean()))
+    cm[mid][ct[mid] == 2] = 5  # a slice of the axis at its centroid
+    levels = _canonical(replace(head, mask=mask))[2]
+    cfg = NamingConfig(atlas_mm=GENERATED_ATLAS_MM)
+    assert cfg.min_next_ml <= levels[5].ml < cfg.piece_share * levels[6].ml, (levels[5], levels[6])
+    changes = name_levels(mask, head.volume, cfg)
+    assert changes[0].startswith("C5 (") and "merged into C6" in changes[0], changes
+    assert "C3, C6, C7 are C1, C2, C3" in changes[1], changes
+    for v in range(1, 4):
         assert np.array_equal(mask == v, truth == v), f"C{v}"
 
 

@@ -241,6 +241,27 @@ def test_a_head_ct_that_stops_in_the_neck_keeps_the_level_names(
     assert set(moved) == set(found) and all(abs(d) <= HALF_VERTEBRA_MM for d in moved.values()), moved
 
 
+def test_a_head_ct_that_ends_in_the_axis_finds_the_atlas_and_the_axis(
+    real: Path, openkbp: tuple[dict, dict[str, np.ndarray]], tmp_path: Path
+) -> None:
+    """OpenKBP pt2 cut as a routine head CT, ending 25 mm under the foramen magnum (through the axis): the network
+    labels the atlas "C3", a 1 ml piece "C5" and the axis "C6", and two specks of skull "C1" and "C2". Session 23's
+    naming looked for the canal by the second-highest label, a speck, found no floor and left "C3" and "C6". Now the
+    canal is found by the levels that hold a vertebra's volume, the piece is merged and the levels under the atlas
+    are named in order: C1 0-25 mm under the foramen magnum, C2 under it, nothing else."""
+    _, contours = openkbp
+    img = nib.as_closest_canonical(nib.load(str(real / "nifti" / "openkbp_hn_pt2" / "ct.nii.gz")))
+    z = img.affine[2, 2] * np.arange(img.shape[2]) + img.affine[2, 3]
+    fm = contours["Brainstem"][:, 2].min()
+    first = int(np.argmax(z >= fm - 25.0))
+    affine = img.affine.copy()
+    affine[:3, 3] = img.affine[:3, :3] @ [0, 0, first] + img.affine[:3, 3]
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, first:], affine), str(tmp_path / "head_ct.nii.gz"))
+    found = _segment(tmp_path / "head_ct.nii.gz", tmp_path / "m.nii.gz")
+    assert list(found) == ["C1", "C2"], f"found {list(found)}"
+    assert 0 <= fm - found["C1"][2] <= 25 and found["C2"][2] < found["C1"][2] - 10, (fm, found)
+
+
 def _cut_top(real: Path, contours: dict[str, np.ndarray], over_fm_mm: float, out: Path) -> None:
     """OpenKBP pt2 with its field of view starting ``over_fm_mm`` over the foramen magnum, written to ``out``."""
     img = nib.as_closest_canonical(nib.load(str(real / "nifti" / "openkbp_hn_pt2" / "ct.nii.gz")))

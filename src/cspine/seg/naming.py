@@ -91,9 +91,9 @@ class NamingConfig:
             the last two levels (a lower cervical vertebra reaches about 30 mm out to its transverse processes).
         max_gap_steps: a lowest level further under the one above it than this many of the step above is a
             vertebra further down, not the next level (the network put "C7" on T2 at some grid phases).
-        piece_share, piece_mm: a highest level holding less than ``piece_share`` of the next level's volume, whose
-            centroid lies less than ``piece_mm`` over the next level's, is a piece of that vertebra (neighbouring
-            levels' centroids lie 11-30 mm apart on the real necks here).
+        piece_share, piece_mm: a level (not the lowest) holding less than ``piece_share`` of the volume of its
+            nearest neighbour in the column, whose centroid lies less than ``piece_mm`` from that neighbour's, is a
+            piece of that vertebra (neighbouring levels' centroids lie 11-30 mm apart on the real necks here).
         skull_view_mm: with no floor found, a highest level reaching less than this under the top of the field of
             view has no skull in view to be named from, and the names are flagged as the network's own count: on
             OpenKBP pt2 cut 5 mm over the foramen magnum or lower the network's names were one or more levels off,
@@ -314,7 +314,7 @@ def name_levels(
     if len(levels) < 2:
         return []
     lut = np.arange(256, dtype=mask.dtype)
-    merged = _merge_top_piece(levels, lut, cfg)
+    merged = _merge_pieces(levels, lut, cfg)
     if merged:
         sub[...] = lut[sub]
         levels = _levels(gm.to_canonical(sub), corner, spacing)
@@ -345,22 +345,32 @@ def name_levels(
     return changes
 
 
-def _merge_top_piece(levels: dict[int, _Level], lut: np.ndarray, cfg: NamingConfig) -> list[str]:
-    """A highest level that is a small piece just over the next name's centroid is part of that vertebra: merged in
-    ``lut``; the change in words. (The network split OpenKBP pt2's atlas so, a 2 ml "C1" 4-8 mm over its "C2",
-    when the field of view starts 0-10 mm over the foramen magnum.)"""
-    order = sorted(levels, key=lambda v: -levels[v].height)
-    if len(order) < 2 or order[1] != order[0] + 1:
-        return []
-    top, below = levels[order[0]], levels[order[1]]
-    gap = top.height - below.height
-    if top.ml > cfg.piece_share * below.ml or gap > cfg.piece_mm:
-        return []
-    lut[order[0]] = order[1]
-    return [
-        f"{label_name(order[0])} ({top.ml:.1f} ml) merged into {label_name(order[1])}: its centroid lies {gap:.0f} mm "
-        f"over it, a piece of the same vertebra (neighbouring levels lie 11 mm and more apart)"
-    ]
+def _merge_pieces(levels: dict[int, _Level], lut: np.ndarray, cfg: NamingConfig) -> list[str]:
+    """A level (not the lowest, which the field of view may cut) that is a small piece lying close to a neighbour
+    in the column is part of that vertebra: merged in ``lut``; the changes in words. (The network split OpenKBP
+    pt2's atlas so, a 2 ml "C1" 4-8 mm over its "C2", when the field of view starts 0-10 mm over the foramen
+    magnum, and left 1 ml pieces between the atlas and the axis of a head CT that ends in C2.)"""
+    column = sorted(_solid(levels, cfg), key=lambda v: -levels[v].height)
+    changes: list[str] = []
+    targets: set[int] = set()
+    for i, v in enumerate(column[:-1]):
+        height = levels[v].height
+        near = min(column[max(0, i - 1) : i] + column[i + 1 : i + 2], key=lambda u: abs(levels[u].height - height))
+        gap = abs(levels[near].height - height)
+        if v in targets or lut[near] != near or levels[v].ml > cfg.piece_share * levels[near].ml or gap >= cfg.piece_mm:
+            continue
+        lut[v] = near
+        targets.add(near)
+        changes.append(
+            f"{label_name(v)} ({levels[v].ml:.1f} ml) merged into {label_name(near)}: its centroid lies {gap:.0f} mm "
+            "from it, a piece of the same vertebra (neighbouring levels lie 11 mm and more apart)"
+        )
+    return changes
+
+
+def _solid(levels: dict[int, _Level], cfg: NamingConfig) -> list[int]:
+    """The levels that hold a vertebra's volume (``min_next_ml``), not a speck."""
+    return [v for v, lv in levels.items() if lv.ml >= cfg.min_next_ml]
 
 
 def _no_skull_note(cbox: np.ndarray, corner: np.ndarray, top: int, spacing: np.ndarray, cfg: NamingConfig) -> str:
@@ -398,7 +408,8 @@ def _from_skull(
 ) -> tuple[list[str], float | None]:
     """Skull-base labels cleared and the column renamed from the atlas, written into ``lut`` (value -> new value);
     the changes in words and the cranial cavity's floor (None when not found)."""
-    second = levels[sorted(levels, key=lambda v: -levels[v].height)[1]]
+    solid = _solid(levels, cfg)
+    second = levels[sorted(solid if len(solid) >= 2 else levels, key=lambda v: -levels[v].height)[1]]
     canal = find_canal(chu, spacing, second, cfg)
     floor = None if canal is None else cavity_floor(chu, spacing, canal, second.height, cfg)
     if floor is None:
@@ -414,16 +425,17 @@ def _from_skull(
             )
         else:
             below[v] = lv
-    if not below or min(below) == 1 or floor - below[min(below)].height >= cfg.atlas_mm:
+    column = sorted(_solid(below, cfg), key=lambda v: -below[v].height)
+    if not column or column[0] == 1 or floor - below[column[0]].height >= cfg.atlas_mm:
         return changes, floor
-    shift = min(below) - 1
-    for v in below:
-        lut[v] = v - shift
-    names = sorted(below)
+    names = {v: k if k <= 7 else OTHER_VALUE for k, v in enumerate(column, 1)}
+    shift = column[0] - 1
+    for v in below:  # specks keep their place in the network's count where that name is free
+        lut[v] = names.get(v, v - shift if 1 <= v - shift <= 7 and v - shift not in names.values() else 0)
     changes.append(
-        f"levels renamed from the skull: the highest lies {floor - below[names[0]].height:.0f} mm under the floor "
-        f"of the cranial cavity, so it is C1 (the network's {label_name(names[0])}..{label_name(names[-1])} are "
-        f"{label_name(names[0] - shift)}..{label_name(names[-1] - shift)})"
+        f"levels renamed from the skull: the highest lies {floor - below[column[0]].height:.0f} mm under the floor "
+        f"of the cranial cavity, so it is C1, and the levels under it follow in order (the network's "
+        f"{', '.join(label_name(v) for v in column)} are {', '.join(label_name(int(lut[v])) for v in column)})"
     )
     return changes, floor
 
