@@ -12,10 +12,11 @@ and ``bottom`` cuts it under C7. Judged as ``real_ct_check.py`` judges the origi
 cranio-caudal order, C1's centroid 0-25 mm under the Brainstem contour's lower end (the foramen magnum), C1-C7
 span 70-140 mm, every level within 30 mm in-plane of the SpinalCord contour and on bone (mean HU >= 100). Printed
 per variant: the failed criteria, and each level's height above the foramen magnum (mm) and volume (ml).
-A variant cut at or under the foramen magnum (``top+0``, ``top-20`` ...) or ending in the atlas or the axis
-(``head-25`` ...) is judged by names instead, against the original's segmentation (``orig``, run first; its names
-meet the criteria above) as far as it lies in the variant's view: each level found must be nearest to the
-original's level of that name, and each of the original's levels at least half in view must be found.
+A variant cut at the top (``top+40`` ... ``top-70``: a 2 ml piece of the atlas named "C1" passes the criteria
+above) or ending in the atlas or the axis (``head-25`` ...) is judged by names instead, against the original's
+segmentation (``orig``, run first; its names meet the criteria above) as far as it lies in the variant's view:
+each level found must be nearest to the original's level of that name, and each of the original's levels at least
+half in view must be found.
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ def main() -> None:
     labels = np.asarray(structures.dataobj).astype(np.int16)
     fm_z = float(nib.affines.apply_affine(structures.affine, np.argwhere(labels == BRAINSTEM))[:, 2].min())
     names = [n for n in VARIANTS if not args.only or n in args.only.split(",")]
-    by_names = {n for n in names if VARIANTS[n].get("top_mm", 1.0) <= 0 or n.startswith("head")}
+    by_names = {n for n in names if "top_mm" in VARIANTS[n] or n.startswith("head")}
     if by_names and "orig" not in names:
         names.insert(0, "orig")
     orig: tuple[np.ndarray, Volume] | None = None

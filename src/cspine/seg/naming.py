@@ -7,6 +7,9 @@ network gives even depends on where its stride grid falls (docs/real_ct.md). A r
 way: the atlas is by definition the first vertebra under the foramen magnum, where the canal leaves the cranial
 cavity. That needs no network, only the skull, so it is checked here on the image:
 
+- **A piece is part of its vertebra**: a small level lying close to a neighbour in the column is merged into it
+  first (the network split a real atlas into a 2 ml "C1" over its "C2"; real neighbouring levels lie 11 mm and more
+  apart), so that the rules below see vertebrae.
 - **The cranial cavity's floor over the canal** (:func:`cavity_floor`): the foramen magnum is where the spinal
   canal opens into the posterior fossa. The canal is found in the second-highest level's slices (:func:`find_canal`:
   a small region enclosed by bone behind the level's centroid); going up from there, the floor is the lowest axial
@@ -22,9 +25,10 @@ cavity. That needs no network, only the skull, so it is checked here on the imag
   the voxels of any level above the floor are cleared (the network's atlas reaches up into the skull base, on a
   head tilted back by 27-54 mm over the foramen magnum, which lifts its centroid over it).
 - **A level right under the floor is the atlas**: when the highest level left lies less than ``atlas_mm`` under the
-  floor and is not named C1, the column is renamed from it (that level C1, the next C2, ...). The atlas's centroid
-  lies 9-24 mm under the floor on the real necks here (OpenKBP pt2 turned, the Slicer neck) and the axis's 35-55
-  mm, so ``atlas_mm`` tells them apart.
+  floor and is not named C1, the column is renamed from it: that level C1, the next one down C2, and so on by
+  height, whatever the network's numbers (it skips names on a real head CT ending in the axis). The atlas's
+  centroid lies 9-24 mm under the floor on the real necks here (OpenKBP pt2 turned, the Slicer neck) and the
+  axis's 35-55 mm, so ``atlas_mm`` tells them apart.
 - **The vertebra under C6 is C7** (with or without a skull): when the column's names stop before C7 while the
   network's "other vertebra" class holds a vertebra right under the last named level (it took it for T1: on
   OpenKBP pt2 once the atlas is C1, and at some of the network's grid phases), the largest piece of "other" a
@@ -426,7 +430,9 @@ def _from_skull(
         else:
             below[v] = lv
     column = sorted(_solid(below, cfg), key=lambda v: -below[v].height)
-    if not column or column[0] == 1 or floor - below[column[0]].height >= cfg.atlas_mm:
+    # a C1 label under the floor, even a speck, is the network's own atlas: its names stand (the Slicer neck's axis,
+    # at one of the network's grid phases, lies as close under the floor as an atlas does, with a 0.9 ml "C1" over it)
+    if not column or 1 in below or floor - below[column[0]].height >= cfg.atlas_mm:
         return changes, floor
     names = {v: k if k <= 7 else OTHER_VALUE for k, v in enumerate(column, 1)}
     shift = column[0] - 1
