@@ -134,8 +134,10 @@ def test_postprocess_and_report_match_whole_grid_reference(name: str) -> None:
     aff[2, 0], aff[1, 1], aff[0, 2], aff[3, 3], aff[:3, 3] = 2.0, 1.0, 1.0, 1.0, [-12.0, 7.0, 30.0]
     hu = np.where(mask > 0, 300, 0).astype(np.int16)
     vol = Volume(hu, (2.0, 1.0, 1.0), aff, instance_numbers=np.arange(mask.shape[0], 0, -1))
-    small = InferConfig(presence=PresenceConfig(min_volume_ml=0.1, min_step_mm=2.0))
-    for cfg in (InferConfig(presence=None), InferConfig(), small):
+    # the reference predates the naming by anatomy (tests/test_naming.py), which these label maps without a skull,
+    # their columns at the top of the grid, would flag as not checked against one
+    small = InferConfig(presence=PresenceConfig(min_volume_ml=0.1, min_step_mm=2.0), naming=None)
+    for cfg in (InferConfig(presence=None, naming=None), InferConfig(naming=None), small):
         a, b = finish_labels(mask, vol, cfg), finish_labels_ref(mask, vol, cfg)
         np.testing.assert_array_equal(a.mask, b.mask)
         assert (a.vertebrae, a.warnings, a.cleanup, a.cervical_spine) == (
