@@ -388,8 +388,8 @@ def _no_skull_note(cbox: np.ndarray, corner: np.ndarray, top: int, spacing: np.n
         return ""
     return (
         f"names not checked against the skull: the highest level reaches {gap:.0f} mm under the top of the field "
-        "of view and no cranial cavity is found over the canal; they are the network's own count, which on real "
-        "necks cut at or under the foramen magnum has been one or more levels off"
+        "of view and no cranial cavity is found over the canal; they are the network's own count, which on a real "
+        "neck CT starting at the skull base or under it has been one to three levels off"
     )
 
 
@@ -434,7 +434,7 @@ def _from_skull(
     # at one of the network's grid phases, lies as close under the floor as an atlas does, with a 0.9 ml "C1" over it)
     if not column or 1 in below or floor - below[column[0]].height >= cfg.atlas_mm:
         return changes, floor
-    names = {v: k if k <= 7 else OTHER_VALUE for k, v in enumerate(column, 1)}
+    names = {v: k for k, v in enumerate(column, 1)}  # at most seven: the values are 1..7
     shift = column[0] - 1
     for v in below:  # specks keep their place in the network's count where that name is free
         lut[v] = names.get(v, v - shift if 1 <= v - shift <= 7 and v - shift not in names.values() else 0)
