@@ -221,6 +221,21 @@ def test_openkbp_turned_in_the_scanner_meets_the_issue_targets(
     assert not _near_cord(found, contours["SpinalCord"])
 
 
+def _cut_fov(
+    real: Path, contours: dict[str, np.ndarray], out: Path, top_mm: float = np.inf, bottom_mm: float = -np.inf
+) -> Path:
+    """OpenKBP pt2 with its field of view cut to the slices from ``bottom_mm`` to ``top_mm`` over the foramen
+    magnum (the Brainstem contour's lower end), written to ``out``."""
+    img = nib.as_closest_canonical(nib.load(str(real / "nifti" / "openkbp_hn_pt2" / "ct.nii.gz")))
+    z = img.affine[2, 2] * np.arange(img.shape[2]) + img.affine[2, 3]
+    fm = contours["Brainstem"][:, 2].min()
+    first, stop = int(np.argmax(z >= fm + bottom_mm)), int(np.searchsorted(z, fm + top_mm, side="right"))
+    affine = img.affine.copy()
+    affine[:3, 3] = img.affine[:3, :3] @ [0, 0, first] + img.affine[:3, 3]
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, first:stop], affine), str(out))
+    return out
+
+
 def test_a_head_ct_that_stops_in_the_neck_keeps_the_level_names(
     real: Path, openkbp: tuple[dict, dict[str, np.ndarray]], tmp_path: Path
 ) -> None:
@@ -228,13 +243,7 @@ def test_a_head_ct_that_stops_in_the_neck_keeps_the_level_names(
     in view keep the names and places they have on the whole scan (within half a vertebra). The segmenter shipped
     before session 19, which never saw a head CT stopping in the neck, named them from the lowest slice (C4..C7)."""
     whole, contours = openkbp
-    img = nib.as_closest_canonical(nib.load(str(real / "nifti" / "openkbp_hn_pt2" / "ct.nii.gz")))
-    z = img.affine[2, 2] * np.arange(img.shape[2]) + img.affine[2, 3]
-    first = int(np.argmax(z >= contours["Brainstem"][:, 2].min() - 68.0))
-    affine = img.affine.copy()
-    affine[:3, 3] = img.affine[:3, :3] @ [0, 0, first] + img.affine[:3, 3]
-    cut = tmp_path / "head_ct.nii.gz"
-    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, first:], affine), str(cut))
+    cut = _cut_fov(real, contours, tmp_path / "head_ct.nii.gz", bottom_mm=-68.0)
     found = _segment(cut, tmp_path / "m.nii.gz")
     assert {"C2", "C3"} <= set(found), f"found {list(found)}"
     moved = {lv: round(float(found[lv][2] - whole[lv][2])) for lv in found if lv in whole}
@@ -250,24 +259,10 @@ def test_a_head_ct_that_ends_in_the_axis_finds_the_atlas_and_the_axis(
     canal is found by the levels that hold a vertebra's volume, the piece is merged and the levels under the atlas
     are named in order: C1 0-25 mm under the foramen magnum, C2 under it, nothing else."""
     _, contours = openkbp
-    img = nib.as_closest_canonical(nib.load(str(real / "nifti" / "openkbp_hn_pt2" / "ct.nii.gz")))
-    z = img.affine[2, 2] * np.arange(img.shape[2]) + img.affine[2, 3]
     fm = contours["Brainstem"][:, 2].min()
-    first = int(np.argmax(z >= fm - 25.0))
-    affine = img.affine.copy()
-    affine[:3, 3] = img.affine[:3, :3] @ [0, 0, first] + img.affine[:3, 3]
-    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, first:], affine), str(tmp_path / "head_ct.nii.gz"))
-    found = _segment(tmp_path / "head_ct.nii.gz", tmp_path / "m.nii.gz")
+    found = _segment(_cut_fov(real, contours, tmp_path / "head_ct.nii.gz", bottom_mm=-25.0), tmp_path / "m.nii.gz")
     assert list(found) == ["C1", "C2"], f"found {list(found)}"
     assert 0 <= fm - found["C1"][2] <= 25 and found["C2"][2] < found["C1"][2] - 10, (fm, found)
-
-
-def _cut_top(real: Path, contours: dict[str, np.ndarray], over_fm_mm: float, out: Path) -> None:
-    """OpenKBP pt2 with its field of view starting ``over_fm_mm`` over the foramen magnum, written to ``out``."""
-    img = nib.as_closest_canonical(nib.load(str(real / "nifti" / "openkbp_hn_pt2" / "ct.nii.gz")))
-    z = img.affine[2, 2] * np.arange(img.shape[2]) + img.affine[2, 3]
-    stop = int(np.searchsorted(z, contours["Brainstem"][:, 2].min() + over_fm_mm, side="right"))
-    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, :stop], img.affine), str(out))
 
 
 def test_a_neck_ct_starting_at_the_skull_base_keeps_the_level_names(
@@ -277,8 +272,7 @@ def test_a_neck_ct_starting_at_the_skull_base_keeps_the_level_names(
     "C2" and names the axis C3 (session 23's code left that); the piece is merged into the atlas and the skull names
     the column, so every level keeps its name and place on the whole scan (within half a vertebra)."""
     whole, contours = openkbp
-    _cut_top(real, contours, 10.0, tmp_path / "neck.nii.gz")
-    found = _segment(tmp_path / "neck.nii.gz", tmp_path / "m.nii.gz")
+    found = _segment(_cut_fov(real, contours, tmp_path / "neck.nii.gz", top_mm=10.0), tmp_path / "m.nii.gz")
     assert list(found) == LEVELS, f"found {list(found)}"
     moved = {lv: round(float(found[lv][2] - whole[lv][2])) for lv in LEVELS}
     assert all(abs(d) <= HALF_VERTEBRA_MM for d in moved.values()), moved
@@ -290,8 +284,8 @@ def test_names_without_a_skull_in_view_come_with_a_warning(
     """OpenKBP pt2 starting 20 mm under the foramen magnum: no cranial cavity to count from, and the network names the
     axis C3 (a known limit): the report says the names were not checked against a skull."""
     _, contours = openkbp
-    _cut_top(real, contours, -20.0, tmp_path / "neck.nii.gz")
-    _segment(tmp_path / "neck.nii.gz", tmp_path / "m.nii.gz", "--report", str(tmp_path / "r.json"))
+    neck = _cut_fov(real, contours, tmp_path / "neck.nii.gz", top_mm=-20.0)
+    _segment(neck, tmp_path / "m.nii.gz", "--report", str(tmp_path / "r.json"))
     warnings = json.loads((tmp_path / "r.json").read_text())["warnings"]
     assert any(w.startswith("names not checked against the skull") for w in warnings), warnings
 

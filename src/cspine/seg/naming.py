@@ -324,10 +324,10 @@ def name_levels(
         levels = _levels(gm.to_canonical(sub), corner, spacing)
         lut = np.arange(256, dtype=mask.dtype)
     changes, floor = _from_skull(gm.to_canonical(vol.array), spacing, levels, lut, cfg)
-    changes = merged + changes
     if changes:
         sub[...] = lut[sub]
         levels = {int(lut[v]): lv for v, lv in levels.items() if lut[v]}
+    changes = merged + changes
     if floor is not None and (cleared := _clear_above(gm.to_canonical(sub), corner, spacing, floor)):
         changes.append(cleared)
         levels = _levels(gm.to_canonical(sub), corner, spacing)
