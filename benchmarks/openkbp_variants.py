@@ -3,20 +3,19 @@
 Run: ``.venv/bin/python benchmarks/openkbp_variants.py [--model DIR] [--only orig,flex10,...]``.
 
 OpenKBP pt2 (``../shared/data/real/nifti/openkbp_hn_pt2``, never copied here) is one real head-and-neck CT; other
-patients lie with the head tilted or turned in the scanner, are larger or smaller, and are scanned at other voxel
-sizes and fields of view. Each variant resamples the CT (linear) and its contours (nearest) together: ``flexN``
-turns the whole patient by N degrees about the left-right axis (the head and neck pitched together), ``rollN``
-about the front-back axis, ``yawN`` about the long axis, ``sX`` scales every length by X, ``zN`` / ``xyN`` /
-``isoN`` resample to N mm slices / pixels / voxels, ``top+N`` cuts the field of view N mm above the foramen magnum
-and ``bottom`` cuts it under C7. Judged as ``real_ct_check.py`` judges the original: C1-C7 found (>= 1 ml) in
-cranio-caudal order, C1's centroid 0-25 mm under the Brainstem contour's lower end (the foramen magnum), C1-C7
-span 70-140 mm, every level within 30 mm in-plane of the SpinalCord contour and on bone (mean HU >= 100). Printed
-per variant: the failed criteria, and each level's height above the foramen magnum (mm) and volume (ml).
-A variant cut at the top (``top+40`` ... ``top-70``: a 2 ml piece of the atlas named "C1" passes the criteria
-above) or ending in the atlas or the axis (``head-25`` ...) is judged by names instead, against the original's
-segmentation (``orig``, run first; its names meet the criteria above) as far as it lies in the variant's view:
-each level found must be nearest to the original's level of that name, and each of the original's levels at least
-half in view must be found.
+patients lie with the head tilted or turned in the scanner, are larger or smaller, and are scanned at other voxel sizes
+and fields of view. Each variant resamples the CT (linear) and its contours (nearest) together: ``flexN`` turns the
+whole patient by N degrees about the left-right axis (the head and neck pitched together), ``rollN`` about the
+front-back axis, ``yawN`` about the long axis, ``sX`` scales every length by X, ``zN`` / ``xyN`` / ``isoN`` resample to
+N mm slices / pixels / voxels, ``top+N`` cuts the field of view N mm above the foramen magnum (``top-100``: a chest CT
+starting in C6) and ``bottom`` cuts it under C7. Judged as ``real_ct_check.py`` judges the original: C1-C7 found (>= 1
+ml) in cranio-caudal order, C1's centroid 0-25 mm under the Brainstem contour's lower end (the foramen magnum), C1-C7
+span 70-140 mm, every level within 30 mm in-plane of the SpinalCord contour and on bone (mean HU >= 100). Printed per
+variant: the failed criteria, and each level's height above the foramen magnum (mm) and volume (ml). A variant cut at
+the top (``top+40`` ... ``top-100``: a 2 ml piece of the atlas named "C1" passes the criteria above) or ending in the
+atlas or the axis (``head-25`` ...) is judged by names instead, against the original's segmentation (``orig``, run
+first; its names meet the criteria above) as far as it lies in the variant's view: each level found must be nearest to
+the original's level of that name, and each of the original's levels at least half in view must be found.
 """
 
 from __future__ import annotations
@@ -66,6 +65,8 @@ VARIANTS: dict[str, dict] = {
     "bottom": {"bottom_mm": -138.0},
     # a neck CT that starts at or under the foramen magnum: no skull to count from
     **{f"top{d:+d}": {"top_mm": float(d)} for d in (0, -20, -45, -70)},
+    # a chest CT whose first slices hold C6 and C7
+    "top-100": {"top_mm": -100.0},
     # a head CT that ends in the atlas or the axis (a routine head CT reaches down to C1-C2)
     **{f"head{d:+d}": {"bottom_mm": float(d)} for d in (-25, -35, -45, -55)},
 }

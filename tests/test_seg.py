@@ -330,6 +330,35 @@ def test_postprocess_fixes_out_of_order_labels() -> None:
     np.testing.assert_array_equal(mask2, _stack([7, 6, 5, 4, 3, 2, 1])[0])
 
 
+def test_postprocess_removes_a_label_beside_the_column() -> None:
+    """A "C7" as large as a vertebra 100 mm to the side of C1..C6, level with C5 (the network on a shoulder of a real
+    neck CT turned in the scanner): ordered by height it would swap names with C6; it is removed instead."""
+    mask, aff = _stack([1, 2, 3, 4, 5, 6])
+    wide = np.zeros((mask.shape[0], 10, 120), dtype=np.uint8)
+    wide[:, :, :10] = mask
+    wide[np.nonzero(mask == 5)[0], 2:8, 102:108] = 7
+    notes = fix_order(wide, aff)
+    assert notes == ["removed C7: it lies 100 mm beside the column"], notes
+    np.testing.assert_array_equal(wide[:, :, :10], mask)
+    assert not wide[:, :, 10:].any()
+
+
+def test_postprocess_finds_the_column_by_volume() -> None:
+    """Two whole vertebrae "C6" and "C7" and four small labels "C1".."C4" above them 70-100 mm to the side (the
+    network on ribs and a scapula of a real chest CT that starts in the neck): counted one each, the pieces outnumber
+    the vertebrae; the column is where the most volume lies, so the pieces go and C6 and C7 keep their names (not
+    renamed C1 and C2 by height)."""
+    column, aff = _stack([0, 0, 0, 0, 6, 7])
+    mask = np.zeros((column.shape[0], 10, 110), dtype=np.uint8)
+    mask[:, :, :10] = column
+    for v, x in zip((1, 2, 3, 4), (72, 80, 90, 100), strict=True):
+        mask[2 + 4 * (6 - v), 4:6, x : x + 2] = v  # at C1..C4's heights, 4 voxels each
+    notes = fix_order(mask, aff)
+    assert len(notes) == 4 and all(n.endswith("mm beside the column") for n in notes), notes
+    np.testing.assert_array_equal(mask[:, :, :10], column)
+    assert not mask[:, :, 10:].any()
+
+
 def test_postprocess_keeps_one_piece_per_vertebra() -> None:
     mask, aff = _stack([1, 2, 3, 4, 5, 6, 7])
     c4 = np.argwhere(mask == 4)

@@ -204,14 +204,16 @@ def _turned(d: Path, axis: int, degrees: float, out: Path) -> dict[str, np.ndarr
     }
 
 
-@pytest.mark.parametrize(("axis", "degrees"), [(1, -10.0), (0, -5.0)])
+@pytest.mark.parametrize(("axis", "degrees"), [(1, -10.0), (0, -5.0), (0, -15.0)])
 def test_openkbp_turned_in_the_scanner_meets_the_issue_targets(
     real: Path, tmp_path: Path, axis: int, degrees: float
 ) -> None:
-    """OpenKBP pt2 as if the patient lay turned in the scanner (10 degrees about the front-back axis, 5 about the
-    left-right one): the network puts a "C1" on the skull base 14 mm above the foramen magnum on both, and before
-    session 23 the cavity's floor was found in only one slice (turned 10 degrees) or 11 mm higher than over the
-    canal (5 degrees), so it stayed. The floor over the canal clears it and the names hold."""
+    """OpenKBP pt2 as if the patient lay turned in the scanner (10 degrees about the front-back axis, 5 and 15
+    chin-down about the left-right one): the network puts a "C1" on the skull base 14 mm above the foramen magnum
+    on the first two, and before session 23 the cavity's floor was found in only one slice (turned 10 degrees) or
+    11 mm higher than over the canal (5 degrees), so it stayed. The floor over the canal clears it and the names
+    hold. Turned 15 degrees, the network also put "C7" on a shoulder (session 25: removed as lying beside the
+    column) and "other" on C6 and C7 (both taken from it under C5)."""
     contours = _turned(real / "nifti" / "openkbp_hn_pt2", axis, degrees, tmp_path / "ct.nii.gz")
     found = _segment(tmp_path / "ct.nii.gz", tmp_path / "m.nii.gz")
     assert list(found) == LEVELS, f"found {list(found)}"
@@ -288,6 +290,18 @@ def test_names_without_a_skull_in_view_come_with_a_warning(
     _segment(neck, tmp_path / "m.nii.gz", "--report", str(tmp_path / "r.json"))
     warnings = json.loads((tmp_path / "r.json").read_text())["warnings"]
     assert any(w.startswith("names not checked against the skull") for w in warnings), warnings
+
+
+def test_a_chest_ct_starting_in_the_neck_names_no_upper_level(
+    real: Path, openkbp: tuple[dict, dict[str, np.ndarray]], tmp_path: Path
+) -> None:
+    """OpenKBP pt2 starting 100 mm under the foramen magnum (a chest CT whose first slices hold C6 and C7): the network
+    labels the column "C6" and "C7" and four pieces of ribs and a scapula beside it "C1".."C4"; ordered by height with
+    those pieces counted, the column became "C1" and "C2" (session 24). No level above C6 lies in view, so none may be
+    named."""
+    _, contours = openkbp
+    found = _segment(_cut_fov(real, contours, tmp_path / "chest.nii.gz", top_mm=-100.0), tmp_path / "m.nii.gz")
+    assert set(found) <= {"C6", "C7"}, f"found {list(found)}"
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ cavity. That needs no network, only the skull, so it is checked here on the imag
 
 - **A piece is part of its vertebra**: a small level lying close to a neighbour in the column is merged into it
   first (the network split a real atlas into a 2 ml "C1" over its "C2"; real neighbouring levels lie 11 mm and more
-  apart), so that the rules below see vertebrae.
+  apart), and so are two levels at one height (a vertebra split front from back), so that the rules below see
+  vertebrae.
 - **The cranial cavity's floor over the canal** (:func:`cavity_floor`): the foramen magnum is where the spinal
   canal opens into the posterior fossa. The canal is found in the second-highest level's slices (:func:`find_canal`:
   a small region enclosed by bone behind the level's centroid); going up from there, the floor is the lowest axial
@@ -32,8 +33,9 @@ cavity. That needs no network, only the skull, so it is checked here on the imag
 - **The vertebra under C6 is C7** (with or without a skull): when the column's names stop before C7 while the
   network's "other vertebra" class holds a vertebra right under the last named level (it took it for T1: on
   OpenKBP pt2 once the atlas is C1, and at some of the network's grid phases), the largest piece of "other" a
-  level's step under that level, near the column's axis, takes the next name. A lowest level lying much more than
-  a step under the one above it is not the next level but a vertebra further down, and becomes "other".
+  level's step under that level, near the column's axis, takes the next name, and so on down to C7 (OpenKBP pt2
+  tilted chin-down, its column renamed from the skull, ends at C5). A lowest level lying much more than a step
+  under the one above it is not the next level but a vertebra further down, and becomes "other".
 
 A CT with no skull in view, or one whose top level already is C1 under the floor, keeps the network's names above;
 when its column reaches the top of the field of view, a warning says that those names could not be checked.
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
+from itertools import pairwise
 
 import numpy as np
 from scipy import ndimage
@@ -98,6 +101,10 @@ class NamingConfig:
         piece_share, piece_mm: a level (not the lowest) holding less than ``piece_share`` of the volume of its
             nearest neighbour in the column, whose centroid lies less than ``piece_mm`` from that neighbour's, is a
             piece of that vertebra (neighbouring levels' centroids lie 11-30 mm apart on the real necks here).
+        same_height_mm: two levels (of any size, the lowest included, neither cut by the field of view) whose
+            centroids lie less than this apart in height are one vertebra split front from back, named by the upper
+            of the two names (the levels under it follow from it; the network split C6 so on OpenKBP pt2 tilted 20
+            degrees chin-down in the scanner).
         skull_view_mm: with no floor found, a highest level reaching less than this under the top of the field of
             view has no skull in view to be named from, and the names are flagged as the network's own count: on
             OpenKBP pt2 cut 5 mm over the foramen magnum or lower the network's names were one or more levels off,
@@ -131,6 +138,7 @@ class NamingConfig:
     skull_view_mm: float = 10.0
     piece_share: float = 0.3
     piece_mm: float = 10.0
+    same_height_mm: float = 6.0
 
 
 @dataclass(frozen=True)
@@ -314,11 +322,14 @@ def name_levels(
     gm = make_gridmap(vol.shape, vol.affine, (1.0, 1.0, 1.0))
     spacing = np.asarray(gm.spacing, dtype=np.float64)
     corner = _canonical_corner(box, gm)
-    levels = _levels(gm.to_canonical(sub), corner, spacing)
+    cbox = gm.to_canonical(sub)
+    levels = _levels(cbox, corner, spacing)
     if len(levels) < 2:
         return []
     lut = np.arange(256, dtype=mask.dtype)
-    merged = _merge_pieces(levels, lut, cfg)
+    ends = [cbox[i] for i, at in ((0, corner[0] == 0), (-1, corner[0] + cbox.shape[0] == gm.shape[0])) if at]
+    cut = {int(v) for end in ends for v in np.unique(end)}
+    merged = _merge_pieces(levels, lut, cfg, cut)
     if merged:
         sub[...] = lut[sub]
         levels = _levels(gm.to_canonical(sub), corner, spacing)
@@ -343,17 +354,26 @@ def name_levels(
                 f"{label_name(named[-2])}, over {cfg.max_gap_steps:g} of the column's steps (a vertebra further down)"
             )
             named.pop()
-    if named and named[-1] < 7 and named[-1] - 1 in levels:
+    cmask = gm.to_canonical(mask)
+    while named and named[-1] < 7 and named[-1] - 1 in levels:
         last = named[-1]
-        changes += _next_from_other(gm.to_canonical(mask), spacing, levels[last - 1], levels[last], last + 1, cfg)
+        taken = _next_from_other(cmask, spacing, levels[last - 1], levels[last], last + 1, cfg)
+        if taken is None:
+            break
+        changes.append(taken[0])
+        levels[last + 1] = taken[1]
+        named.append(last + 1)
     return changes
 
 
-def _merge_pieces(levels: dict[int, _Level], lut: np.ndarray, cfg: NamingConfig) -> list[str]:
-    """A level (not the lowest, which the field of view may cut) that is a small piece lying close to a neighbour
-    in the column is part of that vertebra: merged in ``lut``; the changes in words. (The network split OpenKBP
-    pt2's atlas so, a 2 ml "C1" 4-8 mm over its "C2", when the field of view starts 0-10 mm over the foramen
-    magnum, and left 1 ml pieces between the atlas and the axis of a head CT that ends in C2.)"""
+def _merge_pieces(levels: dict[int, _Level], lut: np.ndarray, cfg: NamingConfig, cut: set[int]) -> list[str]:
+    """Levels that are pieces of one vertebra merged in ``lut``; the changes in words. A level (not the lowest,
+    which the field of view may cut) that is a small piece lying close to a neighbour in the column is part of that
+    vertebra (the network split OpenKBP pt2's atlas so, a 2 ml "C1" 4-8 mm over its "C2", when the field of view
+    starts 0-10 mm over the foramen magnum, and left 1 ml pieces between the atlas and the axis of a head CT that
+    ends in C2). Of the levels left, two at one height (``same_height_mm``), neither of them ``cut`` by the first or
+    last slice, are one vertebra split front from back (a cut level's centroid moves to the cut: on the Slicer neck
+    C7's facet tips, in the lowest slices, lie 3 mm under the centroid of C6, whose body the same slice cuts)."""
     column = sorted(_solid(levels, cfg), key=lambda v: -levels[v].height)
     changes: list[str] = []
     targets: set[int] = set()
@@ -368,6 +388,16 @@ def _merge_pieces(levels: dict[int, _Level], lut: np.ndarray, cfg: NamingConfig)
         changes.append(
             f"{label_name(v)} ({levels[v].ml:.1f} ml) merged into {label_name(near)}: its centroid lies {gap:.0f} mm "
             "from it, a piece of the same vertebra (neighbouring levels lie 11 mm and more apart)"
+        )
+    for a, b in pairwise([v for v in column if lut[v] == v]):
+        gap = levels[a].height - levels[b].height
+        if lut[a] != a or gap >= cfg.same_height_mm or {a, b} & cut:
+            continue
+        keep, gone = sorted((a, b))
+        lut[gone] = keep
+        changes.append(
+            f"{label_name(gone)} ({levels[gone].ml:.1f} ml) merged into {label_name(keep)}: their centroids lie "
+            f"{gap:.0f} mm apart in height, one vertebra (neighbouring levels lie 11 mm and more apart)"
         )
     return changes
 
@@ -448,12 +478,13 @@ def _from_skull(
 
 def _next_from_other(
     cmask: np.ndarray, spacing: np.ndarray, upper: _Level, last: _Level, value: int, cfg: NamingConfig
-) -> list[str]:
+) -> tuple[str, _Level] | None:
     """The largest piece of "other vertebra" one level's step under the last named level (``last``, with the level
-    ``upper`` above it giving the step), near the column's axis, becomes level ``value``."""
+    ``upper`` above it giving the step), near the column's axis, becomes level ``value``: the change in words and
+    the new level (None when there is no such piece)."""
     step = upper.height - last.height
     if step <= 0:
-        return []
+        return None
     centre = last.yx + (last.yx - upper.yx)
     z_lo = max(0, int(np.floor((last.height - 1.5 * step) / spacing[0])))
     z_hi = max(0, int(np.ceil((last.height - 0.5 * step) / spacing[0])))
@@ -462,10 +493,13 @@ def _next_from_other(
     near = np.hypot(yy * spacing[1] - centre[0], xx * spacing[2] - centre[1]) <= cfg.next_radius_mm
     pieces, n = ndimage.label((view == OTHER_VALUE) & near[None])
     if not n:
-        return []
+        return None
     sizes = ndimage.sum(pieces > 0, pieces, range(1, n + 1))
     ml = float(sizes.max() * np.prod(spacing) / 1000.0)
     if ml < cfg.min_next_ml:
-        return []
-    view[pieces == 1 + int(np.argmax(sizes))] = value
-    return [f"{label_name(value)} taken from the other-vertebra label under {label_name(value - 1)} ({ml:.1f} ml)"]
+        return None
+    piece = pieces == 1 + int(np.argmax(sizes))
+    view[piece] = value
+    mm = (np.argwhere(piece).mean(axis=0) + np.array([z_lo, 0, 0])) * spacing
+    taken = f"{label_name(value)} taken from the other-vertebra label under {label_name(value - 1)} ({ml:.1f} ml)"
+    return taken, _Level(float(mm[0]), mm[1:], ml)

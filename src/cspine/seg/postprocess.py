@@ -168,18 +168,24 @@ def fix_order(
     min_share: float = 0.25,
     origin: tuple[int, ...] = (0, 0, 0),
     objects: list[tuple[slice, ...] | None] | None = None,
+    beside_mm: float = 60.0,
 ) -> list[str]:
     """In place: relabel the present vertebrae so their centroids run superior -> inferior in label order.
 
     The set of present labels is kept; only which piece carries which label changes (C3 above C2 -> swapped).
     A label much smaller than the others (under ``min_share`` of their median volume) that is out of line with
     them is a stray piece, not a vertebra: it is removed rather than allowed to shift every level below it by
-    one (a 0.1 ml "C7" speck above C4 would otherwise relabel C4..C7 on a real neck). ``origin``: where
+    one (a 0.1 ml "C7" speck above C4 would otherwise relabel C4..C7 on a real neck). So is a label whose centroid
+    lies more than ``beside_mm`` in-plane from the column's, the label with the most volume within ``beside_mm``
+    around it (whole vertebrae outweigh pieces; a level lies within 30 mm of its neighbours, and a curved neck
+    within about that of its middle): bone beside the neck, such as a shoulder the network called "C7" on a real
+    neck CT turned in the scanner, or ribs and a scapula it called "C1".."C4" beside a real chest CT's C7, which
+    ordered by height would have made it C1. ``origin``: where
     ``mask`` (a box of the grid ``affine`` maps) starts; ``objects``: ``ndimage.find_objects(mask)`` when known
     (updated in place: a removed label's entry becomes None, relabelled ones swap entries).
     """
     objects = ndimage.find_objects(mask) if objects is None else objects
-    world, size = {}, {}
+    world, size, plane = {}, {}, {}
     for v in values:
         if v > len(objects) or objects[v - 1] is None:
             continue
@@ -187,10 +193,19 @@ def fix_order(
         hit = mask[sl] == v
         size[v] = int(hit.sum())
         centroid = np.array(ndimage.center_of_mass(hit)) + [s.start + o for s, o in zip(sl, origin, strict=True)]
-        world[v] = float((affine[:3, :3] @ centroid + affine[:3, 3])[2])  # LPS z: larger = more superior
+        lps = affine[:3, :3] @ centroid + affine[:3, 3]
+        world[v], plane[v] = float(lps[2]), lps[:2]  # LPS z: larger = more superior
     notes = []
+    apart = {(u, v): float(np.linalg.norm(plane[u] - plane[v])) for u in world for v in world}
+    anchor = max(world, key=lambda u: sum(size[v] for v in world if apart[u, v] <= beside_mm), default=0)
+    for v in [v for v in world if apart[anchor, v] > beside_mm]:
+        sl = objects[v - 1]
+        mask[sl][mask[sl] == v] = 0
+        objects[v - 1] = None
+        del world[v]
+        notes.append(f"removed {value_name(v)}: it lies {apart[anchor, v]:.0f} mm beside the column")
     if world:
-        floor = min_share * float(np.median(list(size.values())))
+        floor = min_share * float(np.median([size[v] for v in world]))
         big = [v for v in world if size[v] >= floor]
         for v in [v for v in world if size[v] < floor]:
             line = sorted([*big, v])
