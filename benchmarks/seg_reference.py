@@ -255,6 +255,8 @@ def segment_volume_ref(
         mock.patch.object(infer, "logits_to_labels", logits_to_labels_ref),
         mock.patch.object(infer, "labels_in_box", whole_grid),
         mock.patch.object(infer, "finish_labels", finish_labels_ref),
-        mock.patch.object(infer, "_pad_to", _padded_to(model.refine) if old_windows else infer._pad_to),
+        mock.patch.object(
+            infer, "_pad_to", _padded_to(model.refine) if old_windows and model.refine else infer._pad_to
+        ),
     ):
         return infer.segment_volume(vol, model, cfg)
