@@ -200,6 +200,19 @@ def test_levels_under_the_column_are_taken_from_other_down_to_c7(neck: SynthStud
     assert (mask[(truth == 8) | (truth == 9)] == OTHER_VALUE).mean() > 0.9
 
 
+def test_levels_too_far_apart_give_no_step_to_take_the_next_from(neck: SynthStudy) -> None:
+    """Only "C1" on C1 and "C2" on C5, the rest "other" (scattered labels, as an untrained network leaves): two named
+    levels 60+ mm apart are not neighbours, so no level is taken from "other" a "step" under them."""
+    truth = neck.mask
+    mask = np.where(truth > 0, OTHER_VALUE, 0).astype(np.uint8)
+    mask[truth == 1], mask[truth == 5] = 1, 2
+    levels = _canonical(replace(neck, mask=mask))[2]
+    assert levels[1].height - levels[2].height > NamingConfig().max_step_mm
+    before = mask.copy()
+    assert not any("taken from" in c for c in name_levels(mask, neck.volume))
+    assert np.array_equal(mask, before)
+
+
 def test_a_vertebra_split_front_from_back_is_one_level(neck: SynthStudy) -> None:
     """C6's front named "C6" and its back "C7" at the same height, C7 and below "other" (the network on OpenKBP pt2
     tilted 20 degrees chin-down). Neither part is a small piece of the other: they are one vertebra because they lie

@@ -96,6 +96,9 @@ class NamingConfig:
             smaller than this does not count as named (fragments).
         next_radius_mm: the next level is looked for this close (in-plane) to the column's axis carried on from
             the last two levels (a lower cervical vertebra reaches about 30 mm out to its transverse processes).
+        max_step_mm: two named levels further apart in height than this are not neighbours, and give no step to
+            look for the next level by (neighbouring levels lie 11-30 mm apart; an untrained network's scattered
+            labels gave steps spanning the whole volume).
         max_gap_steps: a lowest level further under the one above it than this many of the step above is a
             vertebra further down, not the next level (the network put "C7" on T2 at some grid phases).
         piece_share, piece_mm: a level (not the lowest) holding less than ``piece_share`` of the volume of its
@@ -135,6 +138,7 @@ class NamingConfig:
     min_next_ml: float = 1.0
     next_radius_mm: float = 30.0
     max_gap_steps: float = 1.6
+    max_step_mm: float = 40.0
     skull_view_mm: float = 10.0
     piece_share: float = 0.3
     piece_mm: float = 10.0
@@ -483,7 +487,7 @@ def _next_from_other(
     ``upper`` above it giving the step), near the column's axis, becomes level ``value``: the change in words and
     the new level (None when there is no such piece)."""
     step = upper.height - last.height
-    if step <= 0:
+    if not 0 < step <= cfg.max_step_mm:
         return None
     centre = last.yx + (last.yx - upper.yx)
     z_lo = max(0, int(np.floor((last.height - 1.5 * step) / spacing[0])))
