@@ -144,11 +144,12 @@ def judge_names(mask: np.ndarray, vol: Volume, orig_mask: np.ndarray, orig_vol: 
     share = np.bincount(values[seen], minlength=8) / np.maximum(np.bincount(values, minlength=8), 1)
     centre = {k: at[seen & (values == k)].mean(axis=0) for k in range(1, 8) if (seen & (values == k)).any()}
     fails = []
+    mm = np.asarray(vol.spacing)
     for k, n in enumerate(LEVELS, 1):
         found = np.argwhere(mask == k)
         if len(found) and centre:
-            c = found.mean(axis=0) * np.asarray(vol.spacing)
-            near = min(centre, key=lambda j: float(np.linalg.norm(centre[j] * np.asarray(vol.spacing) - c)))
+            c = found.mean(axis=0) * mm
+            near = min(centre, key=lambda j: float(np.linalg.norm(centre[j] * mm - c)))
             if near != k:
                 fails.append(f"{n} is {LEVELS[near - 1]}")
     missing = [LEVELS[k - 1] for k in range(1, 8) if share[k] >= 0.5 and ml[k] < 1.0]

@@ -296,9 +296,9 @@ def test_a_chest_ct_starting_in_the_neck_names_no_upper_level(
     real: Path, openkbp: tuple[dict, dict[str, np.ndarray]], tmp_path: Path
 ) -> None:
     """OpenKBP pt2 starting 100 mm under the foramen magnum (a chest CT whose first slices hold C6 and C7): the network
-    labels the column "C6" and "C7" and four pieces of ribs and a scapula beside it "C1".."C4"; ordered by height with
-    those pieces counted, the column became "C1" and "C2" (session 24). No level above C6 lies in view, so none may be
-    named."""
+    labels the column "C7" and pieces of ribs and a scapula 80-210 mm beside it "C1".."C6"; ordered by height with
+    those pieces counted, the column became "C1" and a rib "C7" (session 24). No level above C6 lies in view, so none
+    may be named."""
     _, contours = openkbp
     found = _segment(_cut_fov(real, contours, tmp_path / "chest.nii.gz", top_mm=-100.0), tmp_path / "m.nii.gz")
     assert set(found) <= {"C6", "C7"}, f"found {list(found)}"

@@ -326,7 +326,7 @@ def name_levels(
     gm = make_gridmap(vol.shape, vol.affine, (1.0, 1.0, 1.0))
     spacing = np.asarray(gm.spacing, dtype=np.float64)
     corner = _canonical_corner(box, gm)
-    cbox = gm.to_canonical(sub)
+    cbox = gm.to_canonical(sub)  # a view: relabelling sub shows in it
     levels = _levels(cbox, corner, spacing)
     if len(levels) < 2:
         return []
@@ -336,19 +336,19 @@ def name_levels(
     merged = _merge_pieces(levels, lut, cfg, cut)
     if merged:
         sub[...] = lut[sub]
-        levels = _levels(gm.to_canonical(sub), corner, spacing)
+        levels = _levels(cbox, corner, spacing)
         lut = np.arange(256, dtype=mask.dtype)
     changes, floor = _from_skull(gm.to_canonical(vol.array), spacing, levels, lut, cfg)
     if changes:
         sub[...] = lut[sub]
         levels = {int(lut[v]): lv for v, lv in levels.items() if lut[v]}
     changes = merged + changes
-    if floor is not None and (cleared := _clear_above(gm.to_canonical(sub), corner, spacing, floor)):
+    if floor is not None and (cleared := _clear_above(cbox, corner, spacing, floor)):
         changes.append(cleared)
-        levels = _levels(gm.to_canonical(sub), corner, spacing)
-    if floor is None and (note := _no_skull_note(gm.to_canonical(sub), corner, gm.shape[0], spacing, cfg)):
+        levels = _levels(cbox, corner, spacing)
+    if floor is None and (note := _no_skull_note(cbox, corner, gm.shape[0], spacing, cfg)):
         changes.append(note)
-    named = sorted(v for v, lv in levels.items() if lv.ml >= cfg.min_next_ml)
+    named = sorted(_solid(levels, cfg))
     if len(named) >= 3 and named[-1] - named[-3] == 2:
         a, b, c = (levels[v] for v in named[-3:])
         if b.height - c.height > cfg.max_gap_steps * (a.height - b.height):
