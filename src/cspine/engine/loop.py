@@ -229,7 +229,11 @@ def dataset_batches(
     ds: Dataset, batch_size: int, workers: int, seed: int, rt: Runtime
 ) -> tuple[Callable[[int], Iterable[Any]], int]:
     """(``batches(epoch)``, steps per epoch) of a Dataset: shuffled per epoch, each rank its shard (DistributedSampler,
-    seeded), the dataset's own ``set_epoch`` called when it has one (seeded augmentation)."""
+    seeded), the dataset's own ``set_epoch`` called when it has one (seeded augmentation).
+
+    Workers are started anew each epoch: a persistent worker keeps the copy of the dataset it started with, so
+    ``set_epoch`` (called here, in the main process) never reached it and every epoch repeated the first one's
+    augmentation."""
     sampler = DistributedSampler(ds, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=seed)
     per_rank = math.ceil(len(ds) / rt.world_size)  # type: ignore[arg-type]
     loader = DataLoader(
@@ -239,7 +243,7 @@ def dataset_batches(
         num_workers=workers,
         drop_last=per_rank > batch_size,
         pin_memory=rt.device.type == "cuda",
-        persistent_workers=workers > 0,
+        persistent_workers=False,
     )
 
     def batches(epoch: int) -> Iterable[Any]:
