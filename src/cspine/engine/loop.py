@@ -231,9 +231,9 @@ def dataset_batches(
     """(``batches(epoch)``, steps per epoch) of a Dataset: shuffled per epoch, each rank its shard (DistributedSampler,
     seeded), the dataset's own ``set_epoch`` called when it has one (seeded augmentation).
 
-    Workers are started anew each epoch: a persistent worker keeps the copy of the dataset it started with, so
-    ``set_epoch`` (called here, in the main process) never reached it and every epoch repeated the first one's
-    augmentation."""
+    Workers are started anew each epoch so that they see the epoch given to the dataset here, in the main process
+    (a persistent worker keeps the copy of the dataset it started with: every epoch would repeat the first one's
+    augmentation)."""
     sampler = DistributedSampler(ds, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=seed)
     per_rank = math.ceil(len(ds) / rt.world_size)  # type: ignore[arg-type]
     loader = DataLoader(
