@@ -3,14 +3,17 @@
 # by $PY, default python3; figures go to $OUT, default /tmp/gpu-checks):
 #
 #   benchmarks/gpu_checks.sh speed MODEL        study -> result on CUDA and on the machine's CPUs (same study, same
-#                                               invocation: bench_predict.py); classifier img/s (bench_cls.py) at
-#                                               the shipped recipe's crops and at S 96 with a stride-1 stem
+#                                               invocation: bench_predict.py); CUDA's answers against the CPU's
+#                                               (tests/test_gpu.py); classifier img/s (bench_cls.py) at the shipped
+#                                               recipe's crops and at S 96 with a stride-1 stem
 #   benchmarks/gpu_checks.sh classifier LITE0   the fixed classifier benchmark (bench_classifier.py), network alone,
 #                                               ImageNet lite0 (the `pretrained` extra's .pth): S 96 / stride 1 fold
 #                                               0, the CPU sessions' S 64 / stride 2 fold 0 beside it, then folds 1-4
 #                                               of S 96 (each call scores the test set with the folds it has)
 #
-# MODEL is a bundle (`cspine demo`'s cspine-demo/model). Results of the run in benchmarks/cls_results.md (session 26).
+# MODEL is a bundle (`cspine demo`'s cspine-demo/model). Without an installed cspine: PYTHONPATH=src plus what the
+# machine lacks (session 26's H200 image lacked MONAI, pydicom, python-gdcm, pylibjpeg with its openjpeg and rle
+# plugins, and nibabel: carried as wheels). Results of that run: benchmarks/cls_results.md, session 26.
 set -u
 PY=${PY:-python3}
 OUT=${OUT:-/tmp/gpu-checks}
@@ -25,6 +28,8 @@ speed() {
             --json "$OUT/predict_$dev.json" > "$OUT/predict_$dev.log" 2>&1
         echo "predict on $dev: rc $?"; tail -1 "$OUT/predict_$dev.log"
     done
+    timeout 120 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py > "$OUT/test_gpu.log" 2>&1
+    echo "tests/test_gpu.py: rc $?"; tail -3 "$OUT/test_gpu.log"
     local cls="timeout 60 $PY benchmarks/bench_cls.py --device cuda --threads 8 --seq-encoder efficientnet-lite0
                --seq-width 1 --seed-size 96 --seed-batch 64 --steps 10 --slices 10 --batch 4"
     { $cls --size 64 --seq-stem-stride 2; $cls --size 96 --seq-stem-stride 1; } > "$OUT/cls_speed.log" 2>&1
@@ -49,5 +54,5 @@ classifier() {
 case ${1:-} in
     speed) speed "$2" ;;
     classifier) classifier "$2" ;;
-    *) sed -n '2,14p' "$0"; exit 2 ;;
+    *) sed -n '2,16p' "$0"; exit 2 ;;
 esac
