@@ -75,28 +75,47 @@ def _segment(cache: Path, seg_model: Path, out: Path, device: str, workers: int)
     return out
 
 
-def _test_logits(model: Path, cache: Path, device: str, masks: Path | None = None) -> dict[str, np.ndarray]:
+def _test_study(job: tuple[Path, Path | None, Any]) -> tuple[np.ndarray, Any, np.ndarray, Any]:
+    """One test study's labels, volume, mask (ground truth or, with masks, the segmenter's) and crops (a worker)."""
+    from cspine.cls.infer import study_arrays
+    from cspine.data.cache import load_prepared
+    from cspine.io import load_segmentation
+    from cspine.labels import PREDICTION_TYPES
+
+    d, masks, crop = job
+    st = load_prepared(d)
+    assert st.mask is not None and st.labels is not None, f"{d}: generated with its mask and labels"
+    mask = st.mask if masks is None else load_segmentation(masks / f"{st.uid}.nii.gz", st.volume)
+    y = np.array([st.labels[t] for t in PREDICTION_TYPES], np.float64)
+    return y, st.volume, mask, study_arrays(st.volume, mask, crop)
+
+
+def _test_logits(
+    model: Path, cache: Path, device: str, masks: Path | None = None, workers: int = 1
+) -> dict[str, np.ndarray]:
     """Labels (n, 8), calibrated probabilities (n, 8) and the network / statistics parts of the vertebra logits
     (n, 7; NaN where the mask lacks the vertebra) of every test study, with its ground-truth mask or, with
-    ``masks``, the segmenter's (``masks/<uid>.nii.gz``)."""
+    ``masks``, the segmenter's (``masks/<uid>.nii.gz``). The studies are read and cropped in ``workers`` processes
+    (spawned: the parent holds torch's threads and maybe CUDA), the networks run here."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
     from cspine.cls.infer import load_classifier
-    from cspine.data.cache import load_prepared, prepared_studies
-    from cspine.io import load_segmentation
+    from cspine.data.cache import prepared_studies
     from cspine.labels import PREDICTION_TYPES
 
     clf = load_classifier(model, device)
     acc: dict[str, list[np.ndarray]] = {"y": [], "p": [], "network": [], "statistics": []}
-    for d in prepared_studies(cache, "train"):
-        st = load_prepared(d)
-        assert st.mask is not None and st.labels is not None, f"{d}: generated with its mask and labels"
-        mask = st.mask if masks is None else load_segmentation(masks / f"{st.uid}.nii.gz", st.volume)
-        pred = clf.predict(st.volume, mask)
-        parts = clf.logit_parts(st.volume, mask)
-        assert parts is not None, "the sequence recipe splits its logits"
-        acc["y"].append(np.array([st.labels[t] for t in PREDICTION_TYPES], np.float64))
-        acc["p"].append(np.array([pred.probabilities[t] for t in PREDICTION_TYPES]))
-        acc["network"].append(parts["network"])
-        acc["statistics"].append(parts["statistics"])
+    jobs = [(d, masks, clf.config.crop) for d in prepared_studies(cache, "train")]
+    with ProcessPoolExecutor(max(1, workers), mp_context=mp.get_context("spawn")) as pool:
+        for y, volume, mask, arrays in pool.map(_test_study, jobs):
+            pred = clf.predict(volume, mask, arrays=arrays)
+            parts = clf.logit_parts(volume, mask, arrays=arrays)
+            assert parts is not None, "the sequence recipe splits its logits"
+            acc["y"].append(y)
+            acc["p"].append(np.array([pred.probabilities[t] for t in PREDICTION_TYPES]))
+            acc["network"].append(parts["network"])
+            acc["statistics"].append(parts["statistics"])
     return {k: np.stack(v) for k, v in acc.items()}
 
 
@@ -161,7 +180,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--workers", type=int, default=2, help="synth / prepare / pseudo-label processes")
+    ap.add_argument("--workers", type=int, default=2, help="synth / prepare / pseudo-label / test-crop processes")
     ap.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS), help="none: the two sets only")
     ap.add_argument("--cls-args", default="", help="extra train-cls flags for every run (one quoted string)")
     ap.add_argument("--tag", default="", help="model folders are OUT/models/RUN-TAG (default: OUT/models/RUN)")
@@ -197,7 +216,7 @@ def main() -> None:
                 *RUNS[name], *mask_args, *shlex.split(args.cls_args))  # fmt: skip
         seconds[f"train_{name}"] = round(time.perf_counter() - t, 1)
         t = time.perf_counter()
-        scored = _score(_test_logits(model, test, args.device, masks["test"]))
+        scored = _score(_test_logits(model, test, args.device, masks["test"], args.workers))
         seconds[f"test_{name}"] = round(time.perf_counter() - t, 1)
         metrics = model / "metrics.json"  # written when every fold is done; a one-fold run has its fold's OOF
         train_csv = out / "data" / "train" / "train.csv"

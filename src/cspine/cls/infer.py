@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from cspine.cls.calibrate import Calibration
-from cspine.cls.config import TrainConfig
+from cspine.cls.config import CropConfig, TrainConfig
 from cspine.cls.crops import vertebra_crops
 from cspine.cls.dataset import StudyArrays, stack_study
 from cspine.cls.domain import NetworkDomain
@@ -86,24 +86,33 @@ class Classifier:
 
     def study_arrays(self, volume: Volume, mask: np.ndarray) -> StudyArrays:
         """The crops and statistics of the vertebrae of ``mask``, as this model reads them."""
-        crops = vertebra_crops(volume, mask, self.config.crop)
-        arrays = {v: vars(c) for v, c in crops.items()}  # the crop's fields under the names the cache uses
-        return stack_study(str(volume.meta.get("StudyInstanceUID", "study")), arrays, self.config.crop, None, False)
+        return study_arrays(volume, mask, self.config.crop)
 
-    def logit_parts(self, volume: Volume, mask: np.ndarray) -> dict[str, np.ndarray] | None:
-        """Each vertebra's logit split into its network and statistics parts (benchmarks: which part ranks)."""
-        return self.recipe_.logit_parts(self.folds, self.study_arrays(volume, mask), self.device)
+    def logit_parts(
+        self, volume: Volume, mask: np.ndarray, arrays: StudyArrays | None = None
+    ) -> dict[str, np.ndarray] | None:
+        """Each vertebra's logit split into its network and statistics parts (benchmarks: which part ranks);
+        ``arrays``: the study's :meth:`study_arrays` when already made."""
+        st = arrays if arrays is not None else self.study_arrays(volume, mask)
+        return self.recipe_.logit_parts(self.folds, st, self.device)
 
-    def predict(self, volume: Volume, mask: np.ndarray, timings: dict[str, float] | None = None) -> StudyPrediction:
-        """Crop the vertebrae of ``mask`` from ``volume`` and predict (calibrated); adds crop/classify seconds to
-        ``timings`` when given. A scan outside the classifier's domain is not read: the RSNA prevalence, and why."""
+    def predict(
+        self,
+        volume: Volume,
+        mask: np.ndarray,
+        timings: dict[str, float] | None = None,
+        arrays: StudyArrays | None = None,
+    ) -> StudyPrediction:
+        """Crop the vertebrae of ``mask`` from ``volume`` (unless ``arrays`` holds them already) and predict
+        (calibrated); adds crop/classify seconds to ``timings`` when given. A scan outside the classifier's domain
+        is not read: the RSNA prevalence, and why."""
         refusal = self.refusal(volume)
         if refusal is not None:
             labels = set(np.unique(mask).tolist())
             present = {v: LABEL_VALUES[v] in labels for v in CERVICAL}
             return StudyPrediction(dict(PREVALENCE), dict(PREVALENCE), present, {}, not_assessed=refusal)
         t0 = time.perf_counter()
-        st = self.study_arrays(volume, mask)
+        st = arrays if arrays is not None else self.study_arrays(volume, mask)
         t1 = time.perf_counter()
         raw, slices = self.recipe_.predict_study(self.folds, st, self.device)
         cal = self.calibration.apply(raw[None])[0]
@@ -123,6 +132,14 @@ class Classifier:
                 if st.present[i]
             },
         )
+
+
+def study_arrays(volume: Volume, mask: np.ndarray, crop: CropConfig) -> StudyArrays:
+    """The crops and statistics of the vertebrae of ``mask`` with the crop settings ``crop`` (a model's
+    ``config.crop``): a function of the settings alone, so that other processes can make them."""
+    crops = vertebra_crops(volume, mask, crop)
+    arrays = {v: vars(c) for v, c in crops.items()}  # the crop's fields under the names the cache uses
+    return stack_study(str(volume.meta.get("StudyInstanceUID", "study")), arrays, crop, None, False)
 
 
 def load_classifier(model_dir: str | Path, device: str = "auto") -> Classifier:
