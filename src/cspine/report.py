@@ -65,7 +65,6 @@ def overview_png(vol: Volume, mask: np.ndarray, probs: Mapping[str, float], titl
     _, cy, cx = np.median(pts, axis=0).astype(int) if len(pts) else np.array(vol.shape) // 2
     dz, dy, dx = vol.spacing
     nz, ny, nx = vol.shape
-    img = window(vol.array, "bone")
     up = _head_up(vol)
     origin = "lower" if up else "upper"
     # Thick-slab maximum of the mask over +-4 mm so thin posterior elements stay visible.
@@ -75,8 +74,8 @@ def overview_png(vol: Volume, mask: np.ndarray, probs: Mapping[str, float], titl
     cor_lab = mask[:, max(0, cy - half_y) : cy + half_y + 1, :].max(axis=1)
     fig, axes = plt.subplots(1, 2, figsize=(11, 7), facecolor="black")
     for ax, pic, lab, w_mm, name in (
-        (axes[0], img[:, :, cx], sag_lab, ny * dy, "sagittal"),
-        (axes[1], img[:, cy, :], cor_lab, nx * dx, "coronal"),
+        (axes[0], window(vol.array[:, :, cx], "bone"), sag_lab, ny * dy, "sagittal"),  # the two planes only
+        (axes[1], window(vol.array[:, cy, :], "bone"), cor_lab, nx * dx, "coronal"),
     ):
         extent = [0, w_mm, 0, nz * dz] if up else [0, w_mm, nz * dz, 0]
         ax.imshow(pic, cmap="gray", vmin=0, vmax=1, extent=extent, origin=origin)
