@@ -184,7 +184,8 @@ def save_nifti(array: np.ndarray, vol: Volume, path: str | os.PathLike[str]) -> 
         raise ValueError(f"array shape {array.shape} differs from volume shape {vol.array.shape}")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), nifti_affine(vol.affine))
+    # (z, y, x) in C order is (x, y, z) in Fortran order, NIfTI's own layout: written without reordering
+    img = nib.Nifti1Image(array.transpose(2, 1, 0), nifti_affine(vol.affine))
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
     if array.dtype == np.uint8:
