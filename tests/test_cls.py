@@ -63,6 +63,21 @@ def test_crops_have_the_right_shape_and_come_from_the_vertebra_slices() -> None:
     assert list(crops["C4"].z) == [20, 22, 25, 27]
 
 
+def test_crops_ignore_other_vertebrae_and_the_mask_dtype() -> None:
+    """The vertebra boxes come from the mask itself (no int32 copy of the grid): an "other vertebra" label (255)
+    under C4 and a mask stored as int64 or float32 give the uint8 mask's crops."""
+    vol, mask = _staircase()
+    base = vertebra_crops(vol, mask, CropConfig(slices=4, size=32))
+    other = mask.copy()
+    other[28:32, 10:30, 12:36] = 255
+    for m in (other, other.astype(np.int64), other.astype(np.float32)):
+        crops = vertebra_crops(vol, m, CropConfig(slices=4, size=32))
+        assert set(crops) == {"C3", "C4"}
+        for v in crops:
+            assert crops[v].window_yx == base[v].window_yx
+            assert np.array_equal(crops[v].z, base[v].z) and np.array_equal(crops[v].images, base[v].images)
+
+
 def test_boxes_become_slice_labels_of_the_vertebra_they_cover() -> None:
     vol, mask = _staircase()
     box = {"x": 20.0, "y": 15.0, "width": 6.0, "height": 5.0, "slice_number": 32 - 16}  # on C3 at z = 16

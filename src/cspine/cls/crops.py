@@ -114,8 +114,7 @@ def _extents(mask: np.ndarray) -> dict[str, tuple[int, int, int, int, int, int]]
     """Bounding box (z0, z1, y0, y1, x0, x1; stop exclusive) of every cervical vertebra present in the mask."""
     from scipy import ndimage
 
-    labels = mask if np.issubdtype(mask.dtype, np.integer) else mask.astype(np.int32)
-    objs = ndimage.find_objects(labels, max_label=len(CERVICAL))  # no copy of the whole grid: labels > 7 ignored
+    objs = ndimage.find_objects(mask, max_label=len(CERVICAL))  # on the mask itself: labels > 7 ignored, no copy
     out = {}
     for v in CERVICAL:
         i = LABEL_VALUES[v] - 1
